@@ -1,0 +1,86 @@
+/*
+ * vnet: pyvmm's virtio-net data path in C, driven like vhost-net.
+ *
+ * Python keeps the control plane (virtio-mmio registers, feature negotiation,
+ * CPR); this library owns the data path: one I/O thread per device, woken by
+ * epoll on the queues' kick eventfds (registered as KVM ioeventfds) and on the
+ * tap fd, signalling the guest through call eventfds (KVM irqfds).
+ *
+ * The control API mirrors vhost's ioctls so that the CPR code drives the C
+ * path and /dev/vhost-net the same way:
+ *   set_owner / reset_owner       VHOST_SET_OWNER / VHOST_RESET_OWNER
+ *   set_mem_table                 VHOST_SET_MEM_TABLE
+ *   set_features                  VHOST_SET_FEATURES
+ *   set_vring_num/addr/base       VHOST_SET_VRING_NUM/ADDR/BASE
+ *   get_vring_base                VHOST_GET_VRING_BASE
+ *   set_vring_kick/call           VHOST_SET_VRING_KICK/CALL
+ *   set_backend                   VHOST_NET_SET_BACKEND
+ *   start / stop                  (vhost starts when a backend is set)
+ *
+ * All functions return 0 or a negative errno.  No function closes an fd it
+ * was given: fds belong to the caller (they travel to the new VMM in a CPR).
+ *
+ * Every guest-supplied address and length is checked against the memory
+ * table.  A malformed descriptor chain (loop, out of range, too long, zero
+ * length, bad indirect table) never crashes the process: the device is
+ * marked broken (vnet_get_error() != 0, with a message), the I/O thread stops
+ * touching the rings, and the config-change bit is set in the ISR and the call
+ * fd signalled, so the transport can show DEVICE_NEEDS_RESET.
+ */
+#ifndef PYVMM_VNET_H
+#define PYVMM_VNET_H
+
+#include <stdint.h>
+
+#define VNET_RX 0
+#define VNET_TX 1
+#define VNET_NQUEUES 2
+#define VNET_MAX_REGIONS 8
+
+struct vnet_mem_region {
+	uint64_t gpa;
+	uint64_t size;
+	uint64_t host_addr;
+};
+
+struct vnet_stats {
+	uint64_t rx_packets, rx_bytes, rx_dropped;
+	uint64_t tx_packets, tx_bytes, tx_dropped;
+	uint64_t kicks, interrupts, wakeups;
+};
+
+struct vnet;
+
+struct vnet *vnet_new(void);
+void vnet_free(struct vnet *n);               /* stops the thread first */
+
+int vnet_set_owner(struct vnet *n);           /* -EBUSY if already owned */
+int vnet_reset_owner(struct vnet *n);         /* stop + forget rings/backend/fds */
+int vnet_set_mem_table(struct vnet *n, const struct vnet_mem_region *r, int count);
+int vnet_set_features(struct vnet *n, uint64_t features);
+int vnet_set_vring_num(struct vnet *n, int q, unsigned int num);
+int vnet_set_vring_addr(struct vnet *n, int q, uint64_t desc_gpa,
+			uint64_t avail_gpa, uint64_t used_gpa);
+int vnet_set_vring_base(struct vnet *n, int q, uint16_t last_avail_idx);
+int vnet_get_vring_base(struct vnet *n, int q, uint16_t *last_avail_idx);
+int vnet_set_vring_kick(struct vnet *n, int q, int eventfd);
+int vnet_set_vring_call(struct vnet *n, int q, int eventfd);
+int vnet_set_backend(struct vnet *n, int tap_fd, int vnet_hdr_len);
+int vnet_start(struct vnet *n);               /* start the I/O thread */
+int vnet_stop(struct vnet *n);                /* finish the chain in hand, join the thread;
+                                                 afterwards no access to guest memory */
+int vnet_running(struct vnet *n);
+
+/* Interrupt status shared with the transport's InterruptStatus/ACK registers. */
+uint32_t vnet_isr_read(struct vnet *n);
+void vnet_isr_ack(struct vnet *n, uint32_t bits);
+
+/* 0 while healthy; otherwise the device is broken and msg says why. */
+int vnet_get_error(struct vnet *n, char *msg, int msglen);
+void vnet_get_stats(struct vnet *n, struct vnet_stats *out);
+
+/* The ring walker on its own, for the fuzzer and unit tests: walk one chain
+ * starting at head in queue q; returns the number of segments or -errno. */
+int vnet_walk_chain(struct vnet *n, int q, uint16_t head, uint32_t *total_len);
+
+#endif

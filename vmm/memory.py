@@ -1,0 +1,172 @@
+"""Guest RAM: one memfd, mapped shared, laid out around the x86 MMIO hole.
+
+RAM lives in a memfd so that a live update never copies it: the fd is handed
+to the new VMM, which maps the very same pages.  The layout is the usual x86
+one: RAM from 0 up to 3 GiB, a hole for device MMIO (virtio-mmio, IOAPIC,
+LAPIC) up to 4 GiB, and the rest of RAM above 4 GiB.
+
+Every accessor checks the guest-physical range against the regions, so a
+guest-supplied address can never make the VMM touch host memory outside RAM.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from dataclasses import dataclass
+
+from .errors import GuestMemoryError, VmmError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+MMIO_HOLE_START = 3 * GiB
+MMIO_HOLE_END = 4 * GiB
+PAGE_SIZE = 4096
+HUGE_PAGE_SIZE = 2 * MiB
+MIN_RAM = 2 * MiB
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+_UNITS = {"": MiB, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse a memory size like QEMU's -m: '256M', '1G', '512' (MiB by default)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise VmmError(f"cannot read memory size {text!r}: use a number with K, M or G, e.g. 256M")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def host_ram_bytes() -> int:
+    """Physical RAM of the host, from /proc/meminfo."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * KiB
+    return 0
+
+
+@dataclass(frozen=True)
+class Region:
+    """A contiguous piece of guest RAM: guest-physical address, size, offset in the memfd."""
+
+    gpa: int
+    size: int
+    offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+def layout(size: int) -> tuple[Region, ...]:
+    """Split `size` bytes of RAM around the MMIO hole below 4 GiB."""
+    low = min(size, MMIO_HOLE_START)
+    regions = [Region(0, low, 0)]
+    if size > low:
+        regions.append(Region(MMIO_HOLE_END, size - low, low))
+    return tuple(regions)
+
+
+class GuestMemory:
+    """Guest RAM backed by a named memfd and mapped MAP_SHARED into this process."""
+
+    def __init__(self, size: int, *, name: str = "pyvmm-ram", hugetlb: bool = False,
+                 fd: int | None = None):
+        align = HUGE_PAGE_SIZE if hugetlb else PAGE_SIZE
+        if size < MIN_RAM:
+            raise VmmError(f"memory size {size} bytes is too small: give at least 2M")
+        if size % align:
+            raise VmmError(f"memory size {size} bytes is not a multiple of {align // KiB} KiB")
+        host = host_ram_bytes()
+        if host and size > host:
+            raise VmmError(f"memory size {size // MiB} MiB is larger than this host's "
+                           f"{host // MiB} MiB of RAM: ask for less with --memory")
+        self.size = size
+        self.name = name
+        self.hugetlb = hugetlb
+        self.regions = layout(size)
+        if fd is None:
+            flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0)
+            try:
+                fd = os.memfd_create(name, flags)
+                os.ftruncate(fd, size)
+            except OSError as e:
+                what = "hugetlb " if hugetlb else ""
+                raise VmmError(f"cannot create {size // MiB} MiB of {what}guest RAM: {e.strerror}"
+                               + (" (are huge pages reserved in /proc/sys/vm/nr_hugepages?)"
+                                  if hugetlb else "")) from e
+        else:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise VmmError(f"RAM memfd holds {actual} bytes, expected {size}")
+        self.fd = fd
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._view = memoryview(self._map)
+        self.host_base = _address_of(self._map)
+
+    @classmethod
+    def from_fd(cls, fd: int, size: int, *, name: str = "pyvmm-ram",
+                hugetlb: bool = False) -> "GuestMemory":
+        """Map RAM that another process created (the CPR path): nothing is copied."""
+        return cls(size, name=name, hugetlb=hugetlb, fd=fd)
+
+    # -- address translation -------------------------------------------------
+    def offset_of(self, gpa: int, length: int) -> int:
+        """Offset in the memfd of [gpa, gpa+length); raises if it is not all in one region."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + length <= r.end:
+                return r.offset + (gpa - r.gpa)
+        raise GuestMemoryError(f"guest range {gpa:#x}..{gpa + length:#x} is outside guest RAM")
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        """Host virtual address of guest-physical `gpa` (checked)."""
+        return self.host_base + self.offset_of(gpa, length)
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
+
+    # -- accessors -------------------------------------------------------------
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM (checked); valid until close()."""
+        off = self.offset_of(gpa, length)
+        return self._view[off:off + length]
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u64(self, gpa: int) -> int:
+        return int.from_bytes(self.view(gpa, 8), "little")
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.view(gpa, 8)[:] = value.to_bytes(8, "little")
+
+    def state(self) -> dict:
+        """What a new VMM needs to map this RAM again (the fd travels separately)."""
+        return {"size": self.size, "name": self.name, "hugetlb": self.hugetlb,
+                "regions": [[r.gpa, r.size, r.offset] for r in self.regions]}
+
+    def close(self) -> None:
+        """Unmap and close the memfd (the RAM lives on if another process holds it)."""
+        if self._map is not None:
+            self._view.release()
+            self._map.close()
+            self._map = None
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _address_of(m: mmap.mmap) -> int:
+    """Host address of an mmap (used for KVM memory slots and the C hot path)."""
+    import ctypes
+    probe = ctypes.c_char.from_buffer(m)
+    addr = ctypes.addressof(probe)
+    del probe  # release the buffer export so the map can be closed later
+    return addr
