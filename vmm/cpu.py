@@ -1,0 +1,208 @@
+"""vCPU threads: the KVM_RUN loop, exit dispatch, and pause/resume from another thread.
+
+Each vCPU runs KVM_RUN on its own thread (cffi drops the GIL for the ioctl).
+Port IO and MMIO exits go to the machine's buses; anything pyvmm cannot handle
+stops the VM with a register dump.
+
+Pausing is the first step of a live update, so it must be exact: the pausing
+thread sets `immediate_exit` and sends SIGUSR1 (an empty C handler, so KVM_RUN
+returns EINTR).  The vCPU thread then runs KVM_RUN once more with
+immediate_exit set, which completes a half-done IO instruction without
+entering the guest (KVM documents that vCPU state is consistent only after
+that), and only then reports itself paused.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from .errors import GuestError
+from .kvm.ffi import ffi, lib, to_dict
+
+KICK_SIGNAL = signal.SIGUSR1
+_kick_installed = False
+
+
+def install_kick_handler() -> None:
+    global _kick_installed
+    if not _kick_installed:
+        if lib.pyvmm_install_kick_handler(KICK_SIGNAL) < 0:
+            raise OSError("cannot install the vCPU kick signal handler")
+        _kick_installed = True
+
+
+class VcpuThread:
+    """Runs one vCPU until the machine stops; can be paused and resumed."""
+
+    def __init__(self, vcpu, pio_bus, mmio_bus, on_error):
+        self.vcpu = vcpu
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self.on_error = on_error
+        self.exits = 0
+        self._cond = threading.Condition()
+        self._want_pause = False
+        self._want_stop = False
+        self._paused = False
+        self._thread: threading.Thread | None = None
+        self._tid = 0
+
+    # -- control (other threads) -------------------------------------------------------
+    def start(self, paused: bool = False) -> None:
+        install_kick_handler()
+        self._want_pause = paused
+        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.vcpu.index}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _kick(self) -> None:
+        self.vcpu.run.immediate_exit = 1
+        if self._tid:
+            try:
+                signal.pthread_kill(self._tid, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def pause(self) -> None:
+        """Return once the vCPU is out of the guest with its state consistent."""
+        with self._cond:
+            if self._paused or not self.alive:
+                self._want_pause = True
+                return
+            self._want_pause = True
+        self._kick()
+        with self._cond:
+            while not self._paused and self.alive:
+                self._cond.wait(0.05)
+                if not self._paused:
+                    self._kick()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._want_pause = False
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._want_stop = True
+            self._cond.notify_all()
+        self._kick()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    # -- the vCPU thread ---------------------------------------------------------------
+    def _main(self) -> None:
+        self._tid = threading.get_ident()
+        try:
+            self._loop()
+        except GuestError as e:
+            self.on_error(e)
+        except Exception as e:  # a bug in a device model must not hang the VM silently
+            self.on_error(GuestError(f"vCPU {self.vcpu.index}: {type(e).__name__}: {e}"))
+        finally:
+            with self._cond:
+                self._paused = False
+                self._cond.notify_all()
+
+    def _park(self) -> bool:
+        """Complete any half-done exit, then wait while paused. False = stop."""
+        run = self.vcpu.run
+        run.immediate_exit = 1
+        self.vcpu.run_once()  # finishes pending IO/MMIO without entering the guest
+        with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+            while self._want_pause and not self._want_stop:
+                self._cond.wait()
+            self._paused = False
+            if self._want_stop:
+                return False
+            run.immediate_exit = 0
+        return True
+
+    def _loop(self) -> None:
+        vcpu = self.vcpu
+        run = vcpu.run
+        pio, mmio = self.pio_bus, self.mmio_bus
+        EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
+        IO_OUT = lib.KVM_EXIT_IO_OUT
+        while True:
+            if self._want_pause or self._want_stop:
+                if self._want_stop or not self._park():
+                    return
+            reason = vcpu.run_once()
+            self.exits += 1
+            if reason == EXIT_IO:
+                io = run.io
+                size, count, port = io.size, io.count, io.port
+                buf = vcpu.io_data()
+                if io.direction == IO_OUT:
+                    for i in range(count):
+                        pio.write(port, buf[i * size:(i + 1) * size])
+                else:
+                    for i in range(count):
+                        data = pio.read(port, size)
+                        buf[i * size:(i + 1) * size] = data if data is not None else b"\xff" * size
+            elif reason == EXIT_MMIO:
+                m = run.mmio
+                n = m.len
+                if m.is_write:
+                    mmio.write(m.phys_addr, bytes(ffi.buffer(m.data, n)))
+                else:
+                    data = mmio.read(m.phys_addr, n)
+                    ffi.buffer(m.data, n)[:] = data if data is not None else b"\xff" * n
+            elif reason == EXIT_INTR:
+                continue
+            else:
+                self._unhandled(reason)
+                return
+
+    def _unhandled(self, reason: int) -> None:
+        run = self.vcpu.run
+        where = f"vCPU {self.vcpu.index}"
+        if reason == lib.KVM_EXIT_SHUTDOWN:
+            msg = f"the guest triple-faulted (KVM_EXIT_SHUTDOWN) on {where}"
+        elif reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            msg = f"the guest asked for system event {run.system_event.type} on {where}"
+        elif reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            data = [hex(run.internal.data[i]) for i in range(min(run.internal.ndata, 16))]
+            msg = (f"KVM internal error {run.internal.suberror} on {where} (1 = an instruction "
+                   f"KVM cannot emulate), data {data}")
+        elif reason == lib.KVM_EXIT_FAIL_ENTRY:
+            msg = (f"KVM could not enter the guest on {where}: hardware reason "
+                   f"{run.fail_entry.hardware_entry_failure_reason:#x}")
+        elif reason == lib.KVM_EXIT_HLT:
+            msg = f"the guest halted with no interrupt controller on {where}"
+        else:
+            msg = f"unhandled KVM exit {reason} on {where}"
+        raise GuestError(msg + "\n" + register_dump(self.vcpu))
+
+
+def register_dump(vcpu) -> str:
+    """A few lines a student can read: general registers, control registers, segments."""
+    try:
+        r = to_dict(vcpu.get_regs())
+        s = vcpu.get_sregs()
+    except Exception as e:  # the dump must never hide the original error
+        return f"  (registers unavailable: {e})"
+    names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+    lines = [f"  rip={r['rip']:#018x} rflags={r['rflags']:#010x}"]
+    for i in range(0, 16, 4):
+        lines.append("  " + " ".join(f"{n}={r[n]:#018x}" for n in names[i:i + 4]))
+    lines.append(f"  cr0={s.cr0:#x} cr2={s.cr2:#x} cr3={s.cr3:#x} cr4={s.cr4:#x} efer={s.efer:#x}")
+    lines.append(f"  cs={s.cs.selector:#06x} (dpl {s.cs.dpl}, {'64' if s.cs.l else '32' if s.cs.db else '16'}-bit)"
+                 f" ss={s.ss.selector:#06x} tr={s.tr.selector:#06x}"
+                 f" gdt={s.gdt.base:#x}/{s.gdt.limit:#x} idt={s.idt.base:#x}/{s.idt.limit:#x}")
+    return "\n".join(lines)

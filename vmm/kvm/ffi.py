@@ -1,0 +1,60 @@
+"""Access to the compiled cffi module, with helpers shared by the KVM classes."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import KvmError
+
+try:
+    from . import _kvm
+except ImportError as e:  # pragma: no cover - only without a build
+    raise KvmError("pyvmm's KVM binding is not built: run `make build` first") from e
+
+ffi = _kvm.ffi
+lib = _kvm.lib
+
+
+def ioctl(fd: int, request: int, arg=ffi.NULL, *, what: str = "") -> int:
+    """ioctl with a pointer argument; raises KvmError naming the call on failure."""
+    r = lib.pyvmm_ioctl(fd, request, arg)
+    if r < 0:
+        raise KvmError(f"KVM {what or hex(request)} failed: {os.strerror(-r)}")
+    return r
+
+
+def ioctl_int(fd: int, request: int, arg: int = 0, *, what: str = "") -> int:
+    """ioctl with an integer argument."""
+    r = lib.pyvmm_ioctl_int(fd, request, arg)
+    if r < 0:
+        raise KvmError(f"KVM {what or hex(request)} failed: {os.strerror(-r)}")
+    return r
+
+
+def to_bytes(cdata) -> bytes:
+    """The raw bytes of a struct (exact, for saving state)."""
+    return bytes(ffi.buffer(cdata))
+
+
+def from_bytes(ctype: str, data: bytes):
+    """A new struct of `ctype` filled from `data`, which must have its exact size."""
+    obj = ffi.new(ctype + " *")
+    size = ffi.sizeof(ctype)
+    if len(data) != size:
+        raise KvmError(f"saved {ctype} is {len(data)} bytes, this kernel's is {size}")
+    ffi.buffer(obj)[:] = data
+    return obj
+
+
+def to_dict(cdata) -> dict | list | int:
+    """A struct as plain dicts/lists/ints, for people to read (pyvmm state, QMP)."""
+    t = ffi.typeof(cdata)
+    if t.kind == "pointer":
+        return to_dict(cdata[0])
+    if t.kind == "struct" or t.kind == "union":
+        return {name: to_dict(getattr(cdata, name)) for name, _ in t.fields if name}
+    if t.kind == "array":
+        if t.item.cname in ("char", "unsigned char", "__u8"):
+            return bytes(ffi.buffer(cdata)).hex()
+        return [to_dict(x) for x in cdata]
+    return cdata

@@ -1,0 +1,194 @@
+"""A KVM vCPU: KVM_RUN on the mmap'd kvm_run, CPUID, and every piece of its state.
+
+Every getter has a setter and `get_state()`/`set_state()` carry all of it as the
+exact bytes of the kernel's structs, in the order QEMU restores them (regs,
+xsave, xcrs, sregs, MSRs, mp_state, LAPIC, events, debug registers): sregs
+before the LAPIC because the APIC base lives in sregs, events last because
+setting the LAPIC can clear a pending interrupt.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from ..errors import KvmError
+from .ffi import ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
+
+# Timing leaf (as QEMU and VMware expose it): EAX = TSC kHz, EBX = APIC bus kHz.
+CPUID_TIMING_LEAF = 0x4000_0010
+MSR_IA32_TSC = 0x10
+
+# name -> (struct, get ioctl, set ioctl, capability or None)
+_SIMPLE_STATE = {
+    "regs": ("struct kvm_regs", "KVM_GET_REGS", "KVM_SET_REGS", None),
+    "xsave": ("struct kvm_xsave", "KVM_GET_XSAVE", "KVM_SET_XSAVE", "KVM_CAP_XSAVE"),
+    "fpu": ("struct kvm_fpu", "KVM_GET_FPU", "KVM_SET_FPU", None),
+    "xcrs": ("struct kvm_xcrs", "KVM_GET_XCRS", "KVM_SET_XCRS", "KVM_CAP_XCRS"),
+    "sregs": ("struct kvm_sregs", "KVM_GET_SREGS", "KVM_SET_SREGS", None),
+    "mp_state": ("struct kvm_mp_state", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE",
+                 "KVM_CAP_MP_STATE"),
+    "lapic": ("struct kvm_lapic_state", "KVM_GET_LAPIC", "KVM_SET_LAPIC", "KVM_CAP_IRQCHIP"),
+    "events": ("struct kvm_vcpu_events", "KVM_GET_VCPU_EVENTS", "KVM_SET_VCPU_EVENTS",
+               "KVM_CAP_VCPU_EVENTS"),
+    "debugregs": ("struct kvm_debugregs", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
+                  "KVM_CAP_DEBUGREGS"),
+}
+# Restore order (see the module docstring); msrs go between sregs and mp_state.
+RESTORE_ORDER = ["regs", "xsave", "fpu", "xcrs", "sregs", "msrs", "mp_state", "lapic",
+                 "events", "debugregs"]
+
+
+class Vcpu:
+    """One vCPU fd and its shared kvm_run page."""
+
+    def __init__(self, vm, index: int):
+        self.vm = vm
+        self.index = index
+        self.fd = ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, index, what="CREATE_VCPU")
+        self._map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self._buf = ffi.from_buffer(self._map)
+        self.run = ffi.cast("struct kvm_run *", self._buf)
+        self._pieces = [name for name, (_, _, _, cap) in _SIMPLE_STATE.items()
+                        if cap is None or vm.kvm.check_extension(getattr(lib, cap))]
+        if "xsave" in self._pieces:
+            self._pieces.remove("fpu")  # xsave holds the FPU state and more
+        self._msr_indices: list[int] | None = None
+
+    # -- running -------------------------------------------------------------------
+    def run_once(self) -> int:
+        """KVM_RUN; returns the exit reason, or KVM_EXIT_INTR when a kick interrupted it."""
+        r = lib.pyvmm_ioctl_int(self.fd, lib.KVM_RUN, 0)
+        if r < 0:
+            if r in (-errno.EINTR, -errno.EAGAIN):
+                return lib.KVM_EXIT_INTR
+            raise KvmError(f"KVM_RUN failed on vCPU {self.index}: {os.strerror(-r)}")
+        return self.run.exit_reason
+
+    def io_data(self):
+        """The data buffer of the current port-IO exit."""
+        io = self.run.io
+        return ffi.buffer(ffi.cast("char *", self.run) + io.data_offset, io.size * io.count)
+
+    # -- CPUID and TSC -------------------------------------------------------------
+    def setup_cpuid(self) -> None:
+        """KVM's supported CPUID with our APIC id and a timing leaf (TSC kHz)."""
+        cpuid = self.vm.kvm.supported_cpuid()
+        tsc_khz = self.tsc_khz()
+        n = cpuid.nent
+        for i in range(n):
+            e = cpuid.entries[i]
+            if e.function == 1:
+                e.ebx = (e.ebx & 0x00FF_FFFF) | (self.index << 24)
+            elif e.function == 0x4000_0000:
+                e.eax = max(e.eax, CPUID_TIMING_LEAF)
+        if tsc_khz and not any(cpuid.entries[i].function == CPUID_TIMING_LEAF for i in range(n)):
+            cpuid.entries[n].function = CPUID_TIMING_LEAF
+            cpuid.entries[n].eax = tsc_khz
+            cpuid.entries[n].ebx = 1_000_000  # KVM's LAPIC timer runs at 1 GHz
+            cpuid.nent = n + 1
+        ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid, what="SET_CPUID2")
+        self.cpuid_bytes = bytes(ffi.buffer(cpuid, ffi.sizeof("struct kvm_cpuid2")
+                                            + cpuid.nent * ffi.sizeof("struct kvm_cpuid_entry2")))
+
+    def set_cpuid_bytes(self, data: bytes) -> None:
+        """Set CPUID from bytes saved by setup_cpuid (a live update keeps the CPU model)."""
+        nent = int.from_bytes(data[:4], "little")
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
+        ffi.buffer(cpuid, len(data))[:] = data
+        ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid, what="SET_CPUID2")
+        self.cpuid_bytes = data
+
+    def tsc_khz(self) -> int:
+        if not self.vm.kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
+            return 0
+        return max(lib.pyvmm_ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0), 0)
+
+    # -- the simple pieces ------------------------------------------------------------
+    def get(self, name: str):
+        ctype, get_req, _, _ = _SIMPLE_STATE[name]
+        obj = ffi.new(ctype + " *")
+        ioctl(self.fd, getattr(lib, get_req), obj, what=f"{get_req[4:]} (vCPU {self.index})")
+        return obj
+
+    def set(self, name: str, obj) -> None:
+        _, _, set_req, _ = _SIMPLE_STATE[name]
+        ioctl(self.fd, getattr(lib, set_req), obj, what=f"{set_req[4:]} (vCPU {self.index})")
+
+    def get_regs(self):
+        return self.get("regs")
+
+    def set_regs(self, regs) -> None:
+        self.set("regs", regs)
+
+    def get_sregs(self):
+        return self.get("sregs")
+
+    def set_sregs(self, sregs) -> None:
+        self.set("sregs", sregs)
+
+    # -- MSRs ---------------------------------------------------------------------------
+    def msr_indices(self) -> list[int]:
+        """The MSRs this vCPU can really read back (KVM lists some a CPU may lack)."""
+        if self._msr_indices is None:
+            good = []
+            for index in self.vm.kvm.msr_index_list():
+                if self._read_msrs([index], quiet=True) is not None:
+                    good.append(index)
+            self._msr_indices = good
+        return self._msr_indices
+
+    def _read_msrs(self, indices, quiet=False):
+        n = len(indices)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        msrs.nmsrs = n
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        r = lib.pyvmm_ioctl(self.fd, lib.KVM_GET_MSRS, msrs)
+        if r != n:
+            if quiet:
+                return None
+            raise KvmError(f"KVM GET_MSRS read {r} of {n} MSRs on vCPU {self.index}")
+        return {msrs.entries[i].index: int(msrs.entries[i].data) for i in range(n)}
+
+    def get_msrs(self, indices: list[int] | None = None) -> dict[int, int]:
+        return self._read_msrs(indices if indices is not None else self.msr_indices())
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        n = len(values)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        msrs.nmsrs = n
+        for i, (index, data) in enumerate(values.items()):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        r = lib.pyvmm_ioctl(self.fd, lib.KVM_SET_MSRS, msrs)
+        if r != n:
+            bad = list(values)[r] if 0 <= r < n else None
+            raise KvmError(f"KVM SET_MSRS wrote {r} of {n} MSRs on vCPU {self.index}"
+                           + (f" (refused MSR {bad:#x})" if bad is not None else ""))
+
+    # -- all of it ----------------------------------------------------------------------
+    def get_state(self) -> dict:
+        """Every piece of vCPU state, as exact struct bytes (MSRs as index -> value)."""
+        state = {name: to_bytes(self.get(name)) for name in self._pieces}
+        state["msrs"] = self.get_msrs()
+        return state
+
+    def set_state(self, state: dict) -> None:
+        for name in RESTORE_ORDER:
+            if name not in state:
+                continue
+            if name == "msrs":
+                self.set_msrs(state["msrs"])
+            else:
+                self.set(name, from_bytes(_SIMPLE_STATE[name][0], state[name]))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.run = None
+            self._buf = None
+            self._map.close()
+            os.close(self.fd)
+            self.fd = -1
