@@ -8,6 +8,7 @@ that writes to the debug-exit port makes that value pyvmm's exit status.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -21,13 +22,32 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvmm", description="A small KVM VMM with CPR live update.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="boot a guest kernel")
-    run.add_argument("--kernel", required=True, help="PVH ELF kernel image")
+    run = sub.add_parser("run", help="boot a guest kernel (or receive one: --incoming)")
+    run.add_argument("--kernel", help="PVH ELF kernel image")
     run.add_argument("--memory", "-m", default="256M", help="guest RAM, e.g. 256M, 1G (default 256M)")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--hugetlb", action="store_true", help="back RAM with 2 MiB huge pages")
-    run.add_argument("--console", metavar="FILE", help="write serial output to FILE, not stdout")
+    run.add_argument("--console", metavar="FILE", help="append serial output to FILE, not stdout")
+    run.add_argument("--net", action="append", default=[], metavar="tap,ifname=NAME[,mac=M]",
+                     help="a virtio-net device on a tap (tap,ifname=N | tap,fd=N)")
+    run.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on unix socket PATH")
+    run.add_argument("--incoming", metavar="cpr-transfer:PATH",
+                     help="wait for a live update from another pyvmm on unix socket PATH")
+
+    cpr = sub.add_parser("cpr", help="live-update a running pyvmm through its QMP socket")
+    cpr.add_argument("--mode", choices=["exec", "transfer"], required=True)
+    cpr.add_argument("--socket", required=True, metavar="QMP", help="the running pyvmm's QMP socket")
+    cpr.add_argument("--uri", metavar="PATH",
+                     help="transfer: the new pyvmm's --incoming socket path")
+    cpr.add_argument("--new-qmp", metavar="PATH",
+                     help="transfer: the new pyvmm's QMP socket (to read its timeline)")
+    cpr.add_argument("--fault", default="", help="inject a fault (see docs/CPR.md)")
+    cpr.add_argument("--trace", action="store_true", help="print each step with its time")
+    cpr.add_argument("--timeout", type=float, default=60.0)
+
+    state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
+    state.add_argument("--socket", required=True, metavar="QMP")
     return p
 
 
@@ -36,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "cpr":
+            from .cpr.tool import cmd_cpr
+            return cmd_cpr(args)
+        if args.command == "state":
+            from .inspect import cmd_state
+            return cmd_state(args)
     except VmmError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -44,39 +70,124 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def open_console(path: str | None):
+    """The serial console's writer: a file opened for append, or stdout."""
+    if not path:
+        return None
+    try:
+        out = open(path, "ab", buffering=0)
+    except OSError as e:
+        raise VmmError(f"cannot open console file {path}: {e.strerror}") from None
+    return out.write
+
+
 def cmd_run(args) -> int:
     from .machine import Machine, MachineConfig
     from .memory import parse_size
 
-    console = None
-    if args.console:
-        try:
-            out = open(args.console, "ab", buffering=0)
-        except OSError as e:
-            raise VmmError(f"cannot open console file {args.console}: {e.strerror}") from None
-        console = out.write
-    config = MachineConfig(kernel=args.kernel, memory=parse_size(args.memory),
-                           cmdline=args.cmdline, vcpus=args.vcpus, hugetlb=args.hugetlb,
-                           console=console)
-    machine = Machine(config)
-    stop = []
+    config = {"console": os.path.abspath(args.console) if args.console else None,
+              "qmp": os.path.abspath(args.qmp) if args.qmp else None,
+              "nets": args.net}
+    console = open_console(config["console"])
+    if args.incoming:
+        return _run_incoming(args, config, console)
+    if not args.kernel:
+        raise VmmError("give the guest kernel with --kernel PATH (or --incoming to receive one)")
+    mconf = MachineConfig(kernel=args.kernel, memory=parse_size(args.memory),
+                          cmdline=args.cmdline, vcpus=args.vcpus, hugetlb=args.hugetlb,
+                          console=console, nets=args.net)
+    machine = Machine(mconf)
+    try:
+        machine.create()
+        machine.boot()
+    except BaseException:
+        machine.close()
+        raise
+    return serve(machine, config, start=True)
+
+
+def _run_incoming(args, config, console) -> int:
+    from .cpr.target import Incoming
+
+    kind, _, path = args.incoming.partition(":")
+    if kind != "cpr-transfer" or not path:
+        raise VmmError(f"--incoming {args.incoming!r}: use --incoming cpr-transfer:PATH")
+    incoming = Incoming(path, console=console)
+    monitor = _start_monitor(config, None, status="inmigrate")
+    try:
+        incoming.prepare()
+        machine = incoming.complete()
+    except BaseException:
+        if monitor:
+            monitor[0].close()
+        if incoming.machine is not None:
+            incoming.machine.close()
+        raise
+    return serve(machine, config, monitor=monitor)
+
+
+def resume_after_exec() -> int:
+    """Entry point of the new image in cpr-exec (PYVMM_CPR_EXEC_STATE is set)."""
+    from .cpr.target import exec_resume
+    try:
+        machine, config, fds = exec_resume(lambda cfg: open_console(cfg.get("console")))
+        return serve(machine, config, listen_fd=fds.pop("qmp", None))
+    except VmmError as e:
+        print(f"pyvmm: error: live update failed in the new process: {e}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+
+
+def _start_monitor(config, machine, *, listen_fd=None, status="running"):
+    """A QMP monitor with its controller, or None without --qmp."""
+    if not config.get("qmp"):
+        return None
+    from .control import Controller
+    from .monitor import Monitor
+    controller = Controller(machine, config=config)
+    controller.status = status
+    monitor = Monitor(config["qmp"], controller, listen_fd=listen_fd)
+    controller.emit = monitor.emit
+    monitor.start()
+    return monitor, controller
+
+
+def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
+    """Run until the guest exits, fails, is quit, or hands itself to a new pyvmm."""
+    if monitor is None:
+        monitor = _start_monitor(config, machine, listen_fd=listen_fd)
+    exit_request: list[int] = []
+    if monitor:
+        mon, controller = monitor
+        controller.machine = machine
+        controller.status = "running"
+        if mon.listen_fd is not None:
+            controller.extra_fds["qmp"] = mon.listen_fd
+
+        def on_exit(code):
+            exit_request.append(code)
+            machine._done.set()
+        controller.on_exit = on_exit
+    stop_signal: list[int] = []
 
     def on_signal(signo, frame):
-        stop.append(signo)
+        stop_signal.append(signo)
         machine._done.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        machine.create()
-        machine.boot()
-        machine.start()
+        if start:
+            machine.start()
         while not machine.wait(0.5):
             pass
     finally:
+        if monitor:
+            monitor[0].close()
         machine.close()
-    if stop:
-        return 128 + stop[0]
+    if stop_signal:
+        return 128 + stop_signal[0]
+    if exit_request:
+        return exit_request[0]
     if machine.error is not None:
         first, _, dump = str(machine.error).partition("\n")
         print(f"pyvmm: error: {first}", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 from .errors import GuestError
 from .kvm.ffi import ffi, lib, to_dict
@@ -47,6 +48,7 @@ class VcpuThread:
         self._paused = False
         self._thread: threading.Thread | None = None
         self._tid = 0
+        self.entered_ns = 0   # when the thread last went (back) into the guest
 
     # -- control (other threads) -------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -129,6 +131,7 @@ class VcpuThread:
             if self._want_stop:
                 return False
             run.immediate_exit = 0
+        self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         return True
 
     def _loop(self) -> None:

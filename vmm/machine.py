@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .errors import GuestError, VmmError
 from .memory import MiB, GuestMemory
+from .state import StateError, require
 
 COM1_PORT, COM1_IRQ = 0x3F8, 4
+MSR_IA32_TSC = 0x10
 DEBUG_EXIT_PORT = 0xF4
 
 
@@ -52,10 +55,19 @@ class Machine:
         self.error: GuestError | None = None
         self._done = threading.Event()
         self.running = False
+        self.cpr_devices = []
+        self._resume_ns = 0
+        self.cpr_timeline = None   # set in a new VMM after a live update
+        self.cpr_mode = None
 
     # -- building --------------------------------------------------------------------
-    def create(self, memory: GuestMemory | None = None) -> None:
-        """Open KVM, create the VM on (new or given) RAM, its vCPUs and devices."""
+    def create(self, memory: GuestMemory | None = None, cpuids: list[bytes] | None = None,
+               restoring: bool = False) -> None:
+        """Open KVM, create the VM on (new or given) RAM, its vCPUs and devices.
+
+        A live update passes the old process's RAM and CPUID here: everything
+        in this method can run before the old VMM stops its guest.
+        """
         from .devices.bus import Bus
         from .devices.debug_exit import DebugExit
         from .devices.serial import Serial16550
@@ -68,8 +80,11 @@ class Machine:
         self.vm.map_memory(self.memory)
         self.vm.setup_x86()
         self.vcpus = [self.vm.create_vcpu(i) for i in range(cfg.vcpus)]
-        for vcpu in self.vcpus:
-            vcpu.setup_cpuid()
+        for i, vcpu in enumerate(self.vcpus):
+            if cpuids is not None:
+                vcpu.set_cpuid_bytes(cpuids[i])
+            else:
+                vcpu.setup_cpuid()
 
         self.pio_bus = Bus()
         self.mmio_bus = Bus()
@@ -88,6 +103,96 @@ class Machine:
         setup_pvh_boot(self.vcpus[0], info.entry, info.start_info)
         self.boot_info = info
 
+    # -- state -----------------------------------------------------------------------
+    def shape(self) -> dict:
+        """What a new VMM needs to build an identical empty machine (no device state)."""
+        return {"arch": "x86_64", "vcpus": len(self.vcpus), "memory": self.memory.state(),
+                "kernel": self.config.kernel, "cmdline": self.config.cmdline,
+                "cpuid": [v.cpuid_bytes for v in self.vcpus]}
+
+    def save_state(self) -> dict:
+        """Everything about the paused machine except guest RAM (which stays in its memfd)."""
+        if self.running:
+            raise VmmError("pause the machine before saving its state")
+        tsc_khz = self.vcpus[0].tsc_khz()
+        return {
+            "machine": self.shape(),
+            "vm": self.vm.get_state(),
+            "vcpus": [v.get_state() for v in self.vcpus],
+            "devices": {"serial": self.serial.state(), "debug_exit": self.debug_exit.state()},
+            "time": {"host_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC), "tsc_khz": tsc_khz},
+        }
+
+    def restore_state(self, state: dict, *, advance_time: bool = True) -> None:
+        """Write a saved state into this (created, not started) machine.
+
+        With advance_time the guest's TSC moves on by the host time that passed
+        since the save, so the guest sees the pause as a gap in time (as after
+        a real stop) instead of time standing still.
+        """
+        shape = require(state, "machine", dict)
+        if shape.get("arch") != "x86_64":
+            raise StateError(f"state is for a {shape.get('arch')!r} machine, this is x86_64")
+        vcpu_states = require(state, "vcpus", list)
+        if len(vcpu_states) != len(self.vcpus):
+            raise StateError(f"state has {len(vcpu_states)} vCPUs, this machine "
+                             f"{len(self.vcpus)}")
+        mem = require(state, "machine.memory", dict)
+        if mem.get("size") != self.memory.size:
+            raise StateError(f"state is for {mem.get('size')} bytes of RAM, this machine has "
+                             f"{self.memory.size}")
+        devices = require(state, "devices", dict)
+        self.serial.set_state(devices["serial"])
+        self.debug_exit.set_state(devices["debug_exit"])
+        self.vm.set_state(require(state, "vm", dict))
+        delta_tsc = 0
+        if advance_time:
+            t = require(state, "time", dict)
+            elapsed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - t["host_ns"]
+            delta_tsc = max(elapsed, 0) * t["tsc_khz"] // 1_000_000
+        for vcpu, vs in zip(self.vcpus, vcpu_states):
+            if delta_tsc:
+                vs = dict(vs, msrs=[[i, v + delta_tsc if i == MSR_IA32_TSC else v]
+                                    for i, v in vs["msrs"]])
+            vcpu.set_state(vs)
+
+    # -- live-update hooks ----------------------------------------------------------------
+    # Devices that own something outside the VM (a data-path thread, a vhost fd)
+    # join `self.cpr_devices`; each has cpr_quiesce/cpr_unquiesce, cpr_notify(event)
+    # and cpr_fds().
+    def quiesce_devices(self) -> None:
+        for d in self.cpr_devices:
+            d.cpr_quiesce()
+
+    def resume_devices(self) -> None:
+        for d in self.cpr_devices:
+            d.cpr_unquiesce()
+
+    def notify_devices(self, event: str) -> None:
+        """The notifier chain: "setup" (release), "failed" (take back), "done"."""
+        for d in self.cpr_devices:
+            d.cpr_notify(event)
+
+    def restore_devices(self, state: dict, fds: dict[str, int]) -> None:
+        """Give devices their saved state and the fds the old VMM passed (not started)."""
+        unused = set(fds)
+        for d in self.cpr_devices:
+            unused -= d.cpr_restore(state["devices"], fds)
+        for name in unused:  # an fd nobody claimed must not linger in this process
+            os.close(fds[name])
+
+    def cpr_fds(self) -> dict[str, int]:
+        """Every fd the new VMM needs, by name: RAM first, then all taps, then the rest."""
+        fds = {"ram": self.memory.fd}
+        per_device = [d.cpr_fds() for d in self.cpr_devices]
+        for kind in ("tap", "vhost", ""):
+            for dev_fds in per_device:
+                for name, fd in dev_fds.items():
+                    if (kind and name.endswith("." + kind)) or \
+                            (not kind and not name.endswith((".tap", ".vhost"))):
+                        fds[name] = fd
+        return fds
+
     # -- running -----------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
         from .cpu import VcpuThread
@@ -103,9 +208,19 @@ class Machine:
         self.running = False
 
     def resume(self) -> None:
+        self._resume_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         for t in self.threads:
             t.resume()
         self.running = True
+
+    def wait_entered(self, timeout: float = 1.0) -> int:
+        """After resume(): when the last vCPU went back into the guest (CLOCK_MONOTONIC ns)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            times = [t.entered_ns for t in self.threads]
+            if all(x >= self._resume_ns for x in times) or time.monotonic() > deadline:
+                return max(times)
+            time.sleep(0)
 
     def request_exit(self, code: int) -> None:
         """The guest wrote to the debug-exit port: stop with its code."""

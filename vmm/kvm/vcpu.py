@@ -171,9 +171,9 @@ class Vcpu:
 
     # -- all of it ----------------------------------------------------------------------
     def get_state(self) -> dict:
-        """Every piece of vCPU state, as exact struct bytes (MSRs as index -> value)."""
+        """Every piece of vCPU state, as exact struct bytes (MSRs as [index, value] pairs)."""
         state = {name: to_bytes(self.get(name)) for name in self._pieces}
-        state["msrs"] = self.get_msrs()
+        state["msrs"] = [[index, value] for index, value in self.get_msrs().items()]
         return state
 
     def set_state(self, state: dict) -> None:
@@ -181,7 +181,7 @@ class Vcpu:
             if name not in state:
                 continue
             if name == "msrs":
-                self.set_msrs(state["msrs"])
+                self.set_msrs(dict(state["msrs"]))
             else:
                 self.set(name, from_bytes(_SIMPLE_STATE[name][0], state[name]))
 

@@ -1,0 +1,155 @@
+"""What the QMP monitor drives: run state, stop/cont/quit, and live updates.
+
+The monitor (vmm/monitor.py) speaks the protocol; this controller holds the
+policy: which run state the VM is in, which migration parameters are set, and
+how a live update is started, reported and cancelled.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from .errors import VmmError
+
+
+class Controller:
+    """Binds a Machine to the monitor's commands."""
+
+    def __init__(self, machine, *, config: dict | None = None, emit=None, on_exit=None):
+        self.machine = machine
+        self.config = config or {}
+        self.emit = emit or (lambda name, data=None: None)
+        self.on_exit = on_exit or (lambda code: None)
+        self.params = {"mode": "normal", "cpr-exec-command": [sys.executable, "-m", "vmm"],
+                       "x-fault": []}
+        self.migration = None
+        self.extra_fds: dict[str, int] = {}
+        self.status = "running"
+        self._lock = threading.Lock()
+
+    # -- run state --------------------------------------------------------------------------
+    def query_status(self) -> dict:
+        status = self.status
+        if status in ("running", "paused"):
+            status = "running" if self.machine.running else "paused"
+        return {"status": status, "running": status == "running", "singlestep": False}
+
+    def stop(self) -> None:
+        if self.machine.running:
+            self.machine.pause()
+            self.emit("STOP")
+
+    def cont(self) -> None:
+        if self.status in ("inmigrate", "finish-migrate", "postmigrate"):
+            raise VmmError(f"cannot continue: the VM is in state {self.status}")
+        if not self.machine.running:
+            self.machine.resume()
+            self.emit("RESUME")
+
+    def quit(self) -> None:
+        self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self.on_exit(0)
+
+    # -- migration parameters -------------------------------------------------------------
+    def set_migrate_parameters(self, params: dict) -> None:
+        from .cpr.faults import parse
+        if "mode" in params:
+            if params["mode"] not in ("normal", "cpr-transfer", "cpr-exec"):
+                raise VmmError(f"migration mode {params['mode']!r} is not supported by pyvmm: "
+                               "use cpr-transfer or cpr-exec")
+            self.params["mode"] = params["mode"]
+        if "cpr-exec-command" in params:
+            cmd = params["cpr-exec-command"]
+            if not cmd or not all(isinstance(a, str) for a in cmd):
+                raise VmmError("cpr-exec-command must be a non-empty list of strings")
+            self.params["cpr-exec-command"] = list(cmd)
+        if "x-fault" in params:
+            self.params["x-fault"] = sorted(parse(params["x-fault"]))
+
+    def query_migrate_parameters(self) -> dict:
+        return dict(self.params)
+
+    # -- live update --------------------------------------------------------------------------
+    def migrate(self, main_addr: dict | None, cpr_addr: dict | None, detach: bool = True) -> None:
+        from .cpr.source import Migration
+        with self._lock:
+            if self.migration is not None and not self.migration.done.is_set():
+                raise VmmError("a migration is already in progress")
+            mode = self.params["mode"]
+            if mode == "normal":
+                raise VmmError("pyvmm only does CPR: first set the mode with "
+                               "migrate-set-parameters mode=cpr-transfer or mode=cpr-exec")
+            path = None
+            if mode == "cpr-transfer":
+                addr = cpr_addr or main_addr
+                if not addr or addr.get("transport") != "socket" or addr.get("type") != "unix":
+                    raise VmmError("cpr-transfer needs a unix socket channel "
+                                   "(the new pyvmm's --incoming path)")
+                path = addr["path"]
+            self.migration = Migration(
+                self.machine, mode, cpr_path=path,
+                exec_command=self.params["cpr-exec-command"],
+                faults=self.params["x-fault"], emit=self._migration_event,
+                extra_fds=self.extra_fds, config=self.config)
+        threading.Thread(target=self._run_migration, name="migration", daemon=True).start()
+
+    def _migration_event(self, name: str, data=None) -> None:
+        if name == "MIGRATION":
+            status = data["status"]
+            if status == "active":
+                self.status = "finish-migrate"
+            elif status in ("failed", "cancelled"):
+                self.status = "running" if self.machine.running else "paused"
+            elif status == "completed":
+                self.status = "postmigrate"
+        self.emit(name, data)
+
+    def _run_migration(self) -> None:
+        if self.migration.run():
+            self.on_exit(0)     # the new VMM runs the guest: this one is done
+
+    def query_migrate(self) -> dict:
+        if self.migration is not None:
+            return self.migration.info()
+        tl = self.machine.cpr_timeline
+        if tl is None:
+            return {}
+        return timeline_info(tl, self.machine.cpr_mode)
+
+    def migrate_cancel(self) -> None:
+        if self.migration is not None:
+            self.migration.cancel()
+
+    # -- teaching view -----------------------------------------------------------------------
+    def query_state(self) -> dict:
+        from .inspect import machine_summary
+        return machine_summary(self.machine)
+
+
+def timeline_info(tl, mode) -> dict:
+    """query-migrate in the new VMM: the whole sequence, both processes' marks."""
+    info = {"status": "completed", "mode": mode}
+    downtime = tl.span_us("stop", "resume")
+    if downtime is not None:
+        info["downtime"] = round(downtime / 1000)
+        info["x-downtime-us"] = round(downtime, 1)
+    first = "setup" if tl.get("setup") else "stop"
+    total = tl.span_us(first, "resume")
+    if total is not None:
+        info["total-time"] = round(total / 1000)
+        info["x-total-time-us"] = round(total, 1)
+    if tl.get("setup") is not None and tl.get("stop") is not None:
+        info["setup-time"] = round(tl.span_us("setup", "stop") / 1000)
+    info["x-phases-us"] = {k: round(v, 1) for k, v in tl.durations_us().items()}
+    info["x-timeline"] = tl.marks
+    return info
+
+
+def close_fds(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass

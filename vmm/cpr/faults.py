@@ -1,0 +1,64 @@
+"""Fault injection for the live-update sequence: break CPR on purpose, watch the rollback.
+
+A fault is armed by name, either in the environment (`PYVMM_CPR_FAULT=save`,
+several separated by commas, read by whichever process reaches the point) or
+through QMP (`migrate-set-parameters` with the pyvmm extension `x-fault`).
+Faults named `target-*` are forwarded to the new VMM with the state.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import VmmError
+
+ENV = "PYVMM_CPR_FAULT"
+
+POINTS = {
+    "prepare": "the old pyvmm fails while preparing the new one (the guest never stops)",
+    "after-stop": "right after the vCPUs are paused and the devices quiesced",
+    "notify": "a device notifier fails while releasing its device",
+    "save": "saving the machine state fails",
+    "transfer": "the channel breaks before the fds are sent",
+    "exec": "execve of the new pyvmm fails (cpr-exec)",
+    "target-prepare": "the new pyvmm fails while preparing (before any device fd)",
+    "target-crash-before-fds": "the new pyvmm dies before it receives the device fds",
+    "target-crash-after-fds": "the new pyvmm dies right after receiving the device fds",
+    "target-restore": "the new pyvmm cannot restore the state",
+}
+
+
+class InjectedFault(VmmError):
+    """A failure injected on purpose."""
+
+
+def parse(value) -> set[str]:
+    if not value:
+        return set()
+    names = value.split(",") if isinstance(value, str) else list(value)
+    faults = {n.strip() for n in names if n.strip()}
+    unknown = faults - POINTS.keys()
+    if unknown:
+        raise VmmError(f"unknown CPR fault point(s) {sorted(unknown)}: choose from "
+                       f"{', '.join(POINTS)}")
+    return faults
+
+
+class Faults:
+    """The set of armed fault points for one live update."""
+
+    def __init__(self, armed=()):
+        self.armed = set(armed) | parse(os.environ.get(ENV, ""))
+
+    def check(self, point: str) -> None:
+        """Raise InjectedFault if `point` is armed."""
+        if point in self.armed:
+            raise InjectedFault(f"injected fault at '{point}': {POINTS[point]}")
+
+    def crash(self, point: str) -> None:
+        """Die on the spot (like a crash: no cleanup, no message to the peer)."""
+        if point in self.armed:
+            os._exit(99)
+
+    def for_target(self) -> list[str]:
+        return sorted(p for p in self.armed if p.startswith("target-"))

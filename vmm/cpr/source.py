@@ -1,0 +1,225 @@
+"""The old VMM's side of a live update: stop -> notify -> save -> transfer, or roll back.
+
+`Migration.run()` is the whole sequence.  Any failure after the stop (or a
+cancel before the point of no return) runs the notifiers with "failed", so each
+device takes back what it released, and resumes the guest exactly where it
+was: the guest sees a pause and nothing else.
+
+The point of no return is the "go" message in cpr-transfer (sent only after
+the new VMM has restored everything and is one step from resuming) and the
+execve itself in cpr-exec.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+from .. import state as state_format
+from ..errors import VmmError
+from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, state_to_memfd
+from .faults import Faults
+from .timeline import Timeline
+
+EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
+PREPARE_TIMEOUT = 60.0
+RESTORE_TIMEOUT = 30.0
+
+
+class Cancelled(VmmError):
+    """migrate_cancel arrived before the point of no return."""
+
+
+class Migration:
+    """One live update out of this process (what query-migrate reports on)."""
+
+    def __init__(self, machine, mode: str, *, cpr_path: str | None = None,
+                 exec_command: list[str] | None = None, faults=(), emit=None,
+                 extra_fds: dict[str, int] | None = None, config: dict | None = None,
+                 trace=None):
+        if mode not in ("cpr-transfer", "cpr-exec"):
+            raise VmmError(f"migration mode {mode!r} is not supported: use cpr-transfer or "
+                           "cpr-exec")
+        if mode == "cpr-transfer" and not cpr_path:
+            raise VmmError("cpr-transfer needs the new pyvmm's cpr socket path")
+        self.machine = machine
+        self.mode = mode
+        self.cpr_path = cpr_path
+        self.exec_command = exec_command or [sys.executable, "-m", "vmm"]
+        self.faults = Faults(faults)
+        self.emit = emit or (lambda name, data=None: None)
+        self.extra_fds = extra_fds or {}
+        self.config = config or {}
+        self.trace = trace
+        self.timeline = Timeline()
+        self.status = "none"
+        self.error: str | None = None
+        self._cancel = threading.Event()
+        self.channel: Channel | None = None
+        self.done = threading.Event()
+
+    # -- reporting -----------------------------------------------------------------------
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        self.emit("MIGRATION", {"status": status})
+
+    def _mark(self, phase: str) -> None:
+        t = self.timeline.mark(phase)
+        if self.trace:
+            self.trace(phase, t)
+
+    def info(self) -> dict:
+        tl = self.timeline
+        info = {"status": self.status, "mode": self.mode}
+        total = tl.span_us("setup" if tl.get("setup") else "stop", tl.marks[-1][0]) \
+            if tl.marks else None
+        if total is not None:
+            info["total-time"] = round(total / 1000)
+        if self.error:
+            info["error-desc"] = self.error
+        info["x-phases-us"] = tl.durations_us()
+        info["x-timeline"] = tl.marks
+        return info
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("migration cancelled")
+
+    # -- the sequence --------------------------------------------------------------------
+    def run(self) -> bool:
+        """Run the live update; True if the new VMM now runs the guest."""
+        try:
+            return self._run()
+        finally:
+            self.done.set()
+
+    def _run(self) -> bool:
+        m = self.machine
+        self._set_status("setup")
+        if self.mode == "cpr-transfer":
+            self._mark("setup")
+            try:
+                self.faults.check("prepare")
+                self._prepare_target()
+                self._check_cancel()
+            except Exception as e:
+                return self._failed(e, stopped=False)
+
+        # (1) stop: from here on, any failure resumes the guest.
+        was_running = m.running
+        self._set_status("active")
+        self._mark("stop")
+        m.pause()
+        self.emit("STOP")
+        try:
+            self._mark("quiesce")
+            m.quiesce_devices()
+            self.faults.check("after-stop")
+            # (2) notify: every device releases what it owns.
+            self._mark("notify")
+            m.notify_devices("setup")
+            self.faults.check("notify")
+            self._check_cancel()
+            # (3) save.
+            self._mark("save")
+            fds = m.cpr_fds()
+            fds.update(self.extra_fds)
+            blob = self._save(fds)
+            self.faults.check("save")
+            self._check_cancel()
+            # (4) transfer.
+            self._mark("transfer")
+            self._set_status("device")
+            if self.mode == "cpr-transfer":
+                self._transfer(blob, fds)
+            else:
+                self._exec(blob, fds)    # returns only on failure
+        except Exception as e:
+            return self._failed(e, stopped=True, was_running=was_running)
+        return self._committed()
+
+    def _prepare_target(self) -> None:
+        """Before the stop: the new VMM maps RAM and builds an empty VM (off the downtime)."""
+        m = self.machine
+        self.channel = Channel.connect(self.cpr_path)
+        self.channel.send({"msg": "hello", "protocol": PROTOCOL, "version": PROTOCOL_VERSION,
+                           "shape": _jsonable(m.shape()), "config": self.config,
+                           "faults": self.faults.for_target()},
+                          [m.memory.fd])
+        self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
+
+    def _save(self, fds: dict[str, int]) -> bytes:
+        state = self.machine.save_state()
+        state["cpr"] = {"mode": self.mode, "timeline": self.timeline.marks,
+                        "fds": fds, "config": self.config,
+                        "faults": self.faults.for_target()}
+        return state_format.dumps(state)
+
+    def _transfer(self, blob: bytes, fds: dict[str, int]) -> None:
+        self.faults.check("transfer")
+        names = list(fds)
+        state_fd = state_to_memfd(blob)
+        try:
+            self.channel.send({"msg": "state", "fds": ["state"] + names},
+                              [state_fd] + [fds[n] for n in names])
+        finally:
+            os.close(state_fd)
+        self.channel.expect("restored", timeout=RESTORE_TIMEOUT)
+        self._check_cancel()
+        # The point of no return: the new VMM resumes the guest on "go".
+        self.channel.send({"msg": "go"})
+
+    def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
+        state_fd = state_to_memfd(blob)
+        passed = list(fds.values()) + [state_fd]
+        env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd)})
+        try:
+            for fd in passed:
+                os.set_inheritable(fd, True)
+            self.faults.check("exec")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(self.exec_command[0], self.exec_command, env)
+        except OSError as e:
+            raise VmmError(f"cannot exec {self.exec_command[0]}: {e.strerror}") from None
+        finally:  # only reached when exec failed: take the fds back
+            for fd in passed:
+                if fd != state_fd:
+                    os.set_inheritable(fd, False)
+            os.close(state_fd)
+
+    def _committed(self) -> bool:
+        try:
+            msg, _ = self.channel.expect("running", timeout=RESTORE_TIMEOUT)
+            self.timeline.marks = [list(x) for x in msg.get("timeline", self.timeline.marks)]
+        except VmmError as e:
+            self.error = f"the new pyvmm took over but did not report running: {e}"
+        self.channel.close()
+        self.machine.notify_devices("done")
+        self._set_status("completed")
+        return True
+
+    def _failed(self, error: Exception, *, stopped: bool, was_running: bool = True) -> bool:
+        """Roll back: devices re-acquired, guest resumed as if nothing happened."""
+        self.error = str(error)
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if stopped:
+            m = self.machine
+            m.notify_devices("failed")
+            m.resume_devices()
+            if was_running:
+                m.resume()
+                self.emit("RESUME")
+        self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")
+        return False
+
+
+def _jsonable(obj):
+    """Shape dicts carry bytes (CPUID); encode them the way the state format does."""
+    return state_format.encode_tree(obj)

@@ -1,0 +1,165 @@
+"""The new VMM's side of a live update.
+
+cpr-transfer: `pyvmm run --incoming cpr-transfer:PATH` listens on PATH.  The
+old VMM connects *before* it stops its guest and passes the RAM memfd and the
+machine's shape; we map RAM, create the KVM VM, its memory slots and vCPUs
+(the slow part, off the downtime) and say "prepared".  After the stop the
+state blob and device fds arrive; we restore, say "restored", and resume the
+guest when the old VMM says "go".  Until "go", the old VMM may still roll
+back, so nothing here may touch a device before it.
+
+cpr-exec: the same process image is replaced; the state memfd's number is in
+PYVMM_CPR_EXEC_STATE and every passed fd is listed in the state.  We mark them
+close-on-exec again at once, so no fd leaks into whatever we exec later.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import state as state_format
+from ..errors import VmmError
+from ..memory import GuestMemory
+from .channel import PROTOCOL, Channel, ChannelError, listen, read_memfd
+from .faults import Faults
+from .source import EXEC_STATE_ENV
+from .timeline import Timeline
+
+
+def build_machine(shape: dict, ram_fd: int, config: dict, console=None):
+    """An empty machine of the given shape on the old VMM's RAM (created, not started)."""
+    from ..machine import Machine, MachineConfig
+
+    mem = shape["memory"]
+    cfg = MachineConfig(kernel=shape.get("kernel"), memory=mem["size"],
+                        cmdline=shape.get("cmdline", ""), vcpus=shape["vcpus"],
+                        hugetlb=mem.get("hugetlb", False), console=console,
+                        nets=config.get("nets", []))
+    memory = GuestMemory.from_fd(ram_fd, mem["size"], name=mem.get("name", "pyvmm-ram"),
+                                 hugetlb=mem.get("hugetlb", False))
+    machine = Machine(cfg)
+    machine.create(memory=memory, cpuids=shape["cpuid"], restoring=True)
+    return machine
+
+
+def restore(machine, state: dict, fds: dict[str, int]) -> None:
+    """Write the saved state into the machine and re-own its devices (not resumed yet)."""
+    machine.restore_state(state)
+    machine.restore_devices(state, fds)
+
+
+class Incoming:
+    """cpr-transfer target: wait for the old VMM, prepare, restore, resume on "go"."""
+
+    def __init__(self, path: str, console=None):
+        self.path = path
+        self.console = console
+        self.listener = listen(path)
+        self.channel: Channel | None = None
+        self.machine = None
+        self.timeline = Timeline()
+        self.config: dict = {}
+        self.faults = Faults()
+
+    def prepare(self) -> None:
+        """Accept the old VMM and build the VM on its RAM (before it stops the guest)."""
+        conn, _ = self.listener.accept()
+        self.listener.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.channel = Channel(conn)
+        msg, fds = self.channel.expect("hello")
+        try:
+            if msg.get("protocol") != PROTOCOL:
+                raise ChannelError("the peer is not a pyvmm live update")
+            self.faults = Faults(msg.get("faults", ()))
+            self.faults.check("target-prepare")
+            if len(fds) != 1:
+                raise ChannelError(f"expected the RAM memfd, got {len(fds)} fds")
+            shape = state_format.decode_tree(msg["shape"])
+            self.config = msg.get("config", {})
+            self.machine = build_machine(shape, fds[0], self.config, self.console)
+        except Exception as e:
+            for fd in fds:
+                _close(fd)
+            self._refuse(e)
+            raise
+        self.channel.send({"msg": "prepared"})
+
+    def complete(self):
+        """Receive state and fds, restore, wait for "go", resume.  Returns the machine."""
+        self.faults.crash("target-crash-before-fds")
+        msg, fds = self.channel.expect("state", timeout=None)
+        self.timeline.mark("restore")
+        names = msg.get("fds", [])
+        if len(names) != len(fds) or not names or names[0] != "state":
+            for fd in fds:
+                _close(fd)
+            self._refuse(ChannelError("fd list does not match the fds received"))
+            raise ChannelError("fd list does not match the fds received")
+        by_name = dict(zip(names, fds))
+        self.faults.crash("target-crash-after-fds")
+        try:
+            state = state_format.loads(read_memfd(by_name.pop("state")))
+            self.faults.check("target-restore")
+            restore(self.machine, state, by_name)
+            self.machine.start(paused=True)
+        except Exception as e:
+            self._refuse(e)
+            raise
+        self.timeline.marks = state["cpr"]["timeline"] + self.timeline.marks
+        self.channel.send({"msg": "restored"})
+        self.channel.expect("go", timeout=None)   # EOF here = the old VMM rolled back
+        self.machine.resume_devices()
+        self.machine.resume()
+        self.timeline.mark("resume", self.machine.wait_entered())
+        self.channel.send({"msg": "running", "timeline": self.timeline.marks})
+        self.channel.close()
+        self.machine.cpr_timeline = self.timeline
+        self.machine.cpr_mode = "cpr-transfer"
+        return self.machine
+
+    def _refuse(self, error: Exception) -> None:
+        if self.channel is not None:
+            try:
+                self.channel.send({"msg": "error", "desc": str(error)})
+            except VmmError:
+                pass
+
+
+def exec_resume(console_factory=None):
+    """cpr-exec target: rebuild the machine from the state memfd named in the environment."""
+    fd = int(os.environ.pop(EXEC_STATE_ENV))
+    timeline = Timeline()
+    t_start = timeline.mark("restore")
+    os.set_inheritable(fd, False)
+    blob = read_memfd(fd)
+    os.close(fd)
+    state = state_format.loads(blob)
+    cpr = state["cpr"]
+    fds = {name: int(n) for name, n in cpr["fds"].items()}
+    for n in fds.values():
+        os.set_inheritable(n, False)   # received fds never leak into a later exec
+    config = cpr.get("config", {})
+    console = console_factory(config) if console_factory else None
+    faults = Faults(cpr.get("faults", ()))
+    faults.check("target-restore")
+    machine = build_machine(state["machine"], fds.pop("ram"), config, console)
+    restore(machine, state, fds)
+    machine.start(paused=True)
+    machine.resume_devices()
+    machine.resume()
+    timeline.marks = cpr["timeline"] + [["restore", t_start]]
+    timeline.mark("resume", machine.wait_entered())
+    machine.cpr_timeline = timeline
+    machine.cpr_mode = "cpr-exec"
+    return machine, config, fds
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,55 @@
+"""Timestamps of each live-update phase, comparable across the two processes.
+
+CLOCK_MONOTONIC is system-wide, so a mark taken in the old VMM and one taken
+in the new VMM can be subtracted: that is how the host view of downtime runs
+from the stop in the old process to the guest running in the new one.
+"""
+
+from __future__ import annotations
+
+import time
+
+# The phases in order, with what each one does (printed by `pyvmm cpr --trace`).
+PHASES = [
+    ("setup", "old: connect to the new pyvmm, pass RAM memfds, new maps RAM and builds an empty VM"),
+    ("stop", "old: pause every vCPU (state consistent)"),
+    ("quiesce", "old: stop each device's data path, read ring indices"),
+    ("notify", "old: notifiers (setup): each device releases what it owns"),
+    ("save", "old: save all state into a versioned, checksummed blob"),
+    ("transfer", "old: pass the state and device fds (SCM_RIGHTS or exec)"),
+    ("restore", "new: load the blob, write vCPU/VM/device state, re-own devices"),
+    ("resume", "new: start the vCPUs: the guest runs again"),
+]
+
+
+def now_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+class Timeline:
+    """Ordered (phase, start_ns) marks; a phase ends where the next one starts."""
+
+    def __init__(self, marks=None):
+        self.marks: list[list] = [list(m) for m in (marks or [])]
+
+    def mark(self, phase: str, t: int | None = None) -> int:
+        t = now_ns() if t is None else t
+        self.marks.append([phase, t])
+        return t
+
+    def get(self, phase: str) -> int | None:
+        for name, t in self.marks:
+            if name == phase:
+                return t
+        return None
+
+    def durations_us(self) -> dict[str, float]:
+        """Phase -> microseconds until the next mark."""
+        out = {}
+        for (name, t), (_, t_next) in zip(self.marks, self.marks[1:]):
+            out[name] = (t_next - t) / 1000
+        return out
+
+    def span_us(self, first: str, last: str) -> float | None:
+        a, b = self.get(first), self.get(last)
+        return None if a is None or b is None else (b - a) / 1000
