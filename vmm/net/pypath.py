@@ -1,0 +1,475 @@
+"""The virtio-net data path in pure Python: a readable reference for vnet.c.
+
+Same control API as the C path (cpath.CNetBackend) and vhost-net
+(vhost.VhostNetBackend), so the device and the CPR code drive all three alike:
+
+    set_owner, set_mem_table, set_features, set_vring_num/addr/base/kick/call,
+    set_backend, start ... stop, get_vring_base, reset_owner
+
+One I/O thread waits with epoll on the queues' kick eventfds and the tap fd,
+moves frames between split virtqueues (virtio 1.2 §2.7) and the tap with
+readv/writev straight into guest memory, and signals the call eventfd.  Every
+guest address goes through a bounds-checked view of guest RAM and every
+descriptor is copied out (struct.unpack) before it is checked.  A malformed
+chain never raises out of the thread: the device is marked broken (error()),
+the rings are left alone, and a config interrupt tells the transport to show
+DEVICE_NEEDS_RESET.
+
+It is several times slower than the C path (the GIL, an interpreter loop per
+frame) and is kept for comparison benchmarks and for reading.  Ordering of
+ring updates relies on x86's store ordering plus the GIL, like a C path would
+rely on explicit barriers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import struct
+import threading
+
+from ..errors import DeviceError, GuestMemoryError
+
+RX, TX = 0, 1
+NQUEUES = 2
+
+DESC = struct.Struct("<QIHH")
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+INT_VRING, INT_CONFIG = 1, 2
+
+F_INDIRECT_DESC, F_EVENT_IDX, F_MRG_RXBUF = 28, 29, 15
+MAX_IOV = 1024                 # UIO_MAXIOV
+MAX_CHAIN_BYTES = 1 << 24      # no frame needs more; a bigger chain is a driver bug
+FRAME_GUESS = 12 + 1518        # RX: gather this much before reading, spill over if needed
+SCRATCH = 1 << 17              # catches the tail of a frame larger than the buffers
+
+
+class ChainError(Exception):
+    """The guest handed over something the device must not touch."""
+
+
+class _MemTable:
+    """Bounds-checked views of guest RAM from a vhost-style memory table (host addresses)."""
+
+    def __init__(self, regions):
+        self.regions = []
+        for gpa, size, host in regions:
+            buf = (ctypes.c_char * size).from_address(host)
+            self.regions.append((gpa, size, memoryview(buf).cast("B")))
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        for start, size, mv in self.regions:
+            if start <= gpa and gpa + length <= start + size:
+                return mv[gpa - start:gpa - start + length]
+        raise GuestMemoryError(f"guest range {gpa:#x}..{gpa + length:#x} is outside guest RAM")
+
+
+class Ring:
+    """One split virtqueue seen from the device side."""
+
+    def __init__(self, view, num, desc, avail, used, base, features):
+        self.view = view
+        self.num = num
+        self.desc = view(desc, 16 * num)
+        self.avail = view(avail, 6 + 2 * num)
+        self.used = view(used, 6 + 8 * num)
+        self.event_idx = bool(features >> F_EVENT_IDX & 1)
+        self.indirect = bool(features >> F_INDIRECT_DESC & 1)
+        self.last_avail = base
+        self.used_idx = U16.unpack_from(self.used, 2)[0]  # the used ring lives in guest RAM
+        self.signalled_used = self.used_idx
+
+    # -- the available ring ------------------------------------------------------------
+    def pending(self) -> int:
+        n = (U16.unpack_from(self.avail, 2)[0] - self.last_avail) & 0xFFFF
+        if n > self.num:
+            raise ChainError(f"avail index ran {n} entries ahead of a {self.num}-entry ring")
+        return n
+
+    def pop(self) -> int:
+        head = U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return head
+
+    def unpop(self, count: int) -> None:
+        self.last_avail = (self.last_avail - count) & 0xFFFF
+
+    def walk(self, head: int, writable: bool) -> list[memoryview]:
+        """The buffers of the chain at `head`, all device-writable (RX) or all readable (TX)."""
+        if head >= self.num:
+            raise ChainError(f"chain head {head} is outside a {self.num}-entry ring")
+        table, size, index, nested = self.desc, self.num, head, False
+        segs, total, seen = [], 0, 0
+        while True:
+            addr, length, flags, nxt = DESC.unpack_from(table, 16 * index)
+            if flags & F_INDIRECT:
+                if not self.indirect:
+                    raise ChainError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if nested or flags & F_NEXT:
+                    raise ChainError("indirect descriptor inside or chained to another")
+                if length == 0 or length % 16 or length // 16 > 0xFFFF:
+                    raise ChainError(f"indirect table of {length} bytes")
+                table, size, index, nested, seen = self._guest(addr, length), length // 16, 0, True, 0
+                continue
+            if length == 0:
+                raise ChainError("zero-length descriptor")
+            if bool(flags & F_WRITE) != writable:
+                raise ChainError("device-writable descriptor in a TX chain" if not writable
+                                 else "device-readable descriptor in an RX chain")
+            segs.append(self._guest(addr, length))
+            total += length
+            seen += 1
+            if seen > size or len(segs) > MAX_IOV - 1:
+                raise ChainError("descriptor chain loops or is too long")
+            if total > MAX_CHAIN_BYTES:
+                raise ChainError(f"descriptor chain holds over {MAX_CHAIN_BYTES} bytes")
+            if not flags & F_NEXT:
+                return segs
+            if nxt >= size:
+                raise ChainError(f"next descriptor {nxt} is outside a {size}-entry table")
+            index = nxt
+
+    def _guest(self, gpa, length):
+        try:
+            return self.view(gpa, length)
+        except GuestMemoryError as e:
+            raise ChainError(str(e)) from None
+
+    # -- the used ring ------------------------------------------------------------------
+    def push(self, head: int, length: int) -> None:
+        USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx % self.num), head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+
+    def publish(self) -> None:
+        U16.pack_into(self.used, 2, self.used_idx)
+
+    def notifications(self, on: bool) -> None:
+        """Ask the driver to kick (on) or not; with EVENT_IDX, kick at the next new entry."""
+        if self.event_idx:
+            if on:
+                U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
+        else:
+            U16.pack_into(self.used, 0, 0 if on else USED_F_NO_NOTIFY)
+
+    def needs_interrupt(self) -> bool:
+        old, new = self.signalled_used, self.used_idx
+        if old == new:
+            return False
+        self.signalled_used = new
+        if self.event_idx:
+            event = U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
+            return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+
+
+class _Vring:
+    """What the owner configured for one queue."""
+
+    def __init__(self):
+        self.num = 0
+        self.addr = (0, 0, 0)
+        self.base = 0
+        self.kick = -1
+        self.call = -1
+
+
+class PyNetBackend:
+    """virtio-net RX/TX queues between guest RAM and a tap, in a Python thread."""
+
+    def __init__(self, mem=None):
+        """`mem`: a GuestMemory to reach RAM through; else views of the table's host addresses."""
+        self.mem = mem
+        self._lock = threading.Lock()
+        self._thread = None
+        self._isr = 0
+        self._owned = False
+        self._forget()
+
+    def _forget(self):
+        self._view = None
+        self._features = 0
+        self._vrings = [_Vring() for _ in range(NQUEUES)]
+        self._rings = None
+        self._tap = -1
+        self._hdr_len = 0
+        self._error = None
+        self._stats = dict.fromkeys(("rx_packets", "rx_bytes", "rx_dropped", "tx_packets",
+                                     "tx_bytes", "tx_dropped", "kicks", "interrupts",
+                                     "wakeups"), 0)
+
+    # -- control API (mirrors vhost) --------------------------------------------------
+    def set_owner(self) -> None:
+        if self._owned:
+            raise DeviceError("the Python data path already has an owner: reset_owner first")
+        self._owned = True
+
+    def reset_owner(self) -> None:
+        """Stop and forget rings, fds and memory; the fds themselves stay open (the caller's)."""
+        self.stop()
+        self._forget()
+        self._owned = False
+
+    def set_mem_table(self, regions) -> None:
+        self._need_owner()
+        regions = [tuple(r) for r in regions]
+        if self.mem is not None:
+            for gpa, size, host in regions:
+                if not self.mem.contains(gpa, size) or self.mem.host_address(gpa, size) != host:
+                    raise DeviceError(f"memory table entry {gpa:#x}+{size:#x} does not match "
+                                      f"guest RAM")
+            self._view = self.mem.view
+        else:
+            self._view = _MemTable(regions).view
+
+    def set_features(self, features: int) -> None:
+        self._need_owner()
+        self._features = features
+
+    def set_vring_num(self, q: int, num: int) -> None:
+        if not 0 < num <= 32768:
+            raise DeviceError(f"queue {q}: bad size {num}")
+        self._vring(q).num = num
+
+    def set_vring_addr(self, q: int, desc: int, avail: int, used: int) -> None:
+        self._vring(q).addr = (desc, avail, used)
+
+    def set_vring_base(self, q: int, idx: int) -> None:
+        self._vring(q).base = idx & 0xFFFF
+
+    def get_vring_base(self, q: int) -> int:
+        """The next avail entry the device would take (exact once stopped)."""
+        if self._rings is not None:
+            return self._rings[q].last_avail
+        return self._vring(q).base
+
+    def set_vring_kick(self, q: int, fd: int) -> None:
+        self._vring(q).kick = fd
+
+    def set_vring_call(self, q: int, fd: int) -> None:
+        self._vring(q).call = fd
+
+    def set_backend(self, tap_fd: int, hdr_len: int) -> None:
+        self._need_owner()
+        if hdr_len != 12:
+            raise DeviceError(f"vnet header of {hdr_len} bytes: pyvmm uses 12 (VERSION_1)")
+        self._tap, self._hdr_len = tap_fd, hdr_len
+
+    def start(self) -> None:
+        self._need_owner()
+        if self._thread is not None:
+            return
+        if self._view is None or self._tap < 0:
+            raise DeviceError("start before set_mem_table/set_backend")
+        try:
+            self._rings = []
+            for q, v in enumerate(self._vrings):
+                if not v.num or v.kick < 0 or v.call < 0:
+                    raise DeviceError(f"queue {q} is not configured")
+                self._rings.append(Ring(self._view, v.num, *v.addr, v.base, self._features))
+        except GuestMemoryError as e:
+            self._rings = None
+            raise DeviceError(f"virtqueue outside guest RAM: {e}") from e
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name="pyvmm-net", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish the frame in hand and join the thread; after this guest RAM is not touched."""
+        if self._thread is None:
+            return
+        os.eventfd_write(self._stop_fd, 1)
+        self._thread.join()
+        self._thread = None
+        os.close(self._stop_fd)
+        for q, ring in enumerate(self._rings):
+            self._vrings[q].base = ring.last_avail
+
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def isr_read(self) -> int:
+        return self._isr
+
+    def isr_ack(self, bits: int) -> None:
+        with self._lock:
+            self._isr &= ~bits
+
+    def error(self) -> str | None:
+        return self._error
+
+    def stats(self) -> dict:
+        return dict(self._stats)
+
+    def _need_owner(self):
+        if not self._owned:
+            raise DeviceError("the Python data path has no owner: set_owner first")
+
+    def _vring(self, q: int) -> _Vring:
+        self._need_owner()
+        if q not in (RX, TX):
+            raise DeviceError(f"no queue {q}: virtio-net has RX (0) and TX (1)")
+        if self._thread is not None:
+            raise DeviceError("stop the data path before changing its queues")
+        return self._vrings[q]
+
+    # -- the I/O thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        ep = select.epoll()
+        try:
+            kicks = {v.kick: q for q, v in enumerate(self._vrings)}
+            for fd in kicks:
+                ep.register(fd, select.EPOLLIN)
+            ep.register(self._stop_fd, select.EPOLLIN)
+            self._tap_mask = select.EPOLLIN
+            ep.register(self._tap, self._tap_mask)
+            self._tx_blocked = False
+            while True:
+                self._tx()
+                rx_ready = self._rx()
+                mask = (select.EPOLLIN if rx_ready else 0) | \
+                    (select.EPOLLOUT if self._tx_blocked else 0)
+                if mask != self._tap_mask:
+                    ep.modify(self._tap, mask)
+                    self._tap_mask = mask
+                events = ep.poll()
+                self._stats["wakeups"] += 1
+                for fd, ev in events:
+                    if fd == self._stop_fd:
+                        return
+                    if fd in kicks:
+                        try:
+                            os.eventfd_read(fd)
+                            self._stats["kicks"] += 1
+                        except BlockingIOError:
+                            pass
+                    elif fd == self._tap and ev & select.EPOLLOUT:
+                        self._tx_blocked = False
+        except ChainError as e:
+            self._break(str(e))
+        except Exception as e:  # a bug here must not take the VMM down with it
+            self._break(f"internal error in the Python data path: {e!r}")
+        finally:
+            ep.close()
+
+    def _break(self, why: str) -> None:
+        """Stop touching the rings; the transport shows DEVICE_NEEDS_RESET."""
+        self._error = why
+        self._signal(RX, INT_CONFIG)
+
+    def _signal(self, q: int, bits: int = INT_VRING) -> None:
+        with self._lock:
+            self._isr |= bits
+        self._stats["interrupts"] += 1
+        os.eventfd_write(self._vrings[q].call, 1)
+
+    def _tx(self) -> None:
+        """Send every frame the guest queued, until the ring is empty or the tap is full."""
+        ring = self._rings[TX]
+        ring.notifications(False)
+        while not self._tx_blocked:
+            if not ring.pending():
+                ring.notifications(True)
+                if not ring.pending():  # the guest may have added one meanwhile
+                    break
+                ring.notifications(False)
+            head = ring.pop()
+            segs = ring.walk(head, writable=False)
+            try:
+                os.writev(self._tap, segs)
+                self._stats["tx_packets"] += 1
+                self._stats["tx_bytes"] += sum(map(len, segs)) - self._hdr_len
+            except BlockingIOError:
+                ring.unpop(1)  # try again when the tap has room
+                self._tx_blocked = True
+                break
+            except OSError:
+                self._stats["tx_dropped"] += 1
+            ring.push(head, 0)
+        ring.publish()
+        if ring.needs_interrupt():
+            self._signal(TX)
+
+    def _rx(self) -> bool:
+        """Deliver frames from the tap while the guest has buffers; False when it has none."""
+        ring = self._rings[RX]
+        merge = bool(self._features >> F_MRG_RXBUF & 1)
+        has_buffers = True
+        while True:
+            if not ring.pending():
+                ring.notifications(True)
+                if not ring.pending():  # the guest may have added one meanwhile
+                    has_buffers = False
+                    break
+            ring.notifications(False)
+            if not self._rx_one(ring, merge):
+                break
+        ring.publish()
+        if ring.needs_interrupt():
+            self._signal(RX)
+        return has_buffers
+
+    def _rx_one(self, ring: Ring, merge: bool) -> bool:
+        """Read one frame into the guest's buffers; False when the tap has nothing."""
+        chains = []  # (head, segments, capacity)
+        room = 0
+        while ring.pending() and (merge or not chains) and room < FRAME_GUESS:
+            head = ring.pop()
+            segs = ring.walk(head, writable=True)
+            chains.append((head, segs, sum(map(len, segs))))
+            room += chains[-1][2]
+        scratch = bytearray(SCRATCH)
+        try:
+            n = os.readv(self._tap, [s for _, segs, _ in chains for s in segs] + [scratch])
+        except BlockingIOError:
+            ring.unpop(len(chains))
+            return False
+        truncated = n == room + SCRATCH
+        if n > room:  # spill the tail into more buffers, if the guest has them
+            spill = memoryview(scratch)[:n - room]
+            while merge and spill and ring.pending():
+                head = ring.pop()
+                segs = ring.walk(head, writable=True)
+                cap = sum(map(len, segs))
+                _scatter(segs, spill[:cap])
+                spill = spill[cap:]
+                chains.append((head, segs, cap))
+                room += cap
+            if n > room or truncated:
+                ring.unpop(len(chains))
+                self._stats["rx_dropped"] += 1
+                return True
+        used = []
+        left = n
+        for head, segs, cap in chains:
+            if not left:
+                break
+            used.append((head, segs, min(cap, left)))
+            left -= used[-1][2]
+        ring.unpop(len(chains) - len(used))
+        # num_buffers (header bytes 10-11): the tap leaves them alone, so always write them.
+        _scatter([s for _, segs, _ in used for s in segs], U16.pack(len(used)), offset=10)
+        for head, _, length in used:
+            ring.push(head, length)
+        self._stats["rx_packets"] += 1
+        self._stats["rx_bytes"] += n - self._hdr_len
+        return True
+
+
+def _scatter(segs, data, offset: int = 0) -> None:
+    """Copy `data` into the concatenation of `segs`, starting `offset` bytes in."""
+    data = memoryview(data)
+    for s in segs:
+        if offset >= len(s):
+            offset -= len(s)
+            continue
+        take = min(len(s) - offset, len(data))
+        s[offset:offset + take] = data[:take]
+        data = data[take:]
+        offset = 0
+        if not data:
+            return
