@@ -1,0 +1,2 @@
+#include "guest.h"
+void guest_main(void) { kprintf("netecho: todo\n"); }

@@ -1,0 +1,41 @@
+/* ticker: heartbeat from a ring-3 rdtsc busy loop.
+ * cmdline: period_us=N (default 100000), count=N (exit 0 after N ticks).
+ * line: "tick <n> t_us=<us since PVH entry> maxgap_us=<largest gap between two loop iterations>"
+ * The gap excludes the time spent inside the write syscall itself (reset after each write). */
+#include "guest.h"
+
+static void user_main(void *arg)
+{
+    u64 period = us_to_tsc(cmdline_u64("period_us", 100000));
+    u64 count = cmdline_u64("count", 0);
+    u64 n = 0, maxgap = 0;
+    u64 last = rdtsc(), next = last + period;
+    char buf[128];
+    if (!period)
+        period = 1;
+    for (;;) {
+        u64 now = rdtsc();
+        u64 gap = now - last;
+        if (gap > maxgap)
+            maxgap = gap;
+        last = now;
+        if ((i64)(now - next) >= 0) {
+            n++;
+            int len = snprintf(buf, sizeof buf, "tick %lu t_us=%lu maxgap_us=%lu\n",
+                               n, tsc_to_us(now - g_boot_tsc), tsc_to_us(maxgap));
+            u_write(buf, len);
+            if (count && n >= count)
+                u_exit(0);
+            next += period;
+            last = rdtsc();
+            if ((i64)(last - next) >= 0)   /* fell behind (pause): don't burst */
+                next = last + period;
+        }
+    }
+}
+
+void guest_main(void)
+{
+    kprintf("ticker: period_us=%lu\n", cmdline_u64("period_us", 100000));
+    enter_user(user_main, 0);
+}
