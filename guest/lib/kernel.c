@@ -179,6 +179,13 @@ static void cpuid(u32 leaf, u32 *a, u32 *b, u32 *c, u32 *d)
     __asm__ __volatile__("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
 }
 
+static u16 pit0_read(void)
+{
+    outb(0x43, 0x00);
+    u8 lo = inb(0x40);
+    return lo | (u16)inb(0x40) << 8;
+}
+
 static void tsc_init(void)
 {
     const char *src = "cmdline";
@@ -194,26 +201,44 @@ static void tsc_init(void)
             }
         }
     }
-    if (!g_tsc_khz) {
-        /* PIT channel 2, mode 0, ~10 ms */
+    if (!g_tsc_khz && inb(0x61) != 0xff) {
+        /* PIT channel 2 gated by port 0x61, mode 0, ~10 ms */
         u8 v = inb(0x61);
         outb(0x61, (v & ~0x02) | 0x01);
         outb(0x43, 0xb0);
         outb(0x42, 11932 & 0xff);
         outb(0x42, 11932 >> 8);
-        u64 t0 = rdtsc(), t1 = t0;
+        u64 t0 = rdtsc(), t1;
         int ok = 0;
-        for (long i = 0; i < 2000000; i++) {
+        for (long i = 0; i < 2000000; i++)
             if (inb(0x61) & 0x20) { ok = 1; break; }
-        }
         t1 = rdtsc();
         if (ok && t1 - t0 > 100000) {
             g_tsc_khz = (t1 - t0) * 1193182 / 11932 / 1000;
             src = "pit";
-        } else {
-            g_tsc_khz = 2000000;
-            src = "default";
         }
+    }
+    if (!g_tsc_khz) {
+        /* no port 0x61 (e.g. QEMU microvm): PIT channel 0, mode 2, latched reads */
+        outb(0x43, 0x34);
+        outb(0x40, 0);
+        outb(0x40, 0);
+        u16 c0 = pit0_read(), c;
+        u64 t0 = rdtsc(), t1 = t0;
+        u32 elapsed = 0;
+        for (long i = 0; i < 2000000 && elapsed < 11932; i++) {
+            c = pit0_read();
+            elapsed = (u16)(c0 - c);
+            t1 = rdtsc();
+        }
+        if (elapsed >= 11932 && elapsed < 30000 && t1 - t0 > 100000) {
+            g_tsc_khz = (t1 - t0) * 1193182 / elapsed / 1000;
+            src = "pit";
+        }
+    }
+    if (!g_tsc_khz) {
+        g_tsc_khz = 2000000;
+        src = "default";
     }
     kprintf("tsc: %lu kHz (%s)\n", g_tsc_khz, src);
 }
