@@ -345,3 +345,152 @@ def test_control_errors(mem):
     with pytest.raises(DeviceError, match="before set_mem_table"):
         b.start()
     b.reset_owner()
+
+
+# -- the whole device: virtio-mmio + VirtioNet + this data path ------------------------------
+
+from vmm import state as state_blob  # noqa: E402
+from vmm.devices.virtio_net import VirtioNet  # noqa: E402
+from vmm.virtio import ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK  # noqa: E402
+from vmm.virtio import mmio as M  # noqa: E402
+from vmm.virtio.mmio import VirtioMmio  # noqa: E402
+
+
+class FakeVm:
+    def __init__(self):
+        self.ioeventfds, self.irqfds = {}, {}
+
+    def add_ioeventfd(self, addr, length, fd, datamatch=None):
+        self.ioeventfds[datamatch] = fd
+
+    def remove_ioeventfd(self, addr, length, fd, datamatch=None):
+        del self.ioeventfds[datamatch]
+
+    def add_irqfd(self, fd, gsi):
+        self.irqfds[gsi] = fd
+
+    def remove_irqfd(self, fd, gsi):
+        del self.irqfds[gsi]
+
+
+class SocketTap:
+    """A datagram socket standing in for a Tap."""
+
+    def __init__(self, sock):
+        self.sock, self.fd, self.offloads, self.up = sock, sock.fileno(), None, True
+
+    def set_offloads(self, features):
+        self.offloads = features
+
+    def link_up(self):
+        return self.up
+
+
+def wr(t, off, value):
+    t.write(off, struct.pack("<I", value))
+
+
+def rd(t, off):
+    return struct.unpack("<I", t.read(off, 4))[0]
+
+
+def driver_bring_up(t, rx, tx, features):
+    wr(t, M.STATUS, ACKNOWLEDGE | DRIVER)
+    for sel in (0, 1):
+        wr(t, M.DEVICE_FEATURES_SEL, sel)
+        offered = rd(t, M.DEVICE_FEATURES)
+        wr(t, M.DRIVER_FEATURES_SEL, sel)
+        wr(t, M.DRIVER_FEATURES, offered & (features >> 32 * sel))
+    wr(t, M.STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK)
+    assert rd(t, M.STATUS) & FEATURES_OK
+    for i, q in enumerate((rx, tx)):
+        wr(t, M.QUEUE_SEL, i)
+        wr(t, M.QUEUE_NUM, NUM)
+        wr(t, M.QUEUE_DESC_LOW, q.desc)
+        wr(t, M.QUEUE_DRIVER_LOW, q.avail)
+        wr(t, M.QUEUE_DEVICE_LOW, q.used)
+        wr(t, M.QUEUE_READY, 1)
+    wr(t, M.STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+
+
+def test_virtio_net_end_to_end_with_live_update(mem):
+    a, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    peer.settimeout(3)
+    mac = bytes.fromhex("525400123456")
+    rx, tx = Queue(mem, 0x10000), Queue(mem, 0x20000)
+    net = VirtioNet(SocketTap(a), mac, lambda: PyNetBackend(mem))
+    t = VirtioMmio(net, 0xD000_0000, 5, FakeVm(), mem)
+    new_t = None
+    try:
+        assert t.read(M.CONFIG, 8) == mac + b"\x01\x00"
+        feats = VERSION_1 | 1 << 5 | 1 << 16 | 1 << F_MRG_RXBUF | 1 << F_EVENT_IDX | 0b11
+        driver_bring_up(t, rx, tx, feats)
+        assert net.tap.offloads == feats
+        assert rd(t, M.STATUS) == ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+
+        mem.write(0x100000, frame(40))
+        tx.add([(0x100000, HDR + 40, False)])
+        wr(t, M.QUEUE_NOTIFY, 1)
+        assert peer.recv(4096) == frame(40)
+        tx.wait_used(1)
+        assert rd(t, M.INTERRUPT_STATUS) & 1
+        wr(t, M.INTERRUPT_ACK, 1)
+
+        rx.add([(0x400000, 2048, True)])
+        wr(t, M.QUEUE_NOTIFY, 0)
+        peer.send(frame(70))
+        assert rx.wait_used(1)[0][1] == HDR + 70
+
+        # -- live update: old side
+        assert net.quiesce() == [1, 1]
+        saved = state_blob.loads(state_blob.dumps({"net": t.state()}))["net"]
+        net.release()
+        t.close()
+        assert saved["device"]["queues"][1]["last_avail_idx"] == 1
+        # the guest queues a frame while no VMM is looking
+        mem.write(0x110000, frame(41))
+        tx.add([(0x110000, HDR + 41, False)])
+
+        # -- new side: same RAM, same "tap" fd, new eventfds
+        net2 = VirtioNet(SocketTap(a), None, lambda: PyNetBackend(mem))
+        new_t = VirtioMmio(net2, 0xD000_0000, 5, FakeVm(), mem)
+        new_t.set_state(saved)
+        assert net2.mac == mac
+        assert peer.recv(4096) == frame(41)  # replayed kick found it
+        assert tx.wait_used(1)
+        assert new_t.state()["status"] == saved["status"]
+
+        # a broken chain shows up as DEVICE_NEEDS_RESET; a reset brings the device back
+        tx.write_desc(0, 0x100000, 64, 1, 0)
+        tx.publish(0)
+        wr(new_t, M.QUEUE_NOTIFY, 1)
+        end = time.monotonic() + 3
+        while not rd(new_t, M.STATUS) & DEVICE_NEEDS_RESET:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        wr(new_t, M.STATUS, 0)
+        assert rd(new_t, M.STATUS) == 0
+        assert net2.tap.offloads == 0
+    finally:
+        if new_t is not None:
+            new_t.reset()
+        t.reset()
+        a.close()
+        peer.close()
+    assert not [th for th in threading.enumerate() if th.name == "pyvmm-net"]
+
+
+def test_virtio_net_refuses_inconsistent_offloads(mem):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        net = VirtioNet(SocketTap(a), None, PyNetBackend)
+        assert not net.ack_features(VERSION_1 | 1 << 7)      # GUEST_TSO4 without GUEST_CSUM
+        assert not net.ack_features(VERSION_1 | 1 << 13 | 1)  # HOST_ECN without HOST_TSO
+        assert net.ack_features(VERSION_1 | 1 << 7 | 1 << 1)
+        assert not net.features & 1 << 5  # no MAC given: the guest picks one
+        with pytest.raises(DeviceError, match="6 bytes"):
+            VirtioNet(SocketTap(a), b"\x01\x02", PyNetBackend)
+    finally:
+        a.close()
+        b.close()
