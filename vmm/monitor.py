@@ -668,7 +668,11 @@ class Monitor:
                 self._drop(client)
             self._clients = []
             self._sel.close()
-            if not self._keep_listener:
+            if self._keep_listener:
+                # Let go of the fd without closing it, now and when this
+                # socket object is garbage collected.
+                self._listener.detach()
+            else:
                 self._listener.close()
             self._wake_r.close()
             self._wake_w.close()
