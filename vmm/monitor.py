@@ -687,7 +687,7 @@ class Monitor:
 
     @staticmethod
     def _encode(msg) -> bytes:
-        return (json.dumps(msg) + "\r\n").encode()
+        return (json.dumps(msg, allow_nan=False) + "\r\n").encode()
 
     def _queue(self, client, line: bytes):
         """Append to a client's output and send what the socket takes now.
