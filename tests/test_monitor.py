@@ -621,3 +621,26 @@ def test_json_stream_framing():
     out = s.feed(b'{"k": 1, "k": 2} ] {"ok": 1}')
     assert "duplicate key" in out[0][1] and "stray" in out[1][1] and out[2] == ({"ok": 1}, None)
     assert not s.overflow
+
+
+def test_random_bytes_never_stop_the_server(mon):
+    """Bounded fuzz: random chunks, then the same connection still resyncs."""
+    import random
+    rng = random.Random(1234)
+    alphabet = b'{}[]":,\\ \n\rabc01-\x00\x01\xff'
+    raw = Raw(mon.path)
+    for _ in range(200):
+        raw.send(bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 64))))
+    # A control byte resets any half-read value; then a real command works.
+    raw.send(b'\x01{"execute": "query-status", "id": "fuzz-end"}')
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        reply = raw.recv()
+        if reply.get("id") == "fuzz-end" and "return" in reply:
+            break
+    else:
+        pytest.fail("no reply after the fuzz")
+    raw.close()
+    assert mon._thread.is_alive()
+    with QmpClient(mon.path, 5) as c:
+        assert c.execute("query-status")["running"]
