@@ -164,6 +164,13 @@ class VirtioNet:
             self.backend.reset_owner()
         self.owned = self.running = False
 
+    def close(self) -> None:
+        """Stop the data path and free the backend (at VMM exit; the tap is the caller's)."""
+        self.release()
+        if self.backend is not None:
+            self.backend.close()
+        self.backend = None
+
     def reset(self) -> None:
         """The driver wrote status 0: drop the rings and forget the negotiation."""
         self.release()

@@ -292,6 +292,11 @@ class PyNetBackend:
     def running(self) -> bool:
         return self._thread is not None
 
+    def close(self) -> None:
+        """Stop and let go (the C path frees its device here)."""
+        if self._owned:
+            self.reset_owner()
+
     def isr_read(self) -> int:
         return self._isr
 
