@@ -237,6 +237,7 @@ def test_migrate_with_channels(legacy, ctl):
     ("fd:migfd", {"transport": "socket", "type": "fd", "str": "migfd"}),
     ("exec:cat > /dev/null", {"transport": "exec",
                               "args": ["/bin/sh", "-c", "cat > /dev/null"]}),
+    ("exec:", {"transport": "exec", "args": ["/bin/sh", "-c", ""]}),
 ])
 def test_migrate_with_uri(legacy, ctl, uri, addr):
     assert legacy.cmd("migrate", uri=uri) == {}
@@ -291,6 +292,13 @@ def test_migrate_set_parameters_checks_types(legacy, ctl):
                                             "cpr-exec-command": ["pyvmm", "run"]})
     assert ctl.calls == [("set_migrate_parameters",
                           {"mode": "cpr-exec", "cpr-exec-command": ["pyvmm", "run"]})]
+    # pyvmm's fault-injection extension takes "a,b" or ["a", "b"].
+    legacy.cmd("migrate-set-parameters", **{"x-fault": ["after-save"]})
+    legacy.cmd("migrate-set-parameters", **{"x-fault": "a,b"})
+    assert ctl.calls[-2:] == [("set_migrate_parameters", {"x-fault": ["after-save"]}),
+                              ("set_migrate_parameters", {"x-fault": "a,b"})]
+    assert "expected: string" in legacy.cmd_raw("migrate-set-parameters",
+                                                 {"x-fault": [1]})["error"]["desc"]
 
 
 def test_controller_exceptions_become_generic_errors(sockdir):
@@ -539,6 +547,28 @@ def test_listen_fd_handoff(sockdir, ctl):
         assert new_ctl.calls == [("cont",)] and ctl.calls == [("stop",)]
     finally:
         waiting.close()
+        new.close()
+    assert not os.path.exists(path)
+
+
+def test_old_process_close_leaves_the_path_to_the_new_one(sockdir, ctl):
+    """cpr-transfer: the new process got a copy of the fd (SCM_RIGHTS); the old
+    one then closes normally and must not unlink the path it no longer owns."""
+    path = os.path.join(sockdir, "t.sock")
+    old = Monitor(path, ctl)
+    old.start()
+    passed = os.dup(old.listen_fd)  # what SCM_RIGHTS gives the new process
+    new_ctl = Recorder()
+    new = Monitor(path, new_ctl, listen_fd=passed)
+    old.close_clients()
+    old.close()
+    new.start()
+    try:
+        assert os.path.exists(path)
+        with QmpClient(path, 5) as c:
+            c.execute("stop")
+        assert new_ctl.calls == [("stop",)]
+    finally:
         new.close()
     assert not os.path.exists(path)
 

@@ -324,7 +324,7 @@ def parse_migration_uri(uri: str) -> dict:
         return {"transport": "socket", "type": "unix", "path": rest}
     if sep and scheme == "fd" and rest:
         return {"transport": "socket", "type": "fd", "str": rest}
-    if sep and scheme == "exec" and rest:
+    if sep and scheme == "exec":
         return {"transport": "exec", "args": ["/bin/sh", "-c", rest]}
     if sep and scheme in ("tcp", "rdma") and rest:
         m = re.fullmatch(r"\[([^\]]+)\]:(\w+)|([^:\[\]]*):(\w+)", rest)
@@ -351,6 +351,13 @@ def parse_migration_uri(uri: str) -> dict:
     raise CommandError(f"unknown migration protocol: {uri}")
 
 
+def _check_faults(value, name):
+    """x-fault (pyvmm): fault points to arm, "a,b" or ["a", "b"]."""
+    if isinstance(value, str):
+        return value
+    return _check_str_list(value, name)
+
+
 def _check_channels(value, name):
     _check_type(value, list, name)
     found = {}
@@ -368,6 +375,21 @@ def _check_channels(value, name):
 
 # --------------------------------------------------------------------------
 # Commands
+
+def _someone_listens(path: str) -> bool:
+    """True if a process accepts connections on the unix socket at path."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a full backlog makes connect() wait
+    try:
+        probe.connect(path)
+    except socket.timeout:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
 
 class _Command:
     """One QMP command: argument spec, the handler, and the controller
@@ -440,15 +462,9 @@ class Monitor:
                 raise VmmError(f"monitor path {path} exists and is not a socket")
             # A live server behind it (another pyvmm, a QEMU) must not be
             # silently cut off; a dead one leaves a stale path to remove.
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)
-            else:
+            if _someone_listens(path):
                 raise VmmError(f"monitor socket {path} is in use by a running process")
-            finally:
-                probe.close()
+            os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(path)
@@ -676,9 +692,13 @@ class Monitor:
                 self._listener.close()
             self._wake_r.close()
             self._wake_w.close()
-            if self._unlink and self.path:
+            # After a live update the new process serves the same listening
+            # socket (it got the fd), so the path is only removed when nobody
+            # answers on it any more.
+            if self._unlink and self.path and not self._keep_listener:
                 try:
-                    if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                    if stat.S_ISSOCK(os.lstat(self.path).st_mode) and \
+                            not _someone_listens(self.path):
                         os.unlink(self.path)
                 except OSError:
                     pass
@@ -804,7 +824,8 @@ class Monitor:
                      {"mode": (MIGRATION_MODES, False),
                       "cpr-exec-command": (_check_str_list, False),
                       "downtime-limit": (int, False),
-                      "max-bandwidth": (int, False)},
+                      "max-bandwidth": (int, False),
+                      "x-fault": (_check_faults, False)},
                      needs="set_migrate_parameters"),
             _Command("query-migrate-parameters", lambda c, a: ctl().query_migrate_parameters(),
                      needs="query_migrate_parameters"),
