@@ -20,7 +20,7 @@ from .. import state as state_format
 from ..errors import VmmError
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, state_to_memfd
 from .faults import Faults
-from .timeline import Timeline
+from .timeline import Timeline, timeline_info
 
 EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
 PREPARE_TIMEOUT = 60.0
@@ -70,16 +70,10 @@ class Migration:
             self.trace(phase, t)
 
     def info(self) -> dict:
-        tl = self.timeline
-        info = {"status": self.status, "mode": self.mode}
-        total = tl.span_us("setup" if tl.get("setup") else "stop", tl.marks[-1][0]) \
-            if tl.marks else None
-        if total is not None:
-            info["total-time"] = round(total / 1000)
+        info = timeline_info(self.timeline, self.mode)
+        info["status"] = self.status
         if self.error:
             info["error-desc"] = self.error
-        info["x-phases-us"] = tl.durations_us()
-        info["x-timeline"] = tl.marks
         return info
 
     def cancel(self) -> None:

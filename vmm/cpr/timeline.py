@@ -53,3 +53,22 @@ class Timeline:
     def span_us(self, first: str, last: str) -> float | None:
         a, b = self.get(first), self.get(last)
         return None if a is None or b is None else (b - a) / 1000
+
+
+def timeline_info(tl, mode) -> dict:
+    """query-migrate in the new VMM: the whole sequence, both processes' marks."""
+    info = {"status": "completed", "mode": mode}
+    downtime = tl.span_us("stop", "resume")
+    if downtime is not None:
+        info["downtime"] = round(downtime / 1000)
+        info["x-downtime-us"] = round(downtime, 1)
+    first = "setup" if tl.get("setup") else "stop"
+    total = tl.span_us(first, "resume")
+    if total is not None:
+        info["total-time"] = round(total / 1000)
+        info["x-total-time-us"] = round(total, 1)
+    if tl.get("setup") is not None and tl.get("stop") is not None:
+        info["setup-time"] = round(tl.span_us("setup", "stop") / 1000)
+    info["x-phases-us"] = {k: round(v, 1) for k, v in tl.durations_us().items()}
+    info["x-timeline"] = tl.marks
+    return info

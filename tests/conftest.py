@@ -1,0 +1,123 @@
+"""Shared fixtures: build the toy guests once, run pyvmm as a real process, read its serial."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST_DIR = ROOT / "guest"
+GUEST_BUILD = GUEST_DIR / "build"
+
+
+@pytest.fixture(scope="session")
+def guests() -> Path:
+    """Build every toy guest (idempotent) and return guest/build."""
+    subprocess.run(["make", "-s", "-C", str(GUEST_DIR)], check=True)
+    return GUEST_BUILD
+
+
+def pyvmm_cmd(*args: str) -> list[str]:
+    """The pyvmm command line, run with this very interpreter (never a shell shim)."""
+    return [sys.executable, "-m", "vmm", *args]
+
+
+def need_kvm():
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm on this host")
+
+
+class VmmProcess:
+    """A pyvmm process whose stdout lines are read on a thread and timestamped on arrival."""
+
+    def __init__(self, args: list[str], env: dict | None = None, stdin=subprocess.DEVNULL):
+        self.args = args
+        self.proc = subprocess.Popen(pyvmm_cmd(*args), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, stdin=stdin, cwd=ROOT,
+                                     env=dict(os.environ, **(env or {})))
+        self.lines: list[tuple[float, str]] = []
+        self.stderr = ""
+        self._cond = threading.Condition()
+        self._eof = False
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self):
+        for raw in self.proc.stdout:
+            t = time.monotonic()
+            with self._cond:
+                self.lines.append((t, raw.decode(errors="replace").rstrip("\r\n")))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _read_err(self):
+        self.stderr = self.proc.stderr.read().decode(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
+        """Wait until a stdout line (at index >= start) matches; return the match."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for _, line in self.lines[start:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    break
+                self._cond.wait(left)
+        raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
+                             f"{self.text()[-3000:]}\nstderr:\n{self.stderr[-3000:]}")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        rc = self.proc.wait(timeout)
+        time.sleep(0.05)
+        return rc
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def vmm_procs():
+    """Start pyvmm processes with `start(args)`; all are stopped at teardown."""
+    procs: list[VmmProcess] = []
+
+    def start(args, **kw) -> VmmProcess:
+        p = VmmProcess(list(args), **kw)
+        procs.append(p)
+        return p
+    yield start
+    for p in procs:
+        p.stop()
+
+
+def run_pyvmm(*args: str, timeout: float = 60.0, env: dict | None = None):
+    """Run pyvmm to completion; returns CompletedProcess with text output."""
+    return subprocess.run(pyvmm_cmd(*args), capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=dict(os.environ, **(env or {})),
+                          stdin=subprocess.DEVNULL)

@@ -1,0 +1,106 @@
+"""`pyvmm cpr`: drive a live update of a running pyvmm through its QMP socket.
+
+With --trace it prints the sequence as a timeline, each step with its time,
+so a student can read stop -> notify -> save -> transfer -> restore -> resume
+against what each step does.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ..errors import VmmError
+from .timeline import PHASES
+
+
+def cmd_cpr(args) -> int:
+    from ..qmp_client import QmpClient, QmpError
+
+    mode = "cpr-" + args.mode
+    if mode == "cpr-transfer" and not args.uri:
+        raise VmmError("--mode transfer needs --uri PATH: the socket the new pyvmm was started "
+                       "with (pyvmm run --incoming cpr-transfer:PATH)")
+    params = {"mode": mode}
+    if args.fault:
+        params["x-fault"] = args.fault.split(",")
+    client = QmpClient(args.socket, timeout=args.timeout)
+    try:
+        client.execute("migrate-set-parameters", **params)
+        if mode == "cpr-transfer":
+            addr = {"transport": "socket", "type": "unix", "path": args.uri}
+            client.execute("migrate", channels=[{"channel-type": "main", "addr": addr},
+                                                {"channel-type": "cpr", "addr": addr}])
+        else:
+            client.execute("migrate", uri="exec:")
+        info = _wait_for_result(client, args.timeout)
+    except QmpError as e:
+        raise VmmError(f"the VMM refused: {e}") from None
+    finally:
+        client.close()
+
+    if info is None:   # the old VMM went away: the new one reports the whole sequence
+        new_socket = args.socket if mode == "cpr-exec" else args.new_qmp
+        if new_socket:
+            info = _query_new(new_socket, args.timeout)
+        else:
+            info = {"status": "completed"}
+    status = info.get("status")
+    if status != "completed":
+        print(f"pyvmm: live update {status}: {info.get('error-desc', 'no reason given')}; "
+              "the guest goes on in the old pyvmm", file=sys.stderr)
+        return 1
+    if args.trace:
+        print_trace(info)
+    if "x-downtime-us" in info:
+        print(f"live update ({mode}) completed: downtime {info['x-downtime-us'] / 1000:.2f} ms "
+              f"(stop -> guest running in the new pyvmm)")
+    else:
+        print(f"live update ({mode}) completed")
+    return 0
+
+
+def _wait_for_result(client, timeout: float):
+    """The final MIGRATION status from the old VMM, or None if it exited/exec'd first."""
+    from ..qmp_client import QmpError
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = client.execute("query-migrate")
+        except (QmpError, OSError, EOFError):
+            return None
+        if info.get("status") in ("completed", "failed", "cancelled"):
+            if info["status"] == "completed":
+                return None if "x-downtime-us" not in info else info
+            return info
+        time.sleep(0.01)
+    raise VmmError("timed out waiting for the live update to finish")
+
+
+def _query_new(path: str, timeout: float) -> dict:
+    from ..qmp_client import QmpClient
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with QmpClient(path, timeout=5) as c:
+                info = c.execute("query-migrate")
+                if info:
+                    return info
+        except (OSError, EOFError, VmmError) as e:
+            last = e
+        time.sleep(0.02)
+    raise VmmError(f"cannot reach the new pyvmm at {path}: {last}")
+
+
+def print_trace(info: dict) -> None:
+    marks = info.get("x-timeline", [])
+    if not marks:
+        return
+    what = dict(PHASES)
+    t0 = marks[0][1]
+    print(f"{'phase':<10} {'starts at':>12} {'takes':>11}   what happens")
+    for i, (phase, t) in enumerate(marks):
+        took = (marks[i + 1][1] - t) / 1e6 if i + 1 < len(marks) else None
+        took_s = f"{took:8.3f} ms" if took is not None else "          -"
+        print(f"{phase:<10} {(t - t0) / 1e6:9.3f} ms {took_s}   {what.get(phase, '')}")

@@ -1,0 +1,62 @@
+"""A readable view of a machine's state, for `pyvmm state` and QMP x-query-state.
+
+Reading vCPU registers needs the vCPU out of KVM_RUN, so a running machine is
+paused for the few microseconds the read takes and resumed at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from .kvm.ffi import to_dict
+
+REG_NAMES = ["rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
+
+
+def machine_summary(machine) -> dict:
+    was_running = machine.running
+    if was_running:
+        machine.pause()
+    try:
+        vcpus = []
+        for v in machine.vcpus:
+            r = to_dict(v.get_regs())
+            s = v.get_sregs()
+            vcpus.append({
+                "index": v.index,
+                "regs": {n: f"{r[n]:#x}" for n in REG_NAMES},
+                "cr0": f"{s.cr0:#x}", "cr3": f"{s.cr3:#x}", "cr4": f"{s.cr4:#x}",
+                "efer": f"{s.efer:#x}", "cpl": int(s.cs.dpl),
+                "mode": "64-bit" if s.cs.l else "32-bit" if s.cs.db else "16-bit",
+            })
+    finally:
+        if was_running:
+            machine.resume()
+    mem = machine.memory
+    return {
+        "running": was_running,
+        "vcpus": vcpus,
+        "memory": {"size": mem.size, "memfd": mem.fd, "name": mem.name,
+                   "regions": [{"gpa": f"{r.gpa:#x}", "size": r.size, "offset": r.offset}
+                               for r in mem.regions]},
+        "devices": device_summary(machine),
+    }
+
+
+def device_summary(machine) -> list[dict]:
+    out = [{"name": "serial", "type": "16550A", "port": "0x3f8", "irq": 4},
+           {"name": "debug-exit", "type": "isa-debug-exit", "port": "0xf4"}]
+    for d in machine.cpr_devices:
+        out.append(d.summary() if hasattr(d, "summary") else {"name": getattr(d, "name", "?")})
+    return out
+
+
+def cmd_state(args) -> int:
+    from .qmp_client import QmpClient
+    with QmpClient(args.socket) as client:
+        state = client.execute("x-query-state")
+    json.dump(state, sys.stdout, indent=2)
+    print()
+    return 0
