@@ -83,4 +83,9 @@ void vnet_get_stats(struct vnet *n, struct vnet_stats *out);
  * starting at head in queue q; returns the number of segments or -errno. */
 int vnet_walk_chain(struct vnet *n, int q, uint16_t head, uint32_t *total_len);
 
+/* Addition: one synchronous pass over both queues (TX then RX) in the
+ * caller's thread, for tests and the fuzzer.  The device must be owned,
+ * configured and not running (-EBUSY).  Returns 0, or -EIO once broken. */
+int vnet_poll(struct vnet *n);
+
 #endif
