@@ -1,0 +1,31 @@
+"""A debug-exit port: the guest ends the VM and picks pyvmm's exit status.
+
+Like QEMU's isa-debug-exit (4 ports at 0xf4), which test kernels use to report
+pass/fail without a shutdown path of their own.  Unlike QEMU, which exits with
+(value << 1) | 1 so that 0 can never mean success, pyvmm exits with the value
+itself: `outb 0, $0xf4` is a clean exit 0.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class DebugExit:
+    """Any 1-, 2- or 4-byte write calls on_exit(value); reads return zeros."""
+
+    def __init__(self, on_exit: Callable[[int], None]):
+        self.on_exit = on_exit
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if len(data) in (1, 2, 4):
+            self.on_exit(int.from_bytes(data, "little"))
+
+    def state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        """Nothing to restore: the device has no registers."""
