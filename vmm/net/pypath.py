@@ -330,6 +330,7 @@ class PyNetBackend:
             for fd in kicks:
                 ep.register(fd, select.EPOLLIN)
             ep.register(self._stop_fd, select.EPOLLIN)
+            self._scratch = bytearray(SCRATCH)
             self._tap_mask = select.EPOLLIN
             ep.register(self._tap, self._tap_mask)
             self._tx_blocked = False
@@ -352,8 +353,12 @@ class PyNetBackend:
                             self._stats["kicks"] += 1
                         except BlockingIOError:
                             pass
-                    elif fd == self._tap and ev & select.EPOLLOUT:
-                        self._tx_blocked = False
+                    elif fd == self._tap:
+                        if ev & (select.EPOLLERR | select.EPOLLHUP):
+                            self._break("the tap went away (was its interface deleted?)")
+                            return
+                        if ev & select.EPOLLOUT:
+                            self._tx_blocked = False
         except ChainError as e:
             self._break(str(e))
         except Exception as e:  # a bug here must not take the VMM down with it
@@ -427,7 +432,7 @@ class PyNetBackend:
             segs = ring.walk(head, writable=True)
             chains.append((head, segs, sum(map(len, segs))))
             room += chains[-1][2]
-        scratch = bytearray(SCRATCH)
+        scratch = self._scratch
         try:
             n = os.readv(self._tap, [s for _, segs, _ in chains for s in segs] + [scratch])
         except BlockingIOError:
