@@ -67,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_VMM_ERROR
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"pyvmm: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_VMM_ERROR
     return 0
 
 

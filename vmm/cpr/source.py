@@ -23,6 +23,7 @@ from .faults import Faults
 from .timeline import Timeline, timeline_info
 
 EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
+EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"   # when the old image began the exec (CLOCK_MONOTONIC ns)
 PREPARE_TIMEOUT = 60.0
 RESTORE_TIMEOUT = 30.0
 
@@ -158,7 +159,8 @@ class Migration:
         names = list(fds)
         state_fd = state_to_memfd(blob)
         try:
-            self.channel.send({"msg": "state", "fds": ["state"] + names},
+            self.channel.send({"msg": "state", "fds": ["state"] + names,
+                               "t_transfer": self.timeline.get("transfer")},
                               [state_fd] + [fds[n] for n in names])
         finally:
             os.close(state_fd)
@@ -170,7 +172,8 @@ class Migration:
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
         state_fd = state_to_memfd(blob)
         passed = list(fds.values()) + [state_fd]
-        env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd)})
+        env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd),
+                                  EXEC_T_ENV: str(self.timeline.get("transfer"))})
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)

@@ -22,7 +22,7 @@ from ..errors import VmmError
 from ..memory import GuestMemory
 from .channel import PROTOCOL, Channel, ChannelError, listen, read_memfd
 from .faults import Faults
-from .source import EXEC_STATE_ENV
+from .source import EXEC_STATE_ENV, EXEC_T_ENV
 from .timeline import Timeline
 
 
@@ -109,7 +109,8 @@ class Incoming:
         except Exception as e:
             self._refuse(e)
             raise
-        self.timeline.marks = state["cpr"]["timeline"] + self.timeline.marks
+        self.timeline.marks = (state["cpr"]["timeline"] + [["transfer", msg.get("t_transfer")]]
+                               + self.timeline.marks)
         self.channel.send({"msg": "restored"})
         self.channel.expect("go", timeout=None)   # EOF here = the old VMM rolled back
         self.machine.resume_devices()
@@ -132,6 +133,7 @@ class Incoming:
 def exec_resume(console_factory=None):
     """cpr-exec target: rebuild the machine from the state memfd named in the environment."""
     fd = int(os.environ.pop(EXEC_STATE_ENV))
+    t_transfer = int(os.environ.pop(EXEC_T_ENV, "0"))
     timeline = Timeline()
     t_start = timeline.mark("restore")
     os.set_inheritable(fd, False)
@@ -147,15 +149,16 @@ def exec_resume(console_factory=None):
     faults = Faults(cpr.get("faults", ()))
     faults.check("target-restore")
     machine = build_machine(state["machine"], fds.pop("ram"), config, console)
+    kept = {name: fds.pop(name) for name in ("qmp",) if name in fds}
     restore(machine, state, fds)
     machine.start(paused=True)
     machine.resume_devices()
     machine.resume()
-    timeline.marks = cpr["timeline"] + [["restore", t_start]]
+    timeline.marks = cpr["timeline"] + [["transfer", t_transfer], ["restore", t_start]]
     timeline.mark("resume", machine.wait_entered())
     machine.cpr_timeline = timeline
     machine.cpr_mode = "cpr-exec"
-    return machine, config, fds
+    return machine, config, kept
 
 
 def _close(fd: int) -> None:

@@ -48,6 +48,8 @@ def from_bytes(ctype: str, data: bytes):
 
 def to_dict(cdata) -> dict | list | int:
     """A struct as plain dicts/lists/ints, for people to read (pyvmm state, QMP)."""
+    if not isinstance(cdata, ffi.CData):
+        return cdata
     t = ffi.typeof(cdata)
     if t.kind == "pointer":
         return to_dict(cdata[0])
