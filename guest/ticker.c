@@ -9,6 +9,9 @@ static void user_main(void *arg)
     u64 period = us_to_tsc(cmdline_u64("period_us", 100000));
     u64 count = cmdline_u64("count", 0);
     u64 n = 0, maxgap = 0;
+    extern u64 g_stamp[8];
+    if (cmdline_get("boottrace", 0))
+        uprintf("boottrace: ring3 entered at %lu us, trace print %lu us\n", tsc_to_us(rdtsc() - g_boot_tsc), tsc_to_us(g_stamp[6]-g_stamp[5]));
     u64 last = rdtsc(), next = last + period;
     char buf[128];
     if (!period)

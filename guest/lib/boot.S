@@ -24,34 +24,7 @@ pvh_start:
 	rdtsc
 	movl %eax, g_boot_tsc
 	movl %edx, g_boot_tsc+4
-	/* zero PML4 + PDPT (two consecutive pages) */
-	movl $pml4, %edi
-	xorl %eax, %eax
-	movl $2048, %ecx
-	rep stosl
-	movl $(pdpt + 7), pml4
-	movl $(pd_low + 7), %eax
-	movl %eax, pdpt
-	addl $4096, %eax
-	movl %eax, pdpt+8
-	addl $4096, %eax
-	movl %eax, pdpt+16
-	addl $4096, %eax
-	movl %eax, pdpt+24
-	/* identity-map 0..4 GiB with 2 MiB pages; 3..4 GiB uncached */
-	movl $pd_low, %edi
-	movl $PTE_FLAGS, %eax
-	movl $2048, %ecx
-1:	movl %eax, %edx
-	cmpl $512, %ecx
-	ja 2f
-	orl $PTE_UC, %edx
-2:	movl %edx, (%edi)
-	movl $0, 4(%edi)
-	addl $8, %edi
-	addl $0x200000, %eax
-	decl %ecx
-	jnz 1b
+	/* page tables are static data (see .data.pgt): nothing to build here */
 	movl $0x20, %eax            /* CR4 = PAE only (TSD clear, no SMEP/SMAP) */
 	movl %eax, %cr4
 	movl $pml4, %eax
@@ -76,6 +49,9 @@ start64:
 	movl %eax, %fs
 	movl %eax, %gs
 	movabsq $kstack_top, %rsp
+	rdtsc
+	movl %eax, g_t64
+	movl %edx, g_t64+4
 	/* zero .bss */
 	movabsq $__bss_start, %rdi
 	movabsq $__bss_end, %rcx
@@ -231,13 +207,30 @@ pvh_info_paddr:
 	.globl g_boot_tsc
 g_boot_tsc:
 	.quad 0
+	.globl g_t64
+g_t64:	.quad 0
 
-	.section .pgt, "aw", @nobits
+/* Identity map of 0..4 GiB with 2 MiB pages, all U/S; 3..4 GiB uncached.
+ * Prebuilt at assembly time: ring-0 code is slow (emulated) on some hosts. */
+	.section .data.pgt, "aw"
 	.balign 4096
 	.globl pml4, pdpt, pd_low
-pml4:	.skip 4096
-pdpt:	.skip 4096
-pd_low:	.skip 4 * 4096
+pml4:	.quad pdpt + 7
+	.fill 511, 8, 0
+pdpt:	.quad pd_low + 7, pd_low + 0x1007, pd_low + 0x2007, pd_low + 0x3007
+	.fill 508, 8, 0
+pd_low:
+	.set i, 0
+	.rept 2048
+	.if i >= 1536
+	.quad (i << 21) | PTE_FLAGS | PTE_UC
+	.else
+	.quad (i << 21) | PTE_FLAGS
+	.endif
+	.set i, i + 1
+	.endr
+
+	.section .pgt, "aw", @nobits
 	.balign 16
 kstack:	.skip 16384
 	.globl kstack_top

@@ -23,8 +23,8 @@ struct tss {
 
 struct idt_entry { u16 off0, sel; u8 ist, attr; u16 off1; u32 off2, zero; } __attribute__((packed));
 
-char g_cmdline[1024];
-struct memmap_entry g_memmap[MAX_MEMMAP];
+char g_cmdline[1024] PGT;
+struct memmap_entry g_memmap[MAX_MEMMAP] PGT;
 u32 g_memmap_n;
 u64 g_mapped_top = 1ull << 32;
 u64 g_tsc_khz;
@@ -35,8 +35,8 @@ extern const u64 isr_table[32];
 extern char kstack_top[];
 
 static struct tss tss;
-static struct idt_entry idt[32];
-static u8 df_stack[4096] __attribute__((aligned(16)));
+static struct idt_entry idt[32] __attribute__((aligned(16)));
+static u8 df_stack[4096] PGT;
 /* page directories for RAM above 4 GiB (up to 64 GiB) */
 static u64 pd_high[60][512] PGT;
 
@@ -244,10 +244,14 @@ static void tsc_init(void)
 }
 
 /* ---------------- entry ---------------- */
+extern u64 g_t64;
+u64 g_stamp[8];
 void kmain(u32 info_paddr)
 {
+    g_stamp[0] = rdtsc();
     const struct hvm_start_info *si = (const struct hvm_start_info *)(u64)info_paddr;
     int have_si = si && si->magic == START_INFO_MAGIC;
+    g_cmdline[0] = 0;
     if (have_si) {
         if (si->cmdline_paddr) {
             const char *s = (const char *)si->cmdline_paddr;
@@ -264,12 +268,23 @@ void kmain(u32 info_paddr)
             g_memmap_n = n;
         }
     }
+    g_stamp[1] = rdtsc();
     serial_init();
+    g_stamp[2] = rdtsc();
     if (!have_si)
         kprintf("warning: no PVH start_info\n");
     cpu_tables_init();
+    g_stamp[3] = rdtsc();
     tsc_init();
+    g_stamp[4] = rdtsc();
     map_high();
+    g_stamp[5] = rdtsc();
+    if (cmdline_get("boottrace", 0))
+        kprintf("boottrace: start64=%lu bss=%lu si=%lu serial=%lu tables=%lu tsc=%lu map=%lu us\n",
+                tsc_to_us(g_t64 - g_boot_tsc), tsc_to_us(g_stamp[0] - g_t64), tsc_to_us(g_stamp[1] - g_stamp[0]),
+                tsc_to_us(g_stamp[2] - g_stamp[1]), tsc_to_us(g_stamp[3] - g_stamp[2]),
+                tsc_to_us(g_stamp[4] - g_stamp[3]), tsc_to_us(g_stamp[5] - g_stamp[4]));
+    g_stamp[6] = rdtsc();
     guest_main();
     dbg_exit(0);
 }
