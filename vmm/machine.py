@@ -93,13 +93,25 @@ class Machine:
         self.pio_bus.insert(COM1_PORT, 8, self.serial)
         self.debug_exit = DebugExit(self.request_exit)
         self.pio_bus.insert(DEBUG_EXIT_PORT, 4, self.debug_exit)
+        self.nets = []
+        self.cmdline_extra = []
+        if not restoring:   # a live update rebuilds nets from the saved state and passed taps
+            from .devices.net import NetDevice
+            for i, spec in enumerate(cfg.nets):
+                self._add_net(NetDevice.from_spec(i, spec, self.vm, self.memory))
+
+    def _add_net(self, dev) -> None:
+        self.cmdline_extra.append(dev.attach(self.mmio_bus))
+        self.nets.append(dev)
+        self.cpr_devices.append(dev)
 
     def boot(self) -> None:
         """Load the PVH kernel and point the boot vCPU at its 32-bit entry."""
         from .boot.pvh import load_pvh
         from .boot.regs import setup_pvh_boot
 
-        info = load_pvh(self.config.kernel, self.memory, self.config.cmdline)
+        cmdline = " ".join(filter(None, [self.config.cmdline] + self.cmdline_extra))
+        info = load_pvh(self.config.kernel, self.memory, cmdline)
         setup_pvh_boot(self.vcpus[0], info.entry, info.start_info)
         self.boot_info = info
 
@@ -119,7 +131,8 @@ class Machine:
             "machine": self.shape(),
             "vm": self.vm.get_state(),
             "vcpus": [v.get_state() for v in self.vcpus],
-            "devices": {"serial": self.serial.state(), "debug_exit": self.debug_exit.state()},
+            "devices": {"serial": self.serial.state(), "debug_exit": self.debug_exit.state(),
+                        "nets": [d.cpr_state() for d in self.nets]},
             "time": {"host_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC), "tsc_khz": tsc_khz},
         }
 
@@ -174,12 +187,22 @@ class Machine:
             d.cpr_notify(event)
 
     def restore_devices(self, state: dict, fds: dict[str, int]) -> None:
-        """Give devices their saved state and the fds the old VMM passed (not started)."""
-        unused = set(fds)
-        for d in self.cpr_devices:
-            unused -= d.cpr_restore(state["devices"], fds)
-        for name in unused:  # an fd nobody claimed must not linger in this process
-            os.close(fds[name])
+        """Rebuild devices on the fds the old VMM passed, from their saved state (not started)."""
+        from .devices.net import NetDevice
+        from .net.tap import Tap
+        fds = dict(fds)
+        try:
+            for saved in state["devices"].get("nets", []):
+                name = f"net{saved['index']}.tap"
+                if name not in fds:
+                    raise StateError(f"the old pyvmm did not pass the tap fd for {name}")
+                tap = Tap.from_fd(fds.pop(name))
+                dev = NetDevice(saved["index"], tap, None, saved["backend"], self.vm, self.memory)
+                self._add_net(dev)
+                dev.restore(saved)
+        finally:
+            for fd in fds.values():   # an fd nobody claimed must not linger in this process
+                os.close(fd)
 
     def cpr_fds(self) -> dict[str, int]:
         """Every fd the new VMM needs, by name: RAM first, then all taps, then the rest."""
@@ -251,6 +274,9 @@ class Machine:
 
     def close(self) -> None:
         self.stop()
+        for d in getattr(self, "nets", []):
+            d.close()
+        self.nets = []
         for v in self.vcpus:
             v.close()
         self.vcpus = []

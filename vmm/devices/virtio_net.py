@@ -68,6 +68,7 @@ class VirtioNet:
         self.backend = None
         self.features = OFFERED | (bit(F_MAC) if mac is not None else 0)
         self.link_status = S_LINK_UP
+        self.defer_start = False
         self._clear()
 
     def _clear(self) -> None:
@@ -107,7 +108,8 @@ class VirtioNet:
                        for q, b in zip(queues, self.vring_bases)]
         self.wiring = (mem, list(kick_fds), call_fd)
         self.reacquire()
-        self.resume()
+        if not self.defer_start:   # a live update starts the rings only on "go"
+            self.resume()
         if self.pending_isr:
             os.eventfd_write(call_fd, 1)  # the guest has yet to see this interrupt
 
@@ -153,6 +155,7 @@ class VirtioNet:
             self.backend.stop()
             self.running = False
         if self.owned:
+            self.pending_isr |= self.backend.isr_read()   # survives release()
             self.vring_bases = [self.backend.get_vring_base(q) for q in (RX, TX)]
             for q, base in zip(self.queues, self.vring_bases):
                 q["last_avail_idx"] = base

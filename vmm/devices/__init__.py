@@ -1,0 +1,1 @@
+"""Device models: one device per file (kvmtool style)."""
