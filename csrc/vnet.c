@@ -94,6 +94,13 @@ static bool stop_requested(struct vnet *n)
 	return __atomic_load_n(&n->stop_req, __ATOMIC_ACQUIRE);
 }
 
+/* One eventfd for both queues (a transport with a single notify): it is
+ * registered once, as the RX kick, and wakes both queues. */
+static bool shared_kick(struct vnet *n)
+{
+	return n->vq[VNET_RX].kick_fd >= 0 && n->vq[VNET_RX].kick_fd == n->vq[VNET_TX].kick_fd;
+}
+
 static void eventfd_kick(int fd)
 {
 	uint64_t one = 1;
@@ -453,6 +460,8 @@ static void *vnet_thread(void *arg)
 				n->rx_wait_bufs = false;
 				n->rx_pending = true;
 				update_tap_watch(n);
+				if (n->vq[VNET_TX].kick_fd == n->vq[VNET_RX].kick_fd)
+					n->tx_pending = true;
 			} else if (tag == TAG_TAP) {
 				if (e & EPOLLIN)
 					n->rx_pending = true;
@@ -519,7 +528,7 @@ struct vnet *vnet_new(void)
 static void disarm(struct vnet *n)
 {
 	for (int q = 0; q < VNET_NQUEUES; q++)
-		if (n->vq[q].kick_fd >= 0)
+		if (n->vq[q].kick_fd >= 0)	/* EBADF/ENOENT for a shared one: harmless */
 			epoll_ctl(n->epfd, EPOLL_CTL_DEL, n->vq[q].kick_fd, NULL);
 	if (n->tap_registered)
 		epoll_ctl(n->epfd, EPOLL_CTL_DEL, n->tap_fd, NULL);
@@ -717,6 +726,8 @@ int vnet_set_vring_kick(struct vnet *n, int q, int fd)
 		return r;
 	if (fd == n->vq[q].kick_fd)
 		return ctl_end(n, 0);
+	if (n->armed && (shared_kick(n) || (fd >= 0 && fd == n->vq[!q].kick_fd)))
+		return ctl_end(n, -EBUSY);	/* a shared kick fd changes only while stopped */
 	if (n->armed && fd >= 0 && epoll_ctl(n->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
 		return ctl_end(n, -errno);
 	if (n->armed && n->vq[q].kick_fd >= 0)
@@ -786,7 +797,7 @@ static int arm(struct vnet *n)
 	struct epoll_event ev = { .events = EPOLLIN };
 
 	for (int q = 0; q < VNET_NQUEUES; q++) {
-		if (n->vq[q].kick_fd < 0)
+		if (n->vq[q].kick_fd < 0 || (q == VNET_TX && shared_kick(n)))
 			continue;
 		ev.data.u32 = TAG_KICK + q;
 		if (epoll_ctl(n->epfd, EPOLL_CTL_ADD, n->vq[q].kick_fd, &ev) < 0)

@@ -827,3 +827,27 @@ def test_real_tap_in_netns(tmp_path):
         assert p.returncode == 0 and "TAP-OK" in p.stdout, p.stdout + p.stderr
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_shared_kick_fd_wakes_both_queues(rig):
+    rig.dev.set_vring_kick(TX, rig.kick[RX])
+    post_rx(rig, 2)
+    rig.dev.start()
+    tx_post(rig, 0)
+    rig.kick_q(RX)
+    assert rig.peer.recv(200) == frame(0)
+    rig.peer.send(frame(1))
+    assert wait_for(lambda: rig.rxq.used_idx() == 1)
+    rig.dev.stop()
+
+
+def test_mem_table_change_while_running(rig):
+    rig.dev.start()
+    with pytest.raises(DeviceError):             # would leave the rings unmapped
+        rig.dev.set_mem_table([(0, 0x10000, rig.mem.host_base)])
+    rig.dev.set_mem_table([(0, HALF, rig.mem.host_base)])
+    rig.txq.add([(HALF + 0x100, 100, 0)])        # now outside the table
+    rig.kick_q(TX)
+    assert wait_for(lambda: rig.dev.error() is not None)
+    assert "outside guest memory" in rig.dev.error()
+    rig.dev.stop()
