@@ -207,3 +207,66 @@ def test_netecho_bad_chain_needs_reset(netns_tap, tmp_path, bad):
         assert proc.poll() is None               # the guest keeps running
     finally:
         _stop(proc)
+
+
+def _hmp(sock_path, *commands, timeout=10):
+    import socket
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(timeout)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            s.connect(str(sock_path))
+            break
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+    def until_prompt():
+        buf = b""
+        while not buf.endswith(b"(qemu) "):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        return buf
+
+    until_prompt()
+    for c in commands:
+        s.sendall(c.encode() + b"\n")
+        until_prompt()
+    s.close()
+
+
+def test_pattern_memory_layout(tmp_path):
+    """Stop the pattern guest mid-run and check the memory against the progress page."""
+    import struct
+    mon = tmp_path / "mon.sock"
+    log = tmp_path / "serial.log"
+    dump = tmp_path / "mem.bin"
+    base = [a if a != "none" or BASE[i - 1] != "-monitor" else f"unix:{mon},server=on,wait=off"
+            for i, a in enumerate(BASE)]
+    cmd = [QEMU, *base, "-kernel", str(BUILD / "pattern.elf"), "-append", "pattern_mb=8"]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        m, _ = _wait_for(log, r"^pattern: progress=0x([0-9a-f]+) pages=(\d+)", proc)
+        _wait_for(log, r"^pass 3$", proc)
+        prog_addr = int(m.group(1), 16)
+        top = prog_addr + (8 << 20)
+        _hmp(mon, "stop", f'pmemsave 0 {top:#x} "{dump}"')
+        mem = dump.read_bytes()
+    finally:
+        _stop(proc)
+    magic, k, addr, npages, nranges = struct.unpack_from("<5Q", mem, prog_addr)
+    assert magic == 0x5041545445524E21
+    assert k >= 3 and nranges == 1 and npages == 8 * 256 - 1
+    start, end = struct.unpack_from("<2Q", mem, prog_addr + 40)
+    assert start == prog_addr + 4096 and end == prog_addr + (8 << 20)
+    vals = [mem[a] for a in range(start, end, 4096)]
+    cur, prev = k % 256, (k - 1) % 256
+    assert set(vals) <= {cur, prev}, set(vals)
+    # pages below the one being written hold k, pages above hold k - 1
+    i = (addr - start) // 4096
+    assert all(v == cur for v in vals[:i]) and all(v == prev for v in vals[i + 1:])
