@@ -182,8 +182,8 @@ def _pvh_entry(path: str, notes: bytes, align: int) -> int | None:
     while pos + 12 <= len(notes):
         namesz, descsz, type_ = struct.unpack_from("<III", notes, pos)
         name_at = pos + 12
-        desc_at = name_at + up(namesz)
-        pos = desc_at + up(descsz)
+        desc_at = up(name_at + namesz)   # padding is to the container's alignment, measured
+        pos = up(desc_at + descsz)       # from the note's start (8-aligned GNU property notes)
         if desc_at + descsz > len(notes):
             raise BootError(f"{path} has a malformed ELF note (it runs past its segment)")
         if notes[name_at:name_at + namesz].rstrip(b"\0") != b"Xen" or \

@@ -1,0 +1,231 @@
+"""Foundation: real guests on real KVM — boot, serial, exit codes, faults, pause/resume, state."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+
+import pytest
+
+from conftest import need_kvm, run_pyvmm
+from vmm import state as state_format
+from vmm.machine import Machine, MachineConfig
+from vmm.memory import GuestMemory
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+
+@pytest.fixture(scope="module")
+def kvm():
+    need_kvm()
+
+
+class Console:
+    """Serial output collected in memory, with waiting on a pattern."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.cond = threading.Condition()
+
+    def write(self, b: bytes) -> None:
+        with self.cond:
+            self.data += b
+            self.cond.notify_all()
+
+    def text(self) -> str:
+        with self.cond:
+            return self.data.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 20.0, after: int = 0) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                m = rx.search(self.data.decode(errors="replace"), after)
+                if m:
+                    return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {pattern!r} in console output:\n{self.text()[-2000:]}")
+                self.cond.wait(left)
+
+
+def ticks(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"tick (\d+) ", text)]
+
+
+def boot(guests, name, cmdline="", memory=64 << 20):
+    console = Console()
+    m = Machine(MachineConfig(kernel=str(guests / f"{name}.elf"), memory=memory,
+                              cmdline=cmdline, console=console.write))
+    m.create()
+    m.boot()
+    m.start()
+    return m, console
+
+
+# -- the CLI, as a user runs it --------------------------------------------------------------
+def test_hello_prints_and_exits_zero(guests):
+    r = run_pyvmm("run", "--kernel", str(guests / "hello.elf"), "--cmdline", "greeting=yes")
+    assert r.returncode == 0, r.stderr
+    assert "Hello" in r.stdout
+    assert "cmdline: greeting=yes" in r.stdout
+    assert "ring3: ok" in r.stdout
+
+
+def test_guest_exit_code_becomes_pyvmm_status(guests):
+    r = run_pyvmm("run", "--kernel", str(guests / "ticker.elf"), "--cmdline",
+                  "period_us=10000 count=3")
+    assert r.returncode == 0, r.stderr
+    assert ticks(r.stdout) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("fault,vector", [("ud", "#UD"), ("pf", "#PF"), ("gp", "#GP"),
+                                          ("de", "#DE")])
+def test_guest_fault_is_reported(guests, fault, vector):
+    r = run_pyvmm("run", "--kernel", str(guests / "hello.elf"), "--cmdline", f"fault={fault}")
+    assert r.returncode == 3
+    assert f"FAULT: {vector}" in r.stdout
+
+
+def test_triple_fault_stops_vm_with_register_dump(guests):
+    r = run_pyvmm("run", "--kernel", str(guests / "hello.elf"), "--cmdline", "fault=triple")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("pyvmm: error: the guest triple-faulted")
+    assert any("rip=0x" in line for line in lines[1:])
+    assert any("cr3=" in line for line in lines[1:])
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kernel", "/nonexistent/kernel.elf"], "not found"),
+    (["--kernel", __file__], "not an ELF"),
+    (["--kernel", "/bin/true"], "no PVH entry point"),
+    (["--kernel", "KERNEL", "--memory", "100T"], "larger than this host"),
+    (["--kernel", "KERNEL", "--memory", "lots"], "cannot read memory size"),
+    (["--kernel", "KERNEL", "--memory", "1K"], "too small"),
+    (["--kernel", "KERNEL", "--net", "user"], "only tap networking"),
+    ([], "--kernel"),
+])
+def test_bad_input_is_one_clear_line(guests, args, message):
+    args = [str(guests / "hello.elf") if a == "KERNEL" else a for a in args]
+    r = run_pyvmm("run", *args)
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("pyvmm: error:")
+    assert message in r.stderr
+
+
+def test_missing_kvm_is_a_clear_error(guests, tmp_path):
+    from vmm.errors import KvmError
+    from vmm.kvm.system import Kvm
+    with pytest.raises(KvmError, match="not found: this machine has no KVM"):
+        Kvm(str(tmp_path / "kvm"))
+    (tmp_path / "kvm").write_text("")
+    os.chmod(tmp_path / "kvm", 0)
+    if os.geteuid() != 0:
+        with pytest.raises(KvmError, match="permission denied"):
+            Kvm(str(tmp_path / "kvm"))
+
+
+# -- in-process: pause, resume, state --------------------------------------------------------
+def test_pause_resume_keeps_counter_going(guests):
+    m, console = boot(guests, "ticker", "period_us=20000")
+    try:
+        console.wait_for(r"tick 3 ")
+        time.sleep(0.005)   # let the guest leave its write syscall (whose time it excludes)
+        m.pause()
+        assert all(t.paused for t in m.threads)
+        frozen = len(console.data)
+        time.sleep(0.3)
+        assert len(console.data) == frozen, "the guest ran while paused"
+        m.resume()
+        last = ticks(console.text())[-1]
+        console.wait_for(rf"tick {last + 3} ")
+        seen = ticks(console.text())
+        assert seen == list(range(1, len(seen) + 1))
+        # The guest saw the pause as a gap in time.
+        gap = int(re.findall(r"maxgap_us=(\d+)", console.text())[-1])
+        assert gap >= 250_000
+    finally:
+        m.close()
+
+
+def test_state_round_trip_same_vm(guests):
+    m, console = boot(guests, "ticker", "period_us=20000")
+    try:
+        console.wait_for(r"tick 2 ")
+        m.pause()
+        before = m.save_state()
+        blob = state_format.dumps(before)
+        again = state_format.loads(blob)
+        m.restore_state(again, advance_time=False)
+        after = m.save_state()
+        for piece in ("regs", "sregs", "lapic", "xcrs", "debugregs", "mp_state"):
+            assert after["vcpus"][0][piece] == before["vcpus"][0][piece], piece
+        assert after["vm"]["irqchip"] == before["vm"]["irqchip"]
+        m.resume()
+        last = ticks(console.text())[-1]
+        console.wait_for(rf"tick {last + 2} ")
+    finally:
+        m.close()
+
+
+def test_state_round_trip_into_fresh_vm_on_same_memfd(guests):
+    """The heart of CPR, in one process: a new KVM VM on the same RAM takes over the guest."""
+    m, console = boot(guests, "ticker", "period_us=20000")
+    try:
+        console.wait_for(r"tick 3 ")
+        m.pause()
+        saved = state_format.loads(state_format.dumps(m.save_state()))
+        last = ticks(console.text())[-1]
+        ram_fd = os.dup(m.memory.fd)
+        size = m.memory.size
+        m.stop()
+        m.vm.close()
+        m.vm = None
+        new = Machine(MachineConfig(kernel=None, memory=size, console=console.write))
+        new.create(memory=GuestMemory.from_fd(ram_fd, size), cpuids=saved["machine"]["cpuid"],
+                   restoring=True)
+        new.restore_state(saved)
+        new.start()
+        console.wait_for(rf"tick {last + 3} ")
+        seen = ticks(console.text())
+        assert seen == list(range(1, len(seen) + 1)), "counter went back or skipped"
+        new.close()
+    finally:
+        m.close()
+
+
+def test_corrupt_state_is_refused(guests):
+    m, console = boot(guests, "ticker", "period_us=20000")
+    try:
+        console.wait_for(r"tick 1 ")
+        m.pause()
+        blob = bytearray(state_format.dumps(m.save_state()))
+        m.resume()
+    finally:
+        m.close()
+    flipped = bytearray(blob)
+    flipped[100] ^= 0xFF
+    with pytest.raises(state_format.StateError, match="checksum"):
+        state_format.loads(bytes(flipped))
+    with pytest.raises(state_format.StateError, match="version"):
+        state_format.loads(bytes(blob[:8]) + (2).to_bytes(4, "little") + bytes(blob[12:]))
+    with pytest.raises(state_format.StateError, match="magic"):
+        state_format.loads(b"GARBAGE!" + bytes(blob[8:]))
+    with pytest.raises(state_format.StateError, match="truncated"):
+        state_format.loads(bytes(blob[:-10]))
+    # A well-formed blob for another machine shape (RAM size) is refused on restore.
+    state = state_format.loads(bytes(blob))
+    state["machine"]["memory"]["size"] *= 2
+    other = Machine(MachineConfig(kernel=None, memory=64 << 20))
+    other.create()
+    try:
+        with pytest.raises(state_format.StateError, match="RAM"):
+            other.restore_state(state)
+    finally:
+        other.close()
