@@ -26,6 +26,21 @@
  * marked broken (vnet_get_error() != 0, with a message), the I/O thread stops
  * touching the rings, and the config-change bit is set in the ISR and the call
  * fd signalled, so the transport can show DEVICE_NEEDS_RESET.
+ *
+ * Implementation notes (csrc/vnet.c, csrc/virtq.c):
+ *  - Like vhost, every set_* call and start need set_owner first (-EPERM).
+ *    set_features/num/addr/base/backend return -EBUSY while running;
+ *    set_mem_table (-EFAULT if the rings would fall outside the new table),
+ *    set_vring_call and set_vring_kick may be called while running.
+ *  - set_backend makes the tap fd O_NONBLOCK (a file status flag, shared).
+ *  - Both queues may share one kick eventfd; it then wakes both.
+ *  - start begins a fresh run: it reloads used->idx from the ring and clears
+ *    a previous error (a still-pending bad chain is detected again).
+ *  - RX without MRG_RXBUF puts a frame in one chain; with it, chains are
+ *    gathered for the largest frame the features allow (64 KiB with guest
+ *    GSO, else 1518 bytes + header) and the unused ones are given back; if the
+ *    ring holds less, packets wait in the tap until the next RX kick.  Frames
+ *    that do not fit are dropped (rx_dropped), never truncated.
  */
 #ifndef PYVMM_VNET_H
 #define PYVMM_VNET_H
