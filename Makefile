@@ -6,9 +6,25 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build guests test demo bench clean
+.PHONY: build deps guests test demo bench clean
 
-build: $(STAMP) guests
+# Debian packages the tests and the demo use: QEMU (the cross-check and the
+# baseline), iproute2/ping (network namespaces, taps), clang (the fuzzer).
+DEB_PKGS := qemu-system-x86:qemu-system-x86_64 iproute2:ip iputils-ping:ping \
+            clang:clang libclang-rt-14-dev:/usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer-x86_64.a
+
+build: deps $(STAMP) guests
+
+deps:
+	@missing=""; for pair in $(DEB_PKGS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
+	  if ! command -v $$probe >/dev/null 2>&1 && [ ! -e $$probe ]; then missing="$$missing $$pkg"; fi; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: these Debian packages are missing (some tests will skip):$$missing"; fi; \
+	fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
