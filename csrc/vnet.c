@@ -845,6 +845,8 @@ int vnet_start(struct vnet *n)
 		n->active = false;
 		return ctl_end(n, r);
 	}
+	/* A name a student (and the CPR order test) can see in /proc/PID/task/TID/comm. */
+	pthread_setname_np(n->thread, "vnet-io");
 	n->running = true;
 	return ctl_end(n, 0);
 }

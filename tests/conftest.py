@@ -37,9 +37,13 @@ def need_kvm():
 class VmmProcess:
     """A pyvmm process whose stdout lines are read on a thread and timestamped on arrival."""
 
-    def __init__(self, args: list[str], env: dict | None = None, stdin=subprocess.DEVNULL):
+    def __init__(self, args: list[str], env: dict | None = None, stdin=subprocess.DEVNULL,
+                 ns: str | None = None):
         self.args = args
-        self.proc = subprocess.Popen(pyvmm_cmd(*args), stdout=subprocess.PIPE,
+        cmd = pyvmm_cmd(*args)
+        if ns:   # `ip netns exec` execs the command: the PID stays pyvmm's
+            cmd = ["ip", "netns", "exec", ns, *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, stdin=stdin, cwd=ROOT,
                                      env=dict(os.environ, **(env or {})))
         self.lines: list[tuple[float, str]] = []

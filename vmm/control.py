@@ -117,7 +117,11 @@ class Controller:
         tl = self.machine.cpr_timeline
         if tl is None:
             return {}
-        return timeline_info(tl, self.machine.cpr_mode)
+        info = timeline_info(tl, self.machine.cpr_mode)
+        peer = getattr(self.machine, "cpr_peer_threads", None)
+        if peer is not None:
+            info["x-peer-threads-at-transfer"] = peer
+        return info
 
     def migrate_cancel(self) -> None:
         if self.migration is not None:

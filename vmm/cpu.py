@@ -106,6 +106,7 @@ class VcpuThread:
     # -- the vCPU thread ---------------------------------------------------------------
     def _main(self) -> None:
         self._tid = threading.get_ident()
+        set_os_thread_name(f"vcpu{self.vcpu.index}")
         try:
             self._loop()
         except GuestError as e:
@@ -190,6 +191,15 @@ class VcpuThread:
         else:
             msg = f"unhandled KVM exit {reason} on {where}"
         raise GuestError(msg + "\n" + register_dump(self.vcpu))
+
+
+def set_os_thread_name(name: str) -> None:
+    """Name the OS thread (Python's names are invisible to ps, top and /proc)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def register_dump(vcpu) -> str:

@@ -25,7 +25,10 @@ POINTS = {
     "target-crash-before-fds": "the new pyvmm dies before it receives the device fds",
     "target-crash-after-fds": "the new pyvmm dies right after receiving the device fds",
     "target-restore": "the new pyvmm cannot restore the state",
+    "target-slow-prepare": "the new pyvmm takes a second to prepare (time to cancel)",
+    "target-slow-restore": "the new pyvmm takes a second to restore (time to cancel)",
 }
+DELAY_S = 1.0
 
 
 class InjectedFault(VmmError):
@@ -59,6 +62,12 @@ class Faults:
         """Die on the spot (like a crash: no cleanup, no message to the peer)."""
         if point in self.armed:
             os._exit(99)
+
+    def delay(self, point: str) -> None:
+        """Be slow on purpose (gives a test time to cancel)."""
+        if point in self.armed:
+            import time
+            time.sleep(DELAY_S)
 
     def for_target(self) -> list[str]:
         return sorted(p for p in self.armed if p.startswith("target-"))

@@ -76,6 +76,7 @@ class Incoming:
                 raise ChannelError("the peer is not a pyvmm live update")
             self.faults = Faults(msg.get("faults", ()))
             self.faults.check("target-prepare")
+            self.faults.delay("target-slow-prepare")
             if len(fds) != 1:
                 raise ChannelError(f"expected the RAM memfd, got {len(fds)} fds")
             shape = state_format.decode_tree(msg["shape"])
@@ -100,6 +101,9 @@ class Incoming:
             self._refuse(ChannelError("fd list does not match the fds received"))
             raise ChannelError("fd list does not match the fds received")
         by_name = dict(zip(names, fds))
+        # What the old VMM still runs at the moment its fds reach us (tests check
+        # that no device data-path thread is among them: the order is the point).
+        self.peer_threads = peer_threads(self.channel.sock)
         self.faults.crash("target-crash-after-fds")
         try:
             state = state_format.loads(read_memfd(by_name.pop("state")))
@@ -111,6 +115,7 @@ class Incoming:
             raise
         self.timeline.marks = (state["cpr"]["timeline"] + [["transfer", msg.get("t_transfer")]]
                                + self.timeline.marks)
+        self.faults.delay("target-slow-restore")
         self.channel.send({"msg": "restored"})
         self.channel.expect("go", timeout=None)   # EOF here = the old VMM rolled back
         self.machine.resume_devices()
@@ -120,6 +125,7 @@ class Incoming:
         self.channel.close()
         self.machine.cpr_timeline = self.timeline
         self.machine.cpr_mode = "cpr-transfer"
+        self.machine.cpr_peer_threads = self.peer_threads
         return self.machine
 
     def _refuse(self, error: Exception) -> None:
@@ -130,27 +136,66 @@ class Incoming:
                 pass
 
 
+def peer_threads(sock) -> list[str]:
+    """Thread names of the process at the other end of a unix socket (SO_PEERCRED)."""
+    import socket
+    import struct
+    try:
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid = struct.unpack("3i", cred)[0]
+        names = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        return sorted(names)
+    except OSError:
+        return []
+
+
+FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
+
+
 def exec_resume(console_factory=None):
-    """cpr-exec target: rebuild the machine from the state memfd named in the environment."""
+    """cpr-exec target: rebuild the machine from the state memfd named in the environment.
+
+    There is no old process to fall back to after an exec, so if the restore
+    fails here (before any device was started) we exec once more, with the
+    same fds and state and with injected faults disarmed: the guest resumes
+    after a longer pause instead of being lost.
+    """
     fd = int(os.environ.pop(EXEC_STATE_ENV))
     t_transfer = int(os.environ.pop(EXEC_T_ENV, "0"))
+    fallback = os.environ.pop(FALLBACK_ENV, None) is not None
     timeline = Timeline()
     t_start = timeline.mark("restore")
     os.set_inheritable(fd, False)
     blob = read_memfd(fd)
-    os.close(fd)
     state = state_format.loads(blob)
     cpr = state["cpr"]
-    fds = {name: int(n) for name, n in cpr["fds"].items()}
-    for n in fds.values():
+    all_fds = {name: int(n) for name, n in cpr["fds"].items()}
+    for n in all_fds.values():
         os.set_inheritable(n, False)   # received fds never leak into a later exec
+    fds = dict(all_fds)
     config = cpr.get("config", {})
     console = console_factory(config) if console_factory else None
-    faults = Faults(cpr.get("faults", ()))
-    faults.check("target-restore")
-    machine = build_machine(state["machine"], fds.pop("ram"), config, console)
-    kept = {name: fds.pop(name) for name in ("qmp",) if name in fds}
-    restore(machine, state, fds)
+    faults = Faults(() if fallback else cpr.get("faults", ()))
+    try:
+        faults.check("target-restore")
+        machine = build_machine(state["machine"], fds.pop("ram"), config, console)
+        kept = {name: fds.pop(name) for name in ("qmp",) if name in fds}
+        restore(machine, state, fds)
+    except Exception as e:
+        if fallback:
+            raise
+        import sys
+        print(f"pyvmm: live update: restore failed in the new image ({e}); "
+              "exec'ing again to resume the guest", file=sys.stderr)
+        for n in list(all_fds.values()) + [fd]:
+            os.set_inheritable(n, True)
+        env = dict(os.environ, **{EXEC_STATE_ENV: str(fd), EXEC_T_ENV: str(t_transfer),
+                                  FALLBACK_ENV: "1"})
+        os.execve(sys.executable, [sys.executable, "-m", "vmm"], env)
+    os.close(fd)
     machine.start(paused=True)
     machine.resume_devices()
     machine.resume()
