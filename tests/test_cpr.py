@@ -227,3 +227,88 @@ def start_netecho(vmm_procs, tmp_path, ns, tap, name="old"):
                    "--qmp", str(qmp_path)], ns=ns)
     p.wait_for(r"netecho: up")
     return p, qmp_path
+
+
+# -- failure and rollback ------------------------------------------------------------------------
+EXEC_FAULTS = ["after-stop", "notify", "save", "exec"]
+TRANSFER_FAULTS = ["prepare", "after-stop", "notify", "save", "transfer", "target-prepare",
+                   "target-crash-before-fds", "target-crash-after-fds", "target-restore"]
+
+
+def assert_keeps_running(p, qmp_path):
+    q = qmp_connect(qmp_path)
+    try:
+        assert qmp(q, "query-status")["status"] == "running"
+    finally:
+        close(q)
+    last = ticks(p.text())[-1][0]
+    p.wait_for(rf"tick {last + 3} ")
+    assert_ticks_continuous(p.text())
+
+
+@pytest.mark.parametrize("fault", EXEC_FAULTS)
+def test_cpr_exec_fault_rolls_back(guests, vmm_procs, tmp_path, fault):
+    p, qmp_path = start_ticker(vmm_procs, tmp_path)
+    p.wait_for(r"tick 3 ")
+    info = cpr_exec(qmp_path, faults=[fault])
+    assert info["status"] == "failed"
+    assert f"injected fault at '{fault}'" in info["error-desc"]
+    assert_keeps_running(p, qmp_path)
+    assert "x-timeline" in info
+
+
+def test_cpr_exec_restore_failure_execs_again(guests, vmm_procs, tmp_path):
+    """No old image to go back to after an exec: the new one re-execs with faults disarmed."""
+    p, qmp_path = start_ticker(vmm_procs, tmp_path)
+    p.wait_for(r"tick 3 ")
+    assert cpr_exec(qmp_path, faults=["target-restore"]) is None
+    assert new_info(qmp_path)["status"] == "completed"
+    last = ticks(p.text())[-1][0]
+    p.wait_for(rf"tick {last + 3} ")
+    assert_ticks_continuous(p.text())
+
+
+@pytest.mark.parametrize("fault", TRANSFER_FAULTS)
+def test_cpr_transfer_fault_rolls_back(guests, vmm_procs, tmp_path, fault):
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    new, sock, _ = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 3 ")
+    info = cpr_transfer(old_qmp, sock, faults=[fault])
+    assert info["status"] == "failed", info
+    assert_keeps_running(old, old_qmp)
+    if fault == "prepare":                   # the old VMM never connected: still waiting
+        assert new.proc.poll() is None
+    else:                                    # it gave up (or crashed) and is gone
+        assert new.wait(15) != 0
+    assert "tick" not in new.text()          # and never ran the guest
+
+
+def test_cpr_transfer_fails_cleanly_without_target(guests, vmm_procs, tmp_path):
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    old.wait_for(r"tick 2 ")
+    info = cpr_transfer(old_qmp, tmp_path / "nobody.cpr")
+    assert info["status"] == "failed"
+    assert "cannot connect" in info["error-desc"]
+    assert "x-timeline" in info and [m for m, _ in info["x-timeline"]] == ["setup"]
+    assert_keeps_running(old, old_qmp)
+
+
+@pytest.mark.parametrize("fault", ["target-slow-prepare", "target-slow-restore"])
+def test_migrate_cancel_resumes(guests, vmm_procs, tmp_path, fault):
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    new, sock, _ = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 3 ")
+    q = qmp_connect(old_qmp)
+    try:
+        qmp(q, "migrate-set-parameters", mode="cpr-transfer", **{"x-fault": [fault]})
+        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
+        qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
+                                    {"channel-type": "cpr", "addr": addr}])
+        time.sleep(0.4)
+        qmp(q, "migrate_cancel")
+        info = wait_migration(q)
+    finally:
+        close(q)
+    assert info["status"] == "cancelled"
+    assert_keeps_running(old, old_qmp)
+    assert new.wait(15) != 0
