@@ -312,3 +312,122 @@ def test_migrate_cancel_resumes(guests, vmm_procs, tmp_path, fault):
     assert info["status"] == "cancelled"
     assert_keeps_running(old, old_qmp)
     assert new.wait(15) != 0
+
+
+# -- a guest that writes every page ---------------------------------------------------------------
+def ram_of(pid):
+    for fd, target in fd_targets(pid).items():
+        if target.startswith("/memfd:pyvmm-ram"):
+            return f"/proc/{pid}/fd/{fd}"
+    raise AssertionError(f"no RAM memfd in {fd_targets(pid)}")
+
+
+def check_pattern(path, progress_gpa):
+    """Every pattern page holds k (before the page being written) or k-1 (from it on)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ram = mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    with ram:
+        magic, k, cur, npages, nranges = struct.unpack_from("<5Q", ram, progress_gpa)
+        assert magic == 0x5041545445524E21
+        ranges = [struct.unpack_from("<2Q", ram, progress_gpa + 40 + 16 * i)
+                  for i in range(nranges)]
+        bad = []
+        for start, end in ranges:
+            for page in range(start, end, 4096):
+                want = (k if page < cur else k - 1) & 0xFF
+                if page == cur and ram[page] == k & 0xFF:
+                    continue                   # stopped just after writing this one
+                if ram[page] != want:
+                    bad.append((hex(page), ram[page], want))
+        assert not bad, f"{len(bad)} pages wrong (pass {k}, at {cur:#x}): {bad[:5]}"
+        return k, npages
+
+
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
+def test_every_page_survives_cpr(guests, vmm_procs, tmp_path, mode):
+    qmp_path = tmp_path / "old.qmp"
+    old = vmm_procs(["run", "--kernel", str(ROOT / "guest/build/pattern.elf"), "--memory", "128M",
+                     "--cmdline", "pattern_mb=48", "--qmp", str(qmp_path)])
+    progress = int(old.wait_for(r"pattern: progress=(0x[0-9a-f]+)").group(1), 16)
+    old.wait_for(r"pass 3$")
+    if mode == "exec":
+        assert cpr_exec(qmp_path) is None
+        cur, cur_qmp = old, qmp_path
+    else:
+        new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+        cpr_transfer(qmp_path, sock)
+        assert old.wait(15) == 0
+        cur, cur_qmp = new, new_qmp
+    q = qmp_connect(cur_qmp)
+    try:
+        qmp(q, "stop")
+        k, npages = check_pattern(ram_of(cur.pid), progress)
+        assert npages >= 11000
+        qmp(q, "cont")
+    finally:
+        close(q)
+    cur.wait_for(rf"pass {k + 1}$")          # and it goes on writing
+    q = qmp_connect(cur_qmp)
+    try:
+        qmp(q, "stop")
+        assert check_pattern(ram_of(cur.pid), progress)[0] > k
+    finally:
+        close(q)
+
+
+# -- many in a row ------------------------------------------------------------------------------
+def fd_kinds(pid) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for fd, target in fd_targets(pid).items():
+        if fd <= 2:
+            continue
+        kind = re.sub(r"\[\d+\]", "", target)
+        kind = re.sub(r"kvm-vcpu:\d+", "kvm-vcpu", kind)
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def rss_kb(pid) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_ten_cprs_in_a_row_mixed_modes(guests, vmm_procs, tmp_path):
+    cur, cur_qmp = start_ticker(vmm_procs, tmp_path, name="p0")
+    cur.wait_for(r"tick 3 ")
+    everything = ""
+    kinds_seen, rss = [], []
+    for i in range(10):
+        if i % 2 == 0:
+            assert cpr_exec(cur_qmp) is None
+        else:
+            new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, name=f"p{i}")
+            cpr_transfer(cur_qmp, sock)
+            assert cur.wait(15) == 0
+            everything += cur.text() + "\n"
+            cur, cur_qmp = new, new_qmp
+        assert new_info(cur_qmp)["status"] == "completed"
+        last = max([n for n, _ in ticks(cur.text())] + [0])
+        cur.wait_for(rf"tick {last + 2} ")
+        time.sleep(0.05)                       # let the monitor drop our closed connection
+        kinds = fd_kinds(cur.pid)
+        kinds.pop("socket:", None)             # the monitor's listener and any client
+        kinds_seen.append(kinds)
+        rss.append(rss_kb(cur.pid))
+    everything += cur.text()
+    assert_ticks_continuous(everything)
+    # exactly what a running VM needs: /dev/kvm, the VM, one vCPU, the RAM memfd, the
+    # monitor's epoll; nothing from the update (no state memfd, no channel, no stray fd)
+    for kinds in kinds_seen:
+        assert kinds == kinds_seen[0], kinds_seen
+    assert kinds_seen[0].get("/memfd:pyvmm-ram (deleted)") == 1
+    assert kinds_seen[0].get("anon_inode:kvm-vm") == 1
+    assert kinds_seen[0].get("/dev/kvm") == 1
+    assert not any("cpr-state" in k for k in kinds_seen[0])
+    assert max(rss[2:]) - min(rss[2:]) < 16 * 1024, rss

@@ -141,6 +141,7 @@ class VcpuThread:
         pio, mmio = self.pio_bus, self.mmio_bus
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
+        self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         while True:
             if self._want_pause or self._want_stop:
                 if self._want_stop or not self._park():

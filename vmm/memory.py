@@ -11,7 +11,6 @@ guest-supplied address can never make the VMM touch host memory outside RAM.
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 from dataclasses import dataclass
@@ -103,9 +102,10 @@ class GuestMemory:
             if actual != size:
                 raise VmmError(f"RAM memfd holds {actual} bytes, expected {size}")
         self.fd = fd
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._view = memoryview(self._map)
-        self.host_base = _address_of(self._map)
+        from .kvm.ffi import SharedMapping
+        self._map = SharedMapping(fd, size)
+        self._view = memoryview(self._map.buffer())
+        self.host_base = self._map.address
 
     @classmethod
     def from_fd(cls, fd: int, size: int, *, name: str = "pyvmm-ram",
@@ -161,12 +161,3 @@ class GuestMemory:
             self._map = None
             os.close(self.fd)
             self.fd = -1
-
-
-def _address_of(m: mmap.mmap) -> int:
-    """Host address of an mmap (used for KVM memory slots and the C hot path)."""
-    import ctypes
-    probe = ctypes.c_char.from_buffer(m)
-    addr = ctypes.addressof(probe)
-    del probe  # release the buffer export so the map can be closed later
-    return addr

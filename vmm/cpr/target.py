@@ -106,7 +106,11 @@ class Incoming:
         self.peer_threads = peer_threads(self.channel.sock)
         self.faults.crash("target-crash-after-fds")
         try:
-            state = state_format.loads(read_memfd(by_name.pop("state")))
+            state_fd = by_name.pop("state")
+            try:
+                state = state_format.loads(read_memfd(state_fd))
+            finally:
+                os.close(state_fd)
             self.faults.check("target-restore")
             restore(self.machine, state, by_name)
             self.machine.start(paused=True)

@@ -143,6 +143,12 @@ struct kvm_run {
     ...;
 };
 
+void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);
+int munmap(void *addr, size_t length);
+#define PROT_READ ...
+#define PROT_WRITE ...
+#define MAP_SHARED ...
+
 int pyvmm_ioctl(int fd, unsigned long request, void *arg);
 int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int pyvmm_install_kick_handler(int signo);
@@ -159,6 +165,7 @@ ffibuilder.set_source(
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <linux/kvm.h>
 
 /* ioctl wrappers that return -errno, so callers never race on a global errno. */

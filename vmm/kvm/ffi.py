@@ -60,3 +60,25 @@ def to_dict(cdata) -> dict | list | int:
             return bytes(ffi.buffer(cdata)).hex()
         return [to_dict(x) for x in cdata]
     return cdata
+
+
+class SharedMapping:
+    """mmap(MAP_SHARED) of an fd without dup()ing it (Python's mmap module keeps a
+    private copy of the fd, which would double every RAM and vCPU fd we hold)."""
+
+    def __init__(self, fd: int, size: int):
+        ptr = lib.mmap(ffi.NULL, size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
+        if ptr == ffi.cast("void *", -1):
+            err = ffi.errno
+            raise OSError(err, f"mmap of {size} bytes failed: {os.strerror(err)}")
+        self.ptr = ptr
+        self.size = size
+        self.address = int(ffi.cast("uintptr_t", ptr))
+
+    def buffer(self):
+        return ffi.buffer(self.ptr, self.size)
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            lib.munmap(self.ptr, self.size)
+            self.ptr = None

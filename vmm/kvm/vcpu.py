@@ -10,11 +10,10 @@ setting the LAPIC can clear a pending interrupt.
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 
 from ..errors import KvmError
-from .ffi import ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
+from .ffi import SharedMapping, ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
 
 # Timing leaf (as QEMU and VMware expose it): EAX = TSC kHz, EBX = APIC bus kHz.
 CPUID_TIMING_LEAF = 0x4000_0010
@@ -47,10 +46,8 @@ class Vcpu:
         self.vm = vm
         self.index = index
         self.fd = ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, index, what="CREATE_VCPU")
-        self._map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
-        self._buf = ffi.from_buffer(self._map)
-        self.run = ffi.cast("struct kvm_run *", self._buf)
+        self._map = SharedMapping(self.fd, vm.kvm.vcpu_mmap_size)
+        self.run = ffi.cast("struct kvm_run *", self._map.ptr)
         self._pieces = [name for name, (_, _, _, cap) in _SIMPLE_STATE.items()
                         if cap is None or vm.kvm.check_extension(getattr(lib, cap))]
         if "xsave" in self._pieces:
@@ -188,7 +185,6 @@ class Vcpu:
     def close(self) -> None:
         if self.fd >= 0:
             self.run = None
-            self._buf = None
             self._map.close()
             os.close(self.fd)
             self.fd = -1
