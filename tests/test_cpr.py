@@ -20,7 +20,7 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from conftest import ROOT, need_kvm, pyvmm_cmd
-from netns import GUEST_IP, in_ns, netns_with_tap
+from vmm.lab import GUEST_IP, in_ns, netns_with_tap
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -460,7 +460,7 @@ def test_netecho_loses_no_datagram_during_cpr(guests, vmm_procs, tmp_path, mode)
         old, old_qmp = start_netecho(vmm_procs, tmp_path, ns, tap)
         if mode == "transfer":
             new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns)
-        stream = subprocess.Popen(in_ns(ns, sys.executable, str(ROOT / "tests/udp_stream.py"),
+        stream = subprocess.Popen(in_ns(ns, sys.executable, "-m", "vmm.traffic",
                                         GUEST_IP, str(count), str(interval)),
                                   stdout=subprocess.PIPE, text=True)
         ping = subprocess.Popen(in_ns(ns, "ping", "-q", "-c", "250", "-i", "0.01", "-W", "2",

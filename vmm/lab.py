@@ -1,4 +1,6 @@
-"""Network namespaces with a tap for tests: all traffic stays between the namespace and the guest.
+"""Network namespaces with a tap, for the tests, the demo and the labs.
+
+All traffic stays between the namespace and the guest.
 
 pyvmm itself runs inside the namespace (`ip netns exec`), so it opens the tap
 there; the host side of the tap has HOST_IP, the guest GUEST_IP.  Everything
@@ -24,7 +26,7 @@ def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @contextmanager
 def netns_with_tap():
     """Yield (namespace, tap name); the tap is up with HOST_IP/24 inside the namespace."""
-    ns = f"pyvmm-t{os.getpid()}-{next(_counter)}"
+    ns = f"pyvmm-{os.getpid()}-{next(_counter)}"
     tap = "tap0"
     sh("ip", "netns", "add", ns)
     try:
