@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     cpr.add_argument("--trace", action="store_true", help="print each step with its time")
     cpr.add_argument("--timeout", type=float, default=60.0)
 
+    sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
+
     state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
     state.add_argument("--socket", required=True, metavar="QMP")
     return p
@@ -59,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cpr":
             from .cpr.tool import cmd_cpr
             return cmd_cpr(args)
+        if args.command == "demo":
+            from .demo import main as demo_main
+            return demo_main()
         if args.command == "state":
             from .inspect import cmd_state
             return cmd_state(args)
