@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -88,6 +89,11 @@ class VmmProcess:
                 if left <= 0 or self._eof:
                     break
                 self._cond.wait(left)
+        if self.proc.poll() is None:   # still running: ask it for its threads' stacks
+            os.kill(self.proc.pid, signal.SIGUSR2)
+            time.sleep(0.5)
+            self.stop()
+            time.sleep(0.2)
         raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n"
                              f"{self.text()[-3000:]}\nstderr:\n{self.stderr[-3000:]}")
 

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import faulthandler
+    faulthandler.register(signal.SIGUSR2, all_threads=True)   # `kill -USR2 PID`: stacks
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":

@@ -196,11 +196,7 @@ class VcpuThread:
 
 def set_os_thread_name(name: str) -> None:
     """Name the OS thread (Python's names are invisible to ps, top and /proc)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
+    lib.pyvmm_set_thread_name(name.encode()[:15])
 
 
 def register_dump(vcpu) -> str:

@@ -85,6 +85,7 @@ class Machine:
                 vcpu.set_cpuid_bytes(cpuids[i])
             else:
                 vcpu.setup_cpuid()
+            vcpu.msr_indices()   # probe once now, not in the middle of a live update
 
         self.pio_bus = Bus()
         self.mmio_bus = Bus()
@@ -218,7 +219,12 @@ class Machine:
 
     # -- running -----------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
+        """Start the vCPU threads (or, if they were started paused, resume them)."""
         from .cpu import VcpuThread
+        if self.threads:
+            if not paused:
+                self.resume()
+            return
         self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._vcpu_failed)
                         for v in self.vcpus]
         for t in self.threads:

@@ -39,6 +39,12 @@ def build_machine(shape: dict, ram_fd: int, config: dict, console=None):
                                  hugetlb=mem.get("hugetlb", False))
     machine = Machine(cfg)
     machine.create(memory=memory, cpuids=shape["cpuid"], restoring=True)
+    # Everything that does not need the saved state happens now, before the old VMM
+    # stops its guest: vCPU threads exist and wait parked; device code is imported.
+    machine.start(paused=True)
+    from ..devices import net, virtio_net  # noqa: F401
+    from ..net import cpath, tap  # noqa: F401
+    from ..virtio import mmio  # noqa: F401
     return machine
 
 
@@ -113,7 +119,6 @@ class Incoming:
                 os.close(state_fd)
             self.faults.check("target-restore")
             restore(self.machine, state, by_name)
-            self.machine.start(paused=True)
         except Exception as e:
             self._refuse(e)
             raise

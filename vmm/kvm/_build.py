@@ -152,6 +152,7 @@ int munmap(void *addr, size_t length);
 int pyvmm_ioctl(int fd, unsigned long request, void *arg);
 int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int pyvmm_install_kick_handler(int signo);
+int pyvmm_set_thread_name(const char *name);
 """
 
 CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
@@ -166,6 +167,7 @@ ffibuilder.set_source(
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <linux/kvm.h>
 
 /* ioctl wrappers that return -errno, so callers never race on a global errno. */
@@ -185,6 +187,12 @@ static int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg)
  * (no SA_RESTART), so KVM_RUN returns -EINTR and Python's own signal
  * machinery is never involved on a vCPU thread. */
 static void pyvmm_kick(int signo) { (void)signo; }
+
+/* Name the calling OS thread (visible in ps, top and /proc/PID/task/TID/comm). */
+static int pyvmm_set_thread_name(const char *name)
+{
+    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0) < 0 ? -errno : 0;
+}
 
 static int pyvmm_install_kick_handler(int signo)
 {
