@@ -26,5 +26,15 @@ void guest_main(void)
         struct { u16 limit; u64 base; } __attribute__((packed)) idtr = { 0, 0 };
         __asm__ __volatile__("lidt %0; ud2" :: "m"(idtr));
     }
+    /* bench_pio=N: N port-IO writes from ring 0 to the POST port 0x80, which no device
+     * claims: each one is a full exit to the VMM and back (bench/boot_and_exits.py). */
+    u64 n = cmdline_u64("bench_pio", 0);
+    if (n) {
+        u64 t0 = rdtsc();
+        for (u64 i = 0; i < n; i++)
+            outb(0x80, (u8)i);
+        u64 dt = rdtsc() - t0;
+        kprintf("bench_pio: %lu exits, %lu ns each\n", n, tsc_to_us(dt * 1000) / n);
+    }
     enter_user(user_main, 0);
 }

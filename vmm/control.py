@@ -73,7 +73,9 @@ class Controller:
         return dict(self.params)
 
     # -- live update --------------------------------------------------------------------------
-    def migrate(self, main_addr: dict | None, cpr_addr: dict | None, detach: bool = True) -> None:
+    def migrate(self, main_addr: dict | None, cpr_addr: dict | None, detach: bool = True):
+        """Check and set up the live update; returns the callable that starts it, which
+        the monitor runs after its reply has been sent."""
         from .cpr.source import Migration
         with self._lock:
             if self.migration is not None and not self.migration.done.is_set():
@@ -94,7 +96,7 @@ class Controller:
                 exec_command=self.params["cpr-exec-command"],
                 faults=self.params["x-fault"], emit=self._migration_event,
                 extra_fds=self.extra_fds, config=self.config)
-        threading.Thread(target=self._run_migration, name="migration", daemon=True).start()
+        return threading.Thread(target=self._run_migration, name="migration", daemon=True).start
 
     def _migration_event(self, name: str, data=None) -> None:
         if name == "MIGRATION":

@@ -804,6 +804,11 @@ class Monitor:
             reply["return"] = {}
             return lambda: cmd.handler(client, args)
         result = cmd.handler(client, args)
+        if callable(result):
+            # The controller wants work done once the reply is out (migrate: a
+            # cpr-exec may replace this process before the reply could be sent).
+            reply["return"] = {}
+            return result
         reply["return"] = {} if result is None else result
         return None
 
@@ -867,5 +872,5 @@ class Monitor:
         else:
             raise CommandError("neither 'uri' or 'channels' argument are specified in "
                                "'migrate' qmp command")
-        self.controller.migrate(main, cpr, args.get("detach", True))
-        return {}
+        started = self.controller.migrate(main, cpr, args.get("detach", True))
+        return started if callable(started) else {}
