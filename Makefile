@@ -6,14 +6,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: build deps guests test demo bench clean
+.PHONY: build deps pyc guests test demo bench clean
 
 # Debian packages the tests and the demo use: QEMU (the cross-check and the
 # baseline), iproute2/ping (network namespaces, taps), clang (the fuzzer).
 DEB_PKGS := qemu-system-x86:qemu-system-x86_64 iproute2:ip iputils-ping:ping \
             clang:clang libclang-rt-14-dev:/usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer-x86_64.a
 
-build: deps $(STAMP) guests
+build: deps $(STAMP) pyc guests
 
 deps:
 	@missing=""; for pair in $(DEB_PKGS); do pkg=$${pair%%:*}; probe=$${pair#*:}; \
@@ -32,6 +32,11 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h vmm/*/_build*.py vmm/*/*/_build*.py)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
+
+# Byte-compile pyvmm up front: a cpr-exec'd image imports it on the critical path, and
+# with PYTHONDONTWRITEBYTECODE set (as on this project's machines) nothing would cache it.
+pyc: $(STAMP)
+	@$(PY) -m compileall -q vmm
 
 guests:
 	$(MAKE) -s -C guest

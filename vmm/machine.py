@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import GuestError, VmmError
 from .memory import MiB, GuestMemory
@@ -22,17 +20,18 @@ MSR_IA32_TSC = 0x10
 DEBUG_EXIT_PORT = 0xF4
 
 
-@dataclass
 class MachineConfig:
     """What `pyvmm run` was asked for."""
 
-    kernel: str | None = None
-    memory: int = 256 * MiB
-    cmdline: str = ""
-    vcpus: int = 1
-    hugetlb: bool = False
-    console: Callable[[bytes], None] | None = None   # serial output; stdout by default
-    nets: list = field(default_factory=list)
+    def __init__(self, kernel: str | None = None, memory: int = 256 * MiB, cmdline: str = "",
+                 vcpus: int = 1, hugetlb: bool = False, console=None, nets=None):
+        self.kernel = kernel
+        self.memory = memory
+        self.cmdline = cmdline
+        self.vcpus = vcpus
+        self.hugetlb = hugetlb
+        self.console = console     # callable taking bytes: serial output; stdout by default
+        self.nets = list(nets or [])
 
 
 def stdout_console(data: bytes) -> None:
@@ -85,7 +84,8 @@ class Machine:
                 vcpu.set_cpuid_bytes(cpuids[i])
             else:
                 vcpu.setup_cpuid()
-            vcpu.msr_indices()   # probe once now, not in the middle of a live update
+            if not restoring:     # (a restore takes the MSR list from the saved state)
+                vcpu.msr_indices()   # probe once now, not in the middle of a live update
 
         self.pio_bus = Bus()
         self.mmio_bus = Bus()
@@ -121,7 +121,7 @@ class Machine:
         """What a new VMM needs to build an identical empty machine (no device state)."""
         return {"arch": "x86_64", "vcpus": len(self.vcpus), "memory": self.memory.state(),
                 "kernel": self.config.kernel, "cmdline": self.config.cmdline,
-                "cpuid": [v.cpuid_bytes for v in self.vcpus]}
+                "cpuid": [v.cpuid_bytes for v in self.vcpus], "nets": len(self.nets)}
 
     def save_state(self) -> dict:
         """Everything about the paused machine except guest RAM (which stays in its memfd)."""
@@ -186,6 +186,10 @@ class Machine:
         """The notifier chain: "setup" (release), "failed" (take back), "done"."""
         for d in self.cpr_devices:
             d.cpr_notify(event)
+
+    def kvm_fds(self) -> list[int]:
+        """The VM's and vCPUs' fds (for the cpr-exec reaper)."""
+        return [self.vm.fd] + [v.fd for v in self.vcpus]
 
     def restore_devices(self, state: dict, fds: dict[str, int]) -> None:
         """Rebuild devices on the fds the old VMM passed, from their saved state (not started)."""

@@ -12,8 +12,6 @@ guest-supplied address can never make the VMM touch host memory outside RAM.
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 
 from .errors import GuestMemoryError, VmmError
 
@@ -24,7 +22,6 @@ PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 * MiB
 MIN_RAM = 2 * MiB
 
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 _UNITS = {"": MiB, "k": KiB, "m": MiB, "g": GiB, "t": 1 << 40}
 
 
@@ -32,7 +29,8 @@ def parse_size(text: str | int) -> int:
     """Parse a memory size like QEMU's -m: '256M', '1G', '512' (MiB by default)."""
     if isinstance(text, int):
         return text
-    m = _SIZE_RE.match(text)
+    import re
+    m = re.match(r"^\s*(\d+)\s*([kKmMgGtT]?)(i?[bB])?\s*$", text)
     if not m:
         raise VmmError(f"cannot read memory size {text!r}: use a number with K, M or G, e.g. 256M")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]
@@ -47,17 +45,27 @@ def host_ram_bytes() -> int:
     return 0
 
 
-@dataclass(frozen=True)
 class Region:
     """A contiguous piece of guest RAM: guest-physical address, size, offset in the memfd."""
 
-    gpa: int
-    size: int
-    offset: int
+    __slots__ = ("gpa", "size", "offset")
+
+    def __init__(self, gpa: int, size: int, offset: int):
+        self.gpa, self.size, self.offset = gpa, size, offset
 
     @property
     def end(self) -> int:
         return self.gpa + self.size
+
+    def __eq__(self, other):
+        return isinstance(other, Region) and \
+            (self.gpa, self.size, self.offset) == (other.gpa, other.size, other.offset)
+
+    def __hash__(self):
+        return hash((self.gpa, self.size, self.offset))
+
+    def __repr__(self):
+        return f"Region(gpa={self.gpa:#x}, size={self.size:#x}, offset={self.offset:#x})"
 
 
 def layout(size: int) -> tuple[Region, ...]:

@@ -18,8 +18,9 @@ recorded so that a blob from another kernel is refused rather than misread.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import json
+import os
 import struct
 import zlib
 
@@ -37,7 +38,7 @@ class StateError(VmmError):
 
 def _encode(obj):
     if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"__bytes__": base64.b64encode(bytes(obj)).decode("ascii")}
+        return {"__bytes__": binascii.b2a_base64(bytes(obj), newline=False).decode("ascii")}
     if isinstance(obj, dict):
         for key in obj:
             if not isinstance(key, str):
@@ -53,8 +54,8 @@ def _encode(obj):
 def _decode_hook(d: dict):
     if len(d) == 1 and "__bytes__" in d:
         try:
-            return base64.b64decode(d["__bytes__"], validate=True)
-        except (ValueError, TypeError) as e:
+            return binascii.a2b_base64(d["__bytes__"], strict_mode=True)
+        except (ValueError, TypeError, binascii.Error) as e:
             raise StateError(f"state blob is corrupt: bad bytes field ({e})") from None
     return d
 
@@ -117,3 +118,16 @@ def decode_tree(obj):
     if isinstance(obj, list):
         return [decode_tree(v) for v in obj]
     return obj
+
+
+def to_memfd(blob: bytes) -> int:
+    """Put a state blob in a sealed-size memfd (close-on-exec) for passing."""
+    fd = os.memfd_create("pyvmm-cpr-state", os.MFD_CLOEXEC)
+    os.write(fd, blob)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def read_memfd(fd: int) -> bytes:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, size, 0)

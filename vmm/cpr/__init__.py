@@ -5,3 +5,13 @@ the new VMM uses the devices the moment it receives their fds, so the old one
 must have stopped the guest (vCPUs paused, data paths quiesced) and released
 every device before any device fd leaves it.
 """
+
+# cpr-exec: the environment of the new image names the state memfd, when the old
+# image began the exec (CLOCK_MONOTONIC ns), and whether this is the fallback exec.
+EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
+EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"
+FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
+
+# What a cpr-exec runs by default, after `python -S -c`: straight to the resume
+# path, without runpy (-m) and without site (-S); PYTHONPATH carries the search path.
+RESUME_SNIPPET = "import vmm.runner as r; raise SystemExit(r.resume_after_exec())"

@@ -112,16 +112,3 @@ def listen(path: str) -> socket.socket:
         raise ChannelError(f"cannot listen on {path}: {e.strerror}") from None
     s.listen(1)
     return s
-
-
-def state_to_memfd(blob: bytes) -> int:
-    """Put a state blob in a sealed-size memfd (close-on-exec) for passing."""
-    fd = os.memfd_create("pyvmm-cpr-state", os.MFD_CLOEXEC)
-    os.write(fd, blob)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
-
-def read_memfd(fd: int) -> bytes:
-    size = os.fstat(fd).st_size
-    return os.pread(fd, size, 0)

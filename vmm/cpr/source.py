@@ -18,12 +18,11 @@ import threading
 
 from .. import state as state_format
 from ..errors import VmmError
-from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, state_to_memfd
+from . import EXEC_STATE_ENV, EXEC_T_ENV, RESUME_SNIPPET
+from .channel import PROTOCOL, PROTOCOL_VERSION, Channel
 from .faults import Faults
 from .timeline import Timeline, timeline_info
 
-EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
-EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"   # when the old image began the exec (CLOCK_MONOTONIC ns)
 PREPARE_TIMEOUT = 60.0
 RESTORE_TIMEOUT = 30.0
 
@@ -47,7 +46,7 @@ class Migration:
         self.machine = machine
         self.mode = mode
         self.cpr_path = cpr_path
-        self.exec_command = exec_command or [sys.executable, "-m", "vmm"]
+        self.exec_command = exec_command or [sys.executable, "-S", "-c", RESUME_SNIPPET]
         self.faults = Faults(faults)
         self.emit = emit or (lambda name, data=None: None)
         self.extra_fds = extra_fds or {}
@@ -95,6 +94,10 @@ class Migration:
     def _run(self) -> bool:
         m = self.machine
         self._set_status("setup")
+        self.reaper = None
+        if self.mode == "cpr-exec":
+            from .reaper import VmReaper
+            self.reaper = VmReaper(m.kvm_fds())
         if self.mode == "cpr-transfer":
             self._mark("setup")
             try:
@@ -157,7 +160,7 @@ class Migration:
     def _transfer(self, blob: bytes, fds: dict[str, int]) -> None:
         self.faults.check("transfer")
         names = list(fds)
-        state_fd = state_to_memfd(blob)
+        state_fd = state_format.to_memfd(blob)
         try:
             self.channel.send({"msg": "state", "fds": ["state"] + names,
                                "t_transfer": self.timeline.get("transfer")},
@@ -170,10 +173,11 @@ class Migration:
         self.channel.send({"msg": "go"})
 
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
-        state_fd = state_to_memfd(blob)
+        state_fd = state_format.to_memfd(blob)
         passed = list(fds.values()) + [state_fd]
         env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd),
-                                  EXEC_T_ENV: str(self.timeline.get("transfer"))})
+                                  EXEC_T_ENV: str(self.timeline.get("transfer")),
+                                  "PYTHONPATH": search_path()})
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)
@@ -206,6 +210,9 @@ class Migration:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+        if getattr(self, "reaper", None) is not None:
+            self.reaper.cancel()
+            self.reaper = None
         if stopped:
             m = self.machine
             m.notify_devices("failed")
@@ -215,6 +222,14 @@ class Migration:
                 self.emit("RESUME")
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")
         return False
+
+
+def search_path() -> str:
+    """This process's module search path, for a new image started with -S (no site)."""
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pkg_root = os.path.dirname(pkg_root)
+    paths = [pkg_root] + [p for p in sys.path if p and os.path.isdir(p)]
+    return os.pathsep.join(dict.fromkeys(paths))
 
 
 def _jsonable(obj):

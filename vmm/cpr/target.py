@@ -20,9 +20,9 @@ import os
 from .. import state as state_format
 from ..errors import VmmError
 from ..memory import GuestMemory
-from .channel import PROTOCOL, Channel, ChannelError, listen, read_memfd
+from ..state import read_memfd
+from . import EXEC_STATE_ENV, EXEC_T_ENV, FALLBACK_ENV, RESUME_SNIPPET
 from .faults import Faults
-from .source import EXEC_STATE_ENV, EXEC_T_ENV
 from .timeline import Timeline
 
 
@@ -42,9 +42,10 @@ def build_machine(shape: dict, ram_fd: int, config: dict, console=None):
     # Everything that does not need the saved state happens now, before the old VMM
     # stops its guest: vCPU threads exist and wait parked; device code is imported.
     machine.start(paused=True)
-    from ..devices import net, virtio_net  # noqa: F401
-    from ..net import cpath, tap  # noqa: F401
-    from ..virtio import mmio  # noqa: F401
+    if shape.get("nets"):
+        from ..devices import net, virtio_net  # noqa: F401
+        from ..net import cpath, tap  # noqa: F401
+        from ..virtio import mmio  # noqa: F401
     return machine
 
 
@@ -58,10 +59,11 @@ class Incoming:
     """cpr-transfer target: wait for the old VMM, prepare, restore, resume on "go"."""
 
     def __init__(self, path: str, console=None):
+        from .channel import listen
         self.path = path
         self.console = console
         self.listener = listen(path)
-        self.channel: Channel | None = None
+        self.channel = None
         self.machine = None
         self.timeline = Timeline()
         self.config: dict = {}
@@ -69,6 +71,7 @@ class Incoming:
 
     def prepare(self) -> None:
         """Accept the old VMM and build the VM on its RAM (before it stops the guest)."""
+        from .channel import PROTOCOL, Channel, ChannelError
         conn, _ = self.listener.accept()
         self.listener.close()
         try:
@@ -97,6 +100,7 @@ class Incoming:
 
     def complete(self):
         """Receive state and fds, restore, wait for "go", resume.  Returns the machine."""
+        from .channel import ChannelError
         self.faults.crash("target-crash-before-fds")
         msg, fds = self.channel.expect("state", timeout=None)
         self.timeline.mark("restore")
@@ -161,9 +165,6 @@ def peer_threads(sock) -> list[str]:
         return []
 
 
-FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
-
-
 def exec_resume(console_factory=None):
     """cpr-exec target: rebuild the machine from the state memfd named in the environment.
 
@@ -203,7 +204,7 @@ def exec_resume(console_factory=None):
             os.set_inheritable(n, True)
         env = dict(os.environ, **{EXEC_STATE_ENV: str(fd), EXEC_T_ENV: str(t_transfer),
                                   FALLBACK_ENV: "1"})
-        os.execve(sys.executable, [sys.executable, "-m", "vmm"], env)
+        os.execve(sys.executable, [sys.executable, "-S", "-c", RESUME_SNIPPET], env)
     os.close(fd)
     machine.start(paused=True)
     machine.resume_devices()

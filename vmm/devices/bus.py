@@ -19,10 +19,11 @@ and writes are dropped.  Devices therefore never see offset + size > length.
 from __future__ import annotations
 
 import bisect
-from typing import Iterator, Protocol
 
 
-class BusDevice(Protocol):
+class BusDevice:
+    """What a device on a bus provides (documentation; any object with these two works)."""
+
     def read(self, offset: int, size: int) -> bytes: ...
 
     def write(self, offset: int, data: bytes) -> None: ...
@@ -91,7 +92,7 @@ class Bus:
         hit[2].write(addr - hit[0], data)
         return True
 
-    def __iter__(self) -> Iterator[tuple[int, int, BusDevice]]:
+    def __iter__(self):
         """(base, length, device) for each mapped range, in address order."""
         return iter([(b, e - b, d) for b, e, d in self._ranges])
 

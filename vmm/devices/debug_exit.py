@@ -8,13 +8,12 @@ itself: `outb 0, $0xf4` is a clean exit 0.
 
 from __future__ import annotations
 
-from typing import Callable
 
 
 class DebugExit:
     """Any 1-, 2- or 4-byte write calls on_exit(value); reads return zeros."""
 
-    def __init__(self, on_exit: Callable[[int], None]):
+    def __init__(self, on_exit):
         self.on_exit = on_exit
 
     def read(self, offset: int, size: int) -> bytes:

@@ -14,7 +14,6 @@ sequence.  Its cpr_* methods are the device's part of stop -> notify -> save:
 
 from __future__ import annotations
 
-import re
 
 from ..errors import DeviceError, VmmError
 
@@ -36,6 +35,7 @@ def parse_spec(spec: str) -> dict:
             raise VmmError(f"--net {spec!r}: unknown option {item!r} (use ifname=, fd=, mac=, "
                            "backend=)")
         opts[key] = value
+    import re
     if "mac" in opts and not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", opts["mac"]):
         raise VmmError(f"--net: MAC {opts['mac']!r} should look like 52:54:00:12:34:56")
     if opts.get("backend", "c") not in BACKENDS:

@@ -24,7 +24,6 @@ under it too, which keeps output bytes and line changes in order.
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
 from ..state import StateError
 
@@ -62,7 +61,7 @@ _STATE_INTS = ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr",
 class Serial16550:
     """A 16550A UART: `out` gets transmitted bytes, `irq(level)` drives its interrupt line."""
 
-    def __init__(self, out: Callable[[bytes], None], irq: Callable[[bool], None]):
+    def __init__(self, out, irq):
         self.out = out
         self.irq = irq
         self._lock = threading.RLock()

@@ -15,13 +15,13 @@ If the update is abandoned, the old VMM calls reacquire() and resume().
 
 from __future__ import annotations
 
-import logging
 import os
 
 from ..errors import DeviceError, VmmError
+from ..log import get_logger
 from ..virtio import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEVICE_ID = 1
 QUEUE_SIZE = 256

@@ -179,6 +179,8 @@ class Vcpu:
                 continue
             if name == "msrs":
                 self.set_msrs(dict(state["msrs"]))
+                if self._msr_indices is None:   # the same MSRs are readable here
+                    self._msr_indices = [index for index, _ in state["msrs"]]
             else:
                 self.set(name, from_bytes(_SIMPLE_STATE[name][0], state[name]))
 

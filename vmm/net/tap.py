@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import socket
 import struct
 
 from ..errors import DeviceError
@@ -156,6 +155,7 @@ class Tap:
         tap's as long as the tap was created or opened here.
         """
         ifr = _ifreq(self.name)
+        import socket
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
                 fcntl.ioctl(s.fileno(), lib.SIOCGIFFLAGS, ifr)
@@ -190,6 +190,7 @@ def _check_name(name: str) -> None:
 
 def _exists(name: str) -> bool:
     try:
+        import socket
         socket.if_nametoindex(name)
         return True
     except OSError:

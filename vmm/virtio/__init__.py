@@ -6,7 +6,6 @@ device side (rings, buffers) lives in the data paths under vmm/net/.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 # Device status bits (§2.1).
 ACKNOWLEDGE = 0x01
@@ -32,16 +31,21 @@ def bit(n: int) -> int:
     return 1 << n
 
 
-@dataclass
 class Queue:
     """What the driver told the transport about one split virtqueue (guest-physical addresses)."""
 
-    max_size: int
-    num: int = 0
-    ready: bool = False
-    desc: int = 0
-    driver: int = 0   # the available ring
-    device: int = 0   # the used ring
+    __slots__ = ("max_size", "num", "ready", "desc", "driver", "device")
+
+    def __init__(self, max_size: int, num: int = 0, ready: bool = False, desc: int = 0,
+                 driver: int = 0, device: int = 0):
+        self.max_size, self.num, self.ready = max_size, num, ready
+        self.desc = desc
+        self.driver = driver   # the available ring
+        self.device = device   # the used ring
+
+    def __repr__(self):
+        return (f"Queue(max_size={self.max_size}, num={self.num}, ready={self.ready}, "
+                f"desc={self.desc:#x}, driver={self.driver:#x}, device={self.device:#x})")
 
     def reset(self) -> None:
         self.num = self.max_size

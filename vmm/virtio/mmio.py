@@ -17,15 +17,15 @@ Device protocol (duck-typed): `device_id`, `features` (offered), `queue_sizes`
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 
+from ..log import get_logger
 from ..errors import VmmError
 from . import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, F_VERSION_1, FAILED,
                FEATURES_OK, INT_CONFIG, Queue, bit)
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MMIO_SIZE = 0x1000
 MAGIC = 0x74726976  # "virt"
