@@ -14,14 +14,13 @@ that), and only then reports itself paused.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 
 from .errors import GuestError
 from .kvm.ffi import ffi, lib, to_dict
 
-KICK_SIGNAL = signal.SIGUSR1
+KICK_SIGNAL = lib.SIGUSR1
 _kick_installed = False
 
 
@@ -61,10 +60,7 @@ class VcpuThread:
     def _kick(self) -> None:
         self.vcpu.run.immediate_exit = 1
         if self._tid:
-            try:
-                signal.pthread_kill(self._tid, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+            lib.pyvmm_kick_thread(self._tid, KICK_SIGNAL)   # ESRCH: the thread is gone
 
     def pause(self) -> None:
         """Return once the vCPU is out of the guest with its state consistent."""

@@ -7,7 +7,6 @@ after the guest runs.
 
 from __future__ import annotations
 
-import signal
 import sys
 
 from .errors import VmmError
@@ -74,6 +73,7 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
         stop_signal.append(signo)
         machine._done.set()
 
+    import signal   # here, not at the top: the cpr-exec image resumes the guest first
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:

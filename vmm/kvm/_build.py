@@ -153,6 +153,8 @@ int pyvmm_ioctl(int fd, unsigned long request, void *arg);
 int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int pyvmm_install_kick_handler(int signo);
 int pyvmm_set_thread_name(const char *name);
+int pyvmm_kick_thread(unsigned long thread, int signo);
+#define SIGUSR1 ...
 """
 
 CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
@@ -163,6 +165,7 @@ ffibuilder.set_source(
     "vmm.kvm._kvm",
     r"""
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -192,6 +195,13 @@ static void pyvmm_kick(int signo) { (void)signo; }
 static int pyvmm_set_thread_name(const char *name)
 {
     return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0) < 0 ? -errno : 0;
+}
+
+/* pthread_kill without importing Python's signal module (and enum) on the
+ * cpr-exec critical path; `thread` is threading.get_ident(). */
+static int pyvmm_kick_thread(unsigned long thread, int signo)
+{
+    return -pthread_kill((pthread_t)thread, signo);
 }
 
 static int pyvmm_install_kick_handler(int signo)
