@@ -26,6 +26,15 @@ void guest_main(void)
         struct { u16 limit; u64 base; } __attribute__((packed)) idtr = { 0, 0 };
         __asm__ __volatile__("lidt %0; ud2" :: "m"(idtr));
     }
+    /* echo_input=1: read one line from the serial port (the VMM's stdin) and print it. */
+    if (cmdline_u64("echo_input", 0)) {
+        char line[128];
+        int n = 0, c;
+        while (n < (int)sizeof line - 1 && (c = serial_getc(5000000)) >= 0 && c != '\n')
+            line[n++] = (char)c;
+        line[n] = 0;
+        kprintf("input: %s\n", line);
+    }
     /* bench_pio=N: N port-IO writes from ring 0 to the POST port 0x80, which no device
      * claims: each one is a full exit to the VMM and back (bench/boot_and_exits.py). */
     u64 n = cmdline_u64("bench_pio", 0);

@@ -229,3 +229,44 @@ def test_corrupt_state_is_refused(guests):
             other.restore_state(state)
     finally:
         other.close()
+
+
+def test_stdin_reaches_the_guest_serial_port(guests, vmm_procs):
+    import subprocess
+    p = vmm_procs(["run", "--kernel", str(guests / "hello.elf"), "--cmdline", "echo_input=1"],
+                  stdin=subprocess.PIPE)
+    p.wait_for(r"cmdline: echo_input=1")     # the UART is set up (its FIFO reset) by now
+    p.proc.stdin.write(b"typed by a student\n")
+    p.proc.stdin.flush()
+    p.wait_for(r"^input: typed by a student$")
+    assert p.wait(10) == 0
+
+
+def test_hugetlb_without_huge_pages_is_a_clear_error(guests):
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        if int(f.read()) > 0:
+            pytest.skip("this host has huge pages reserved")
+    r = run_pyvmm("run", "--kernel", str(guests / "hello.elf"), "--hugetlb")
+    assert r.returncode == 1
+    assert r.stderr.startswith("pyvmm: error:") and r.stderr.count("\n") == 1
+    assert "huge pages" in r.stderr and "nr_hugepages" in r.stderr
+
+
+def test_dirty_log_sees_the_guest_write(guests):
+    """KVM's dirty log (the tool CPR does not need, and live migration does)."""
+    m, console = boot(guests, "pattern", "pattern_mb=8")
+    try:
+        console.wait_for(r"pass 2")
+        m.pause()
+        m.vm.set_memory_region(0, 0, m.memory.size, m.memory.host_base,
+                               flags=__import__("vmm.kvm.ffi", fromlist=["lib"]).lib.KVM_MEM_LOG_DIRTY_PAGES)
+        m.vm.get_dirty_log(0)                  # start clean
+        m.resume()
+        console.wait_for(r"pass 4")
+        m.pause()
+        bitmap = m.vm.get_dirty_log(0)
+        dirty = sum(bin(b).count("1") for b in bitmap)
+        assert dirty >= 8 * 256 - 8, dirty     # every page of the 8 MiB pattern area
+        m.resume()
+    finally:
+        m.close()

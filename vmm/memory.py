@@ -95,6 +95,7 @@ class GuestMemory:
         self.name = name
         self.hugetlb = hugetlb
         self.regions = layout(size)
+        self._adopted = fd is not None
         if fd is None:
             flags = os.MFD_CLOEXEC | (os.MFD_HUGETLB if hugetlb else 0)
             try:
@@ -111,7 +112,16 @@ class GuestMemory:
                 raise VmmError(f"RAM memfd holds {actual} bytes, expected {size}")
         self.fd = fd
         from .kvm.ffi import SharedMapping
-        self._map = SharedMapping(fd, size)
+        try:
+            self._map = SharedMapping(fd, size)
+        except OSError as e:
+            if fd is not None and self.fd == fd and not self._adopted:
+                os.close(fd)
+            hint = (f": reserve {size // HUGE_PAGE_SIZE} huge pages first "
+                    f"(echo {size // HUGE_PAGE_SIZE} > /proc/sys/vm/nr_hugepages)"
+                    if hugetlb else "")
+            raise VmmError(f"cannot map {size // MiB} MiB of guest RAM ({e.strerror})"
+                           + hint) from None
         self._view = memoryview(self._map.buffer())
         self.host_base = self._map.address
 

@@ -7,6 +7,7 @@ after the guest runs.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .errors import VmmError
@@ -76,6 +77,7 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
     import signal   # here, not at the top: the cpr-exec image resumes the guest first
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    start_stdin_reader(machine)
     try:
         if start:
             machine.start()
@@ -96,3 +98,20 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
             print(dump, file=sys.stderr)
         return EXIT_GUEST_CRASH
     return machine.exit_code or 0
+
+
+def start_stdin_reader(machine) -> None:
+    """Feed pyvmm's stdin to the guest's serial port (the UART's receive side)."""
+    import threading
+
+    def pump():
+        while True:
+            try:
+                data = os.read(0, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            machine.serial.enqueue_input(data)
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()

@@ -64,6 +64,7 @@ static inline u64 us_to_tsc(u64 us) { return us * g_tsc_khz / 1000; }
 /* ---- ring 0 ---- */
 void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void serial_write(const char *s, size_t n);
+int serial_getc(u64 us);
 NORETURN void dbg_exit(u32 code);
 /* iretq into fn(arg) at CPL 3 on the shared user stack; returning from fn == exit(0) */
 NORETURN void enter_user(void (*fn)(void *), void *arg);

@@ -59,6 +59,16 @@ static void serial_putc(char c)
     outb(COM1, (u8)c);
 }
 
+/* One byte from the serial line, or -1 if none arrives within `us` microseconds. */
+int serial_getc(u64 us)
+{
+    u64 end = rdtsc() + us_to_tsc(us);
+    while (rdtsc() < end)
+        if (inb(COM1 + 5) & 0x01)
+            return inb(COM1);
+    return -1;
+}
+
 void serial_write(const char *s, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
