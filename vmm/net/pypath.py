@@ -35,7 +35,11 @@ RX, TX = 0, 1
 NQUEUES = 2
 
 DESC = struct.Struct("<QIHH")
-U16 = struct.Struct("<H")
+# Ring indices are shared with the guest while it runs: read and write them in one
+# 16-bit access.  struct's "<H" goes byte by byte, so the guest (or we) could see a
+# torn index (0x00ff -> 0x01ff) and walk the whole ring again; native "@H" is a
+# single load/store on x86, whose byte order is the ring's (little-endian).
+U16 = struct.Struct("@H")
 USED_ELEM = struct.Struct("<II")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
