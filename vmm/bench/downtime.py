@@ -656,7 +656,7 @@ def table(records, skipped: list[str]) -> str:
                 if b:
                     bm = statistics.median(r["host_us"] for r in b)
                     ratios.append(f"| {size_name(size)} | cpr-{mode} | {MODE_NAME[base]} | "
-                                  f"{m / 1000:.2f} | {bm / 1000:.2f} | {m / bm:.3f} |")
+                                  f"{m / 1000:.2f} | {bm / 1000:.2f} | {m / bm:.3g} |")
     if ratios:
         out += ["## pyvmm / baseline (median host downtime, untouched RAM, idle)", "",
                 "| RAM | pyvmm | baseline | pyvmm ms | baseline ms | ratio |",
