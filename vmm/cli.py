@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
 
+    bench = sub.add_parser("bench", help="benchmarks: `pyvmm bench downtime --help`")
+    bench.add_argument("suite", choices=["downtime"])
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own options")
+
     state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
     state.add_argument("--socket", required=True, metavar="QMP")
     return p
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cpr":
             from .cpr.tool import cmd_cpr
             return cmd_cpr(args)
+        if args.command == "bench":
+            from .bench.downtime import main as downtime_main
+            return downtime_main(args.args)
         if args.command == "demo":
             from .demo import main as demo_main
             return demo_main()
