@@ -193,11 +193,13 @@ class Machine:
 
     def restore_devices(self, state: dict, fds: dict[str, int]) -> None:
         """Rebuild devices on the fds the old VMM passed, from their saved state (not started)."""
-        from .devices.net import NetDevice
-        from .net.tap import Tap
         fds = dict(fds)
+        nets = state["devices"].get("nets", [])
+        if nets:   # (imported only when needed: this runs inside the downtime)
+            from .devices.net import NetDevice
+            from .net.tap import Tap
         try:
-            for saved in state["devices"].get("nets", []):
+            for saved in nets:
                 name = f"net{saved['index']}.tap"
                 if name not in fds:
                     raise StateError(f"the old pyvmm did not pass the tap fd for {name}")

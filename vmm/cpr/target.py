@@ -91,6 +91,8 @@ class Incoming:
             shape = state_format.decode_tree(msg["shape"])
             self.config = msg.get("config", {})
             self.machine = build_machine(shape, fds[0], self.config, self.console)
+            # Run the blob decoder once now: its first run in a fresh process is the slow one.
+            state_format.loads(state_format.dumps({"warm-up": shape}))
         except Exception as e:
             for fd in fds:
                 _close(fd)
