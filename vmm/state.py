@@ -1,25 +1,34 @@
 """pyvmm's saved-state format: versioned, checksummed, self-describing, never pickled.
 
-A blob is a fixed header followed by a UTF-8 JSON body:
+A blob is a fixed header followed by a tagged binary body:
 
     offset  size  field
     0       8     magic  b"PYVMMST\\0"
-    8       4     format version (little-endian u32), currently 1
+    8       4     format version (little-endian u32), currently 2
     12      4     CRC-32 of the body
     16      8     body length in bytes
-    24      ...   body: JSON; bytes values are {"__bytes__": "<base64>"}
+    24      ...   body: one value, encoded as below
 
-JSON keeps the blob readable (`pyvmm state FILE` prints it), and decoding it
-can only ever produce dicts, lists, strings, numbers and bytes: a corrupt or
-hostile blob is refused with a clear message, never executed.  Kernel structs
-(xsave, LAPIC, irqchip...) are stored as their exact bytes, with their sizes
-recorded so that a blob from another kernel is refused rather than misread.
+Every value starts with a one-byte tag, so the body describes itself:
+
+    N  None          T / F  True / False
+    q  int, 8 bytes signed      Q  int, 8 bytes unsigned     L  int: u32 n, n bytes signed
+    d  float, 8 bytes           s  str: u32 n, n bytes UTF-8  b  bytes: u32 n, n bytes
+    l  list: u32 n, n values    m  map: u32 n, n (str key without its tag, value) pairs
+
+Decoding can only ever produce dicts, lists, strings, numbers and bytes: a
+corrupt or hostile blob is refused with a message saying what is wrong, never
+executed.  (Version 1 was JSON; a binary body keeps `json`, and with it `re`
+and `enum`, out of the cpr-exec image, whose every import is downtime.)
+`python -m vmm.state FILE` prints a blob as JSON for people to read.
+
+Kernel structs (xsave, LAPIC, irqchip...) are stored as their exact bytes, and
+their sizes are checked on load, so a blob from another kernel is refused
+rather than misread.
 """
 
 from __future__ import annotations
 
-import binascii
-import json
 import os
 import struct
 import zlib
@@ -27,43 +36,122 @@ import zlib
 from .errors import VmmError
 
 MAGIC = b"PYVMMST\0"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<8sIIQ")
 MAX_BODY = 64 << 20
+MAX_DEPTH = 64
+
+_U32 = struct.Struct("<I")
+_Q = struct.Struct("<q")
+_UQ = struct.Struct("<Q")
+_D = struct.Struct("<d")
 
 
 class StateError(VmmError):
     """A state blob that pyvmm will not load."""
 
 
-def _encode(obj):
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        return {"__bytes__": binascii.b2a_base64(bytes(obj), newline=False).decode("ascii")}
-    if isinstance(obj, dict):
-        for key in obj:
+# -- encoding -----------------------------------------------------------------------
+def _enc(obj, out: list, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise StateError("state nests too deeply")
+    if obj is None:
+        out.append(b"N")
+    elif obj is True:
+        out.append(b"T")
+    elif obj is False:
+        out.append(b"F")
+    elif isinstance(obj, int):
+        if -(1 << 63) <= obj < (1 << 63):
+            out.append(b"q" + _Q.pack(obj))
+        elif 0 <= obj < (1 << 64):
+            out.append(b"Q" + _UQ.pack(obj))
+        else:
+            raw = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
+            out.append(b"L" + _U32.pack(len(raw)) + raw)
+    elif isinstance(obj, float):
+        out.append(b"d" + _D.pack(obj))
+    elif isinstance(obj, str):
+        raw = obj.encode()
+        out.append(b"s" + _U32.pack(len(raw)) + raw)
+    elif isinstance(obj, (bytes, bytearray, memoryview)):
+        raw = bytes(obj)
+        out.append(b"b" + _U32.pack(len(raw)) + raw)
+    elif isinstance(obj, (list, tuple)):
+        out.append(b"l" + _U32.pack(len(obj)))
+        for item in obj:
+            _enc(item, out, depth + 1)
+    elif isinstance(obj, dict):
+        out.append(b"m" + _U32.pack(len(obj)))
+        for key, value in obj.items():
             if not isinstance(key, str):
                 raise StateError(f"state key {key!r} is not a string")
-        return {k: _encode(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise StateError(f"cannot save a {type(obj).__name__} in pyvmm state")
-
-
-def _decode_hook(d: dict):
-    if len(d) == 1 and "__bytes__" in d:
-        try:
-            return binascii.a2b_base64(d["__bytes__"], strict_mode=True)
-        except (ValueError, TypeError, binascii.Error) as e:
-            raise StateError(f"state blob is corrupt: bad bytes field ({e})") from None
-    return d
+            raw = key.encode()
+            out.append(_U32.pack(len(raw)) + raw)
+            _enc(value, out, depth + 1)
+    else:
+        raise StateError(f"cannot save a {type(obj).__name__} in pyvmm state")
 
 
 def dumps(state: dict) -> bytes:
     """Serialize a state dict into a blob."""
-    body = json.dumps(_encode(state), separators=(",", ":")).encode()
+    parts: list[bytes] = []
+    _enc(state, parts)
+    body = b"".join(parts)
     return HEADER.pack(MAGIC, VERSION, zlib.crc32(body), len(body)) + body
+
+
+# -- decoding -----------------------------------------------------------------------
+class _Reader:
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: bytes):
+        self.buf = buf
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if n < 0 or end > len(self.buf):
+            raise StateError("state blob is corrupt: a value runs past the end")
+        data = self.buf[self.pos:end]
+        self.pos = end
+        return data
+
+    def u32(self) -> int:
+        return _U32.unpack(self.take(4))[0]
+
+    def value(self, depth: int = 0):
+        if depth > MAX_DEPTH:
+            raise StateError("state blob is corrupt: it nests too deeply")
+        tag = self.take(1)
+        if tag == b"q":
+            return _Q.unpack(self.take(8))[0]
+        if tag == b"b":
+            return self.take(self.u32())
+        if tag == b"m":
+            n = self.u32()
+            out = {}
+            for _ in range(n):
+                key = self.take(self.u32()).decode(errors="strict")
+                out[key] = self.value(depth + 1)
+            return out
+        if tag == b"l":
+            return [self.value(depth + 1) for _ in range(self.u32())]
+        if tag == b"s":
+            return self.take(self.u32()).decode(errors="strict")
+        if tag == b"Q":
+            return _UQ.unpack(self.take(8))[0]
+        if tag == b"N":
+            return None
+        if tag == b"T":
+            return True
+        if tag == b"F":
+            return False
+        if tag == b"L":
+            return int.from_bytes(self.take(self.u32()), "little", signed=True)
+        if tag == b"d":
+            return _D.unpack(self.take(8))[0]
+        raise StateError(f"state blob is corrupt: unknown tag {tag!r} at byte {self.pos - 1}")
 
 
 def loads(blob: bytes) -> dict:
@@ -83,12 +171,17 @@ def loads(blob: bytes) -> dict:
     body = bytes(blob[HEADER.size:])
     if zlib.crc32(body) != crc:
         raise StateError("state blob is corrupt: checksum mismatch")
+    reader = _Reader(body)
     try:
-        state = json.loads(body, object_hook=_decode_hook)
-    except (ValueError, RecursionError) as e:
+        state = reader.value()
+    except UnicodeDecodeError:
+        raise StateError("state blob is corrupt: a string is not UTF-8") from None
+    except struct.error as e:
         raise StateError(f"state blob is corrupt: {e}") from None
+    if reader.pos != len(body):
+        raise StateError("state blob is corrupt: bytes left over after the body")
     if not isinstance(state, dict):
-        raise StateError("state blob is corrupt: the body is not an object")
+        raise StateError("state blob is corrupt: the body is not a map")
     return state
 
 
@@ -105,25 +198,46 @@ def require(state: dict, path: str, kind: type):
     return node
 
 
+# -- JSON-safe trees (the cpr-transfer channel's small messages) ----------------------
 def encode_tree(obj):
-    """A state tree with bytes made JSON-safe (for messages that are not whole blobs)."""
-    return _encode(obj)
+    """A tree with bytes made JSON-safe as {"__bytes__": base64}."""
+    import binascii
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"__bytes__": binascii.b2a_base64(bytes(obj), newline=False).decode("ascii")}
+    if isinstance(obj, dict):
+        for key in obj:
+            if not isinstance(key, str):
+                raise StateError(f"state key {key!r} is not a string")
+        return {k: encode_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode_tree(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise StateError(f"cannot send a {type(obj).__name__}")
 
 
 def decode_tree(obj):
     """The inverse of encode_tree, for a tree that json already parsed."""
+    import binascii
     if isinstance(obj, dict):
-        obj = {k: decode_tree(v) for k, v in obj.items()}
-        return _decode_hook(obj)
+        if len(obj) == 1 and "__bytes__" in obj:
+            try:
+                return binascii.a2b_base64(obj["__bytes__"], strict_mode=True)
+            except (ValueError, TypeError, binascii.Error) as e:
+                raise StateError(f"corrupt bytes field ({e})") from None
+        return {k: decode_tree(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [decode_tree(v) for v in obj]
     return obj
 
 
+# -- blobs in memfds (how state travels to the new VMM) -------------------------------
 def to_memfd(blob: bytes) -> int:
-    """Put a state blob in a sealed-size memfd (close-on-exec) for passing."""
+    """Put a state blob in a memfd (close-on-exec) for passing."""
     fd = os.memfd_create("pyvmm-cpr-state", os.MFD_CLOEXEC)
-    os.write(fd, blob)
+    view = memoryview(blob)
+    while view:
+        view = view[os.write(fd, view):]
     os.lseek(fd, 0, os.SEEK_SET)
     return fd
 
@@ -131,3 +245,36 @@ def to_memfd(blob: bytes) -> int:
 def read_memfd(fd: int) -> bytes:
     size = os.fstat(fd).st_size
     return os.pread(fd, size, 0)
+
+
+def _as_json(obj):
+    if isinstance(obj, bytes):
+        return {"bytes": len(obj), "hex": obj[:64].hex() + ("..." if len(obj) > 64 else "")}
+    if isinstance(obj, dict):
+        return {k: _as_json(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_as_json(v) for v in obj]
+    return obj
+
+
+def main(argv=None) -> int:
+    """`python -m vmm.state FILE`: print a saved state blob as JSON."""
+    import json
+    import sys
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m vmm.state FILE", file=sys.stderr)
+        return 2
+    with open(args[0], "rb") as f:
+        try:
+            state = loads(f.read())
+        except StateError as e:
+            print(f"pyvmm: error: {e}", file=sys.stderr)
+            return 1
+    json.dump(_as_json(state), sys.stdout, indent=1)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
