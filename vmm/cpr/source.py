@@ -96,7 +96,7 @@ class Migration:
         self._set_status("setup")
         self._warm_up()
         self.reaper = None
-        if self.mode == "cpr-exec" and not os.environ.get("PYVMM_NO_REAPER"):
+        if self.mode == "cpr-exec":
             from .reaper import VmReaper
             self.reaper = VmReaper(m.kvm_fds())
         if self.mode == "cpr-transfer":
