@@ -484,10 +484,19 @@ def qemu_cmd(size: int, shm: Path, qmp_path: Path, incoming: Path | None) -> lis
 
 
 def wait_socket(path: Path, proc: Proc, timeout: float = 20.0):
+    """Until QEMU accepts on `path` (the file appears at bind(), before listen())."""
+    import socket
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while True:
         if proc.proc.poll() is not None or time.monotonic() > deadline:
             raise BenchError(f"QEMU did not start: {proc.stderr[-2000:]}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(str(path))
+                    return
+                except OSError:
+                    pass
         time.sleep(0.005)
 
 
