@@ -485,3 +485,37 @@ def test_netecho_loses_no_datagram_during_cpr(guests, vmm_procs, tmp_path, mode)
     assert "250 packets transmitted, 250 received" in ping_out, ping_out
     # the network's view of the pause is at least the host's view of it
     assert result["max_gap_ms"] * 1000 >= info["x-downtime-us"] * 0.5
+
+
+def test_fault_is_for_one_update_and_must_fit_the_mode(guests, vmm_procs, tmp_path):
+    p, qmp_path = start_ticker(vmm_procs, tmp_path)
+    p.wait_for(r"tick 3 ")
+    assert cpr_exec(qmp_path, faults=["save"])["status"] == "failed"
+    q = qmp_connect(qmp_path)
+    try:
+        with pytest.raises(QmpFailed, match="do not exist in cpr-exec"):
+            qmp(q, "migrate-set-parameters", mode="cpr-exec", **{"x-fault": ["transfer"]})
+            qmp(q, "migrate", uri="exec:")
+    finally:
+        close(q)
+    assert cpr_exec(qmp_path) is None          # the earlier fault is not armed any more
+    assert new_info(qmp_path)["status"] == "completed"
+
+
+def test_cpr_exec_leaves_no_zombie(guests, vmm_procs, tmp_path):
+    p, qmp_path = start_ticker(vmm_procs, tmp_path)
+    p.wait_for(r"tick 3 ")
+    assert cpr_exec(qmp_path) is None
+    assert new_info(qmp_path)["status"] == "completed"
+    deadline = time.monotonic() + 5
+    while True:
+        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
+            kids = f.read().split()
+        states = []
+        for kid in kids:
+            with open(f"/proc/{kid}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if "Z" not in states or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert "Z" not in states, f"zombie children left: {kids}"

@@ -25,7 +25,7 @@ class Controller:
         self.emit = emit or (lambda name, data=None: None)
         self.on_exit = on_exit or (lambda code: None)
         self.params = {"mode": "normal", "cpr-exec-command": default_exec_command(),
-                       "x-fault": []}
+                       "downtime-limit": 300, "max-bandwidth": 134217728, "x-fault": []}
         self.migration = None
         self.extra_fds: dict[str, int] = {}
         self.status = "running"
@@ -36,7 +36,7 @@ class Controller:
         status = self.status
         if status in ("running", "paused"):
             status = "running" if self.machine.running else "paused"
-        return {"status": status, "running": status == "running", "singlestep": False}
+        return {"status": status, "running": status == "running"}
 
     def stop(self) -> None:
         if self.machine.running:
@@ -69,6 +69,9 @@ class Controller:
             self.params["cpr-exec-command"] = list(cmd)
         if "x-fault" in params:
             self.params["x-fault"] = sorted(parse(params["x-fault"]))
+        for key in ("downtime-limit", "max-bandwidth"):   # accepted; CPR copies no RAM
+            if key in params:
+                self.params[key] = params[key]
 
     def query_migrate_parameters(self) -> dict:
         return dict(self.params)
@@ -82,6 +85,7 @@ class Controller:
             if self.migration is not None and not self.migration.done.is_set():
                 raise VmmError("a migration is already in progress")
             mode = self.params["mode"]
+            faults, self.params["x-fault"] = self.params["x-fault"], []   # for one update only
             if mode == "normal":
                 raise VmmError("pyvmm only does CPR: first set the mode with "
                                "migrate-set-parameters mode=cpr-transfer or mode=cpr-exec")
@@ -95,7 +99,7 @@ class Controller:
             self.migration = Migration(
                 self.machine, mode, cpr_path=path,
                 exec_command=self.params["cpr-exec-command"],
-                faults=self.params["x-fault"], emit=self._migration_event,
+                faults=faults, emit=self._migration_event,
                 extra_fds=self.extra_fds, config=self.config)
         return threading.Thread(target=self._run_migration, name="migration", daemon=True).start
 
@@ -117,7 +121,7 @@ class Controller:
     def query_migrate(self) -> dict:
         if self.migration is not None:
             return self.migration.info()
-        tl = self.machine.cpr_timeline
+        tl = self.machine.cpr_timeline if self.machine is not None else None
         if tl is None:
             return {}
         info = timeline_info(tl, self.machine.cpr_mode)

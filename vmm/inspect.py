@@ -1,7 +1,8 @@
 """A readable view of a machine's state, for `pyvmm state` and QMP x-query-state.
 
 Reading vCPU registers needs the vCPU out of KVM_RUN, so a running machine is
-paused for the few microseconds the read takes and resumed at once.
+paused while they are read and resumed at once: a short pause (around a
+millisecond or more here), which the guest can see.
 """
 
 from __future__ import annotations

@@ -38,7 +38,11 @@ class QmpClient:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout)
-            self._sock.connect(path)
+            try:
+                self._sock.connect(path)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot connect to the QMP socket {path}: "
+                              f"{e.strerror} (is pyvmm running with --qmp {path}?)") from None
             self.greeting = self._recv(self._deadline(timeout))
             if "QMP" not in self.greeting:
                 raise QmpError(f"not a QMP greeting: {self.greeting!r}")

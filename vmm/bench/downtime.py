@@ -485,7 +485,6 @@ def qemu_cmd(size: int, shm: Path, qmp_path: Path, incoming: Path | None) -> lis
 
 def wait_socket(path: Path, proc: Proc, timeout: float = 20.0):
     """Until QEMU accepts on `path` (the file appears at bind(), before listen())."""
-    import socket
     deadline = time.monotonic() + timeout
     while True:
         if proc.proc.poll() is not None or time.monotonic() > deadline:

@@ -11,6 +11,7 @@ every device before any device fd leaves it.
 EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
 EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"
 FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
+REAPER_ENV = "PYVMM_CPR_REAPER_PID"   # the old VM's holder, a child the new image must reap
 
 # What a cpr-exec runs by default, after `python -S -c`: straight to the resume
 # path, without runpy (-m) and without site (-S); PYTHONPATH carries the search path.

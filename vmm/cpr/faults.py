@@ -47,6 +47,18 @@ def parse(value) -> set[str]:
     return faults
 
 
+TRANSFER_ONLY = {"prepare", "transfer", "target-prepare", "target-crash-before-fds",
+                 "target-crash-after-fds", "target-slow-prepare", "target-slow-restore"}
+EXEC_ONLY = {"exec"}
+
+
+def check_mode(faults, mode: str) -> None:
+    """Refuse a fault that cannot happen in this mode (it would silently do nothing)."""
+    wrong = set(faults) & (TRANSFER_ONLY if mode == "cpr-exec" else EXEC_ONLY)
+    if wrong:
+        raise VmmError(f"fault point(s) {sorted(wrong)} do not exist in {mode}")
+
+
 class Faults:
     """The set of armed fault points for one live update."""
 

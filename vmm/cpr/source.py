@@ -18,7 +18,7 @@ import threading
 
 from .. import state as state_format
 from ..errors import VmmError
-from . import EXEC_STATE_ENV, EXEC_T_ENV, RESUME_SNIPPET
+from . import EXEC_STATE_ENV, EXEC_T_ENV, REAPER_ENV, RESUME_SNIPPET
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel
 from .faults import Faults
 from .timeline import Timeline, timeline_info
@@ -47,6 +47,8 @@ class Migration:
         self.mode = mode
         self.cpr_path = cpr_path
         self.exec_command = exec_command or [sys.executable, "-S", "-c", RESUME_SNIPPET]
+        from .faults import check_mode
+        check_mode(faults, mode)
         self.faults = Faults(faults)
         self.emit = emit or (lambda name, data=None: None)
         self.extra_fds = extra_fds or {}
@@ -185,6 +187,8 @@ class Migration:
         env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd),
                                   EXEC_T_ENV: str(self.timeline.get("transfer")),
                                   "PYTHONPATH": search_path()})
+        if self.reaper is not None:
+            env[REAPER_ENV] = str(self.reaper.proc.pid)
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)

@@ -21,7 +21,7 @@ from .. import state as state_format
 from ..errors import VmmError
 from ..memory import GuestMemory
 from ..state import read_memfd
-from . import EXEC_STATE_ENV, EXEC_T_ENV, FALLBACK_ENV, RESUME_SNIPPET
+from . import EXEC_STATE_ENV, EXEC_T_ENV, FALLBACK_ENV, REAPER_ENV, RESUME_SNIPPET
 from .faults import Faults
 from .timeline import Timeline
 
@@ -213,9 +213,24 @@ def exec_resume(console_factory=None):
     machine.resume()
     timeline.marks = cpr["timeline"] + [["transfer", t_transfer], ["restore", t_start]]
     timeline.mark("resume", machine.wait_entered())
+    reap_later(os.environ.pop(REAPER_ENV, None))
     machine.cpr_timeline = timeline
     machine.cpr_mode = "cpr-exec"
     return machine, config, kept
+
+
+def reap_later(pid) -> None:
+    """Wait for the old image's VM holder (our child now) so it leaves no zombie."""
+    if not pid:
+        return
+    import threading
+
+    def wait():
+        try:
+            os.waitpid(int(pid), 0)
+        except (ChildProcessError, ValueError):
+            pass
+    threading.Thread(target=wait, name="reaper-wait", daemon=True).start()
 
 
 def _close(fd: int) -> None:

@@ -46,6 +46,8 @@ def cmd_cpr(args) -> int:
         else:
             info = {"status": "completed"}
     status = info.get("status")
+    if status != "completed" and args.trace:
+        print_trace(info)
     if status != "completed":
         print(f"pyvmm: live update {status}: {info.get('error-desc', 'no reason given')}; "
               "the guest goes on in the old pyvmm", file=sys.stderr)
