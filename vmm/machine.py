@@ -34,6 +34,26 @@ class MachineConfig:
         self.nets = list(nets or [])
 
 
+def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None = None):
+    """/dev/kvm, a VM with `memory` in its slots and the in-kernel irqchip, its vCPUs.
+
+    Mostly ioctls (which release the GIL), so a cpr-exec image runs this on a
+    thread while its main thread is still importing the rest of pyvmm.
+    """
+    from .kvm.system import Kvm
+    kvm = Kvm()
+    vm = kvm.create_vm()
+    vm.map_memory(memory)
+    vm.setup_x86()
+    cpus = [vm.create_vcpu(i) for i in range(vcpus)]
+    for i, vcpu in enumerate(cpus):
+        if cpuids is not None:
+            vcpu.set_cpuid_bytes(cpuids[i])
+        else:
+            vcpu.setup_cpuid()
+    return kvm, vm, cpus
+
+
 def stdout_console(data: bytes) -> None:
     os.write(1, data)
 
@@ -61,30 +81,24 @@ class Machine:
 
     # -- building --------------------------------------------------------------------
     def create(self, memory: GuestMemory | None = None, cpuids: list[bytes] | None = None,
-               restoring: bool = False) -> None:
+               restoring: bool = False, kvm_parts=None) -> None:
         """Open KVM, create the VM on (new or given) RAM, its vCPUs and devices.
 
         A live update passes the old process's RAM and CPUID here: everything
-        in this method can run before the old VMM stops its guest.
+        in this method can run before the old VMM stops its guest.  `kvm_parts`
+        is a (kvm, vm, vcpus) triple made by create_kvm_parts() on another thread.
         """
         from .devices.bus import Bus
         from .devices.debug_exit import DebugExit
         from .devices.serial import Serial16550
-        from .kvm.system import Kvm
 
         cfg = self.config
-        self.kvm = Kvm()
         self.memory = memory or GuestMemory(cfg.memory, hugetlb=cfg.hugetlb)
-        self.vm = self.kvm.create_vm()
-        self.vm.map_memory(self.memory)
-        self.vm.setup_x86()
-        self.vcpus = [self.vm.create_vcpu(i) for i in range(cfg.vcpus)]
-        for i, vcpu in enumerate(self.vcpus):
-            if cpuids is not None:
-                vcpu.set_cpuid_bytes(cpuids[i])
-            else:
-                vcpu.setup_cpuid()
-            if not restoring:     # (a restore takes the MSR list from the saved state)
+        if kvm_parts is None:
+            kvm_parts = create_kvm_parts(self.memory, cfg.vcpus, cpuids)
+        self.kvm, self.vm, self.vcpus = kvm_parts
+        if not restoring:     # (a restore takes the MSR list from the saved state)
+            for vcpu in self.vcpus:
                 vcpu.msr_indices()   # probe once now, not in the middle of a live update
 
         self.pio_bus = Bus()

@@ -26,7 +26,14 @@ from .faults import Faults
 from .timeline import Timeline
 
 
-def build_machine(shape: dict, ram_fd: int, config: dict, console=None):
+def map_ram(shape: dict, ram_fd: int) -> GuestMemory:
+    mem = shape["memory"]
+    return GuestMemory.from_fd(ram_fd, mem["size"], name=mem.get("name", "pyvmm-ram"),
+                               hugetlb=mem.get("hugetlb", False))
+
+
+def build_machine(shape: dict, ram_fd: int, config: dict, console=None, *, memory=None,
+                  kvm_parts=None):
     """An empty machine of the given shape on the old VMM's RAM (created, not started)."""
     from ..machine import Machine, MachineConfig
 
@@ -35,10 +42,10 @@ def build_machine(shape: dict, ram_fd: int, config: dict, console=None):
                         cmdline=shape.get("cmdline", ""), vcpus=shape["vcpus"],
                         hugetlb=mem.get("hugetlb", False), console=console,
                         nets=config.get("nets", []))
-    memory = GuestMemory.from_fd(ram_fd, mem["size"], name=mem.get("name", "pyvmm-ram"),
-                                 hugetlb=mem.get("hugetlb", False))
+    if memory is None:
+        memory = map_ram(shape, ram_fd)
     machine = Machine(cfg)
-    machine.create(memory=memory, cpuids=shape["cpuid"], restoring=True)
+    machine.create(memory=memory, cpuids=shape["cpuid"], restoring=True, kvm_parts=kvm_parts)
     # Everything that does not need the saved state happens now, before the old VMM
     # stops its guest: vCPU threads exist and wait parked; device code is imported.
     machine.start(paused=True)
@@ -193,7 +200,9 @@ def exec_resume(console_factory=None):
     faults = Faults(() if fallback else cpr.get("faults", ()))
     try:
         faults.check("target-restore")
-        machine = build_machine(state["machine"], fds.pop("ram"), config, console)
+        shape = state["machine"]
+        memory = map_ram(shape, fds.pop("ram"))
+        machine = build_machine(shape, -1, config, console, memory=memory)
         kept = {name: fds.pop(name) for name in ("qmp",) if name in fds}
         restore(machine, state, fds)
     except Exception as e:
