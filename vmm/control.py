@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 
-from .cpr import RESUME_SNIPPET
+from .cpr import resume_command
 from .cpr.timeline import timeline_info
 from .errors import VmmError
 
@@ -141,9 +141,8 @@ class Controller:
 
 
 def default_exec_command() -> list[str]:
-    """`python -S -c RESUME_SNIPPET`: skipping site (and its .pth files) saves ~40 ms of
-    downtime here; the module search path is passed on in PYTHONPATH (see source.py)."""
-    return [sys.executable, "-S", "-c", RESUME_SNIPPET]
+    """See vmm.cpr.resume_command (the lean start of a cpr-exec image)."""
+    return resume_command()
 
 
 def close_fds(fds: dict[str, int]) -> None:

@@ -13,6 +13,17 @@ EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"
 FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
 REAPER_ENV = "PYVMM_CPR_REAPER_PID"   # the old VM's holder, a child the new image must reap
 
-# What a cpr-exec runs by default, after `python -S -c`: straight to the resume
-# path, without runpy (-m) and without site (-S); PYTHONPATH carries the search path.
-RESUME_SNIPPET = "import vmm.runner as r; raise SystemExit(r.resume_after_exec())"
+
+
+def resume_command() -> list[str]:
+    """What a cpr-exec runs by default: this interpreter, isolated (-I: no PYTHON*
+    variables, no user site) and without site (-S: its .pth files cost ~40 ms here),
+    straight into the resume path (no runpy), with this process's module search path
+    written into the command itself."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [root] + [p for p in sys.path if p and os.path.isdir(p)]
+    snippet = (f"import sys; sys.path[:0] = {list(dict.fromkeys(paths))!r}; "
+               "import vmm.runner as r; raise SystemExit(r.resume_after_exec())")
+    return [sys.executable, "-I", "-S", "-c", snippet]

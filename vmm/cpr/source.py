@@ -18,7 +18,7 @@ import threading
 
 from .. import state as state_format
 from ..errors import VmmError
-from . import EXEC_STATE_ENV, EXEC_T_ENV, REAPER_ENV, RESUME_SNIPPET
+from . import EXEC_STATE_ENV, EXEC_T_ENV, REAPER_ENV, resume_command
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel
 from .faults import Faults
 from .timeline import Timeline, timeline_info
@@ -46,7 +46,7 @@ class Migration:
         self.machine = machine
         self.mode = mode
         self.cpr_path = cpr_path
-        self.exec_command = exec_command or [sys.executable, "-S", "-c", RESUME_SNIPPET]
+        self.exec_command = exec_command or resume_command()
         from .faults import check_mode
         check_mode(faults, mode)
         self.faults = Faults(faults)
@@ -186,7 +186,7 @@ class Migration:
         passed = list(fds.values()) + [state_fd]
         env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd),
                                   EXEC_T_ENV: str(self.timeline.get("transfer")),
-                                  "PYTHONPATH": search_path()})
+                                  "PYTHONPATH": search_path()})   # for -m vmm commands
         if self.reaper is not None:
             env[REAPER_ENV] = str(self.reaper.proc.pid)
         try:

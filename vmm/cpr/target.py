@@ -21,7 +21,7 @@ from .. import state as state_format
 from ..errors import VmmError
 from ..memory import GuestMemory
 from ..state import read_memfd
-from . import EXEC_STATE_ENV, EXEC_T_ENV, FALLBACK_ENV, REAPER_ENV, RESUME_SNIPPET
+from . import EXEC_STATE_ENV, EXEC_T_ENV, FALLBACK_ENV, REAPER_ENV, resume_command
 from .faults import Faults
 from .timeline import Timeline
 
@@ -215,7 +215,8 @@ def exec_resume(console_factory=None):
             os.set_inheritable(n, True)
         env = dict(os.environ, **{EXEC_STATE_ENV: str(fd), EXEC_T_ENV: str(t_transfer),
                                   FALLBACK_ENV: "1"})
-        os.execve(sys.executable, [sys.executable, "-S", "-c", RESUME_SNIPPET], env)
+        cmd = resume_command()
+        os.execve(cmd[0], cmd, env)
     os.close(fd)
     machine.start(paused=True)
     machine.resume_devices()
