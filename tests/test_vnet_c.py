@@ -205,7 +205,9 @@ def test_tx_one_packet(rig):
     assert rig.calls(TX) >= 1
     rig.dev.stop()
     st = rig.dev.stats()
-    assert st["tx_packets"] == 1 and st["tx_bytes"] == 200 and st["kicks"] >= 1
+    # (no claim on "kicks": a started device looks at its rings once anyway, so it may
+    # send the frame before it reads the kick)
+    assert st["tx_packets"] == 1 and st["tx_bytes"] == 200
     assert rig.dev.error() is None
 
 
