@@ -220,13 +220,8 @@ def make_ns(cleanup: Cleanup, tag: str) -> tuple[str, str]:
 
 
 def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    from vmm.lab import stop_process
+    stop_process(p)
 
 
 class Vmm:

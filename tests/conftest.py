@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from vmm.lab import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = ROOT / "guest"
 GUEST_BUILD = GUEST_DIR / "build"
@@ -103,13 +105,7 @@ class VmmProcess:
         return rc
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @pytest.fixture

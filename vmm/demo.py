@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .errors import VmmError
-from .lab import GUEST_IP, in_ns, netns_with_tap
+from .lab import GUEST_IP, in_ns, netns_with_tap, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = ROOT / "guest" / "build" / "netecho.elf"
@@ -99,12 +99,7 @@ def main() -> int:
             return 0 if lost == 0 and dups == 0 and in_order else 1
         finally:
             for p in procs:
-                if p.poll() is None:
-                    p.terminate()
-                    try:
-                        p.wait(5)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+                stop_process(p)
             for f in tmp.iterdir():
                 f.unlink()
             tmp.rmdir()

@@ -49,3 +49,14 @@ def netns_with_tap():
 
 def in_ns(ns: str, *cmd: str) -> list[str]:
     return ["ip", "netns", "exec", ns, *cmd]
+
+
+def stop_process(p, timeout: float = 5.0) -> None:
+    """Terminate a child politely, then for sure (tests, benchmarks, the demo)."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

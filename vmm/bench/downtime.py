@@ -128,13 +128,8 @@ class Proc:
                          f"{self.stderr[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from ..lab import stop_process
+        stop_process(self.proc)
 
 
 class Cleanup:
