@@ -78,7 +78,7 @@ class Incoming:
 
     def prepare(self) -> None:
         """Accept the old VMM and build the VM on its RAM (before it stops the guest)."""
-        from .channel import PROTOCOL, Channel, ChannelError
+        from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError
         conn, _ = self.listener.accept()
         self.listener.close()
         try:
@@ -90,6 +90,9 @@ class Incoming:
         try:
             if msg.get("protocol") != PROTOCOL:
                 raise ChannelError("the peer is not a pyvmm live update")
+            if msg.get("version") != PROTOCOL_VERSION:
+                raise ChannelError(f"the old pyvmm speaks live-update protocol "
+                                   f"{msg.get('version')}, this one {PROTOCOL_VERSION}")
             self.faults = Faults(msg.get("faults", ()))
             self.faults.check("target-prepare")
             self.faults.delay("target-slow-prepare")
