@@ -51,6 +51,7 @@ def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None
             vcpu.set_cpuid_bytes(cpuids[i])
         else:
             vcpu.setup_cpuid()
+        vcpu.tsc_khz()   # asked now, while no thread is in KVM_RUN (the answer is cached)
     return kvm, vm, cpus
 
 

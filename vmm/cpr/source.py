@@ -144,7 +144,9 @@ class Migration:
         return self._committed()
 
     def _warm_up(self) -> None:
-        """Run the save path's serializer once before the stop: a first run is the slow one."""
+        """Run the save path once before the stop where it can run with the guest going
+        (VM-wide state and the serializer): a first run is the slow one."""
+        self.machine.vm.get_state()   # (never a vCPU ioctl here: it would wait for KVM_RUN)
         fake = {"machine": self.machine.shape(), "vcpus": [{"xsave": bytes(4096),
                 "lapic": bytes(1024), "msrs": [[i, i] for i in range(48)]}]}
         os.close(state_format.to_memfd(state_format.dumps(fake)))

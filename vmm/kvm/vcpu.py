@@ -53,6 +53,7 @@ class Vcpu:
         if "xsave" in self._pieces:
             self._pieces.remove("fpu")  # xsave holds the FPU state and more
         self._msr_indices: list[int] | None = None
+        self._tsc_khz: int | None = None
 
     # -- running -------------------------------------------------------------------
     def run_once(self) -> int:
@@ -99,9 +100,13 @@ class Vcpu:
         self.cpuid_bytes = data
 
     def tsc_khz(self) -> int:
-        if not self.vm.kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
-            return 0
-        return max(lib.pyvmm_ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0), 0)
+        """The guest TSC frequency (fixed for the vCPU's life: asked once)."""
+        if self._tsc_khz is None:
+            if not self.vm.kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
+                self._tsc_khz = 0
+            else:
+                self._tsc_khz = max(lib.pyvmm_ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0), 0)
+        return self._tsc_khz
 
     # -- the simple pieces ------------------------------------------------------------
     def get(self, name: str):
