@@ -158,10 +158,11 @@ def start_ticker(vmm_procs, tmp_path, name="old", period=20000):
     return p, qmp_path
 
 
-def start_incoming(vmm_procs, tmp_path, name="new", ns=None):
+def start_incoming(vmm_procs, tmp_path, name="new", ns=None, env=None):
     sock = tmp_path / f"{name}.cpr"
     qmp_path = tmp_path / f"{name}.qmp"
-    p = vmm_procs(["run", "--incoming", f"cpr-transfer:{sock}", "--qmp", str(qmp_path)], ns=ns)
+    p = vmm_procs(["run", "--incoming", f"cpr-transfer:{sock}", "--qmp", str(qmp_path)], ns=ns,
+                  env=env)
     deadline = time.monotonic() + 15
     while not sock.exists():
         assert time.monotonic() < deadline, p.stderr
@@ -213,7 +214,8 @@ def test_order_devices_released_before_fds_leave(guests, vmm_procs, tmp_path):
     with netns_with_tap() as (ns, tap):
         old, old_qmp = start_netecho(vmm_procs, tmp_path, ns, tap)
         assert "vnet-io" in threads(old.pid), "the C data path should run before the update"
-        new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns)
+        new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns,
+                                            env={"PYVMM_CPR_RECORD_PEER": "1"})
         cpr_transfer(old_qmp, sock)
         assert old.wait(15) == 0
         info = new_info(new_qmp)

@@ -11,6 +11,7 @@ every device before any device fd leaves it.
 EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
 EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"
 FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
+RECORD_PEER_ENV = "PYVMM_CPR_RECORD_PEER"   # new VMM: list the old one's threads at fd receipt
 REAPER_ENV = "PYVMM_CPR_REAPER_PID"   # the old VM's holder, a child the new image must reap
 
 
