@@ -7,13 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from vmm.lab import stop_process
+from vmm.lab import WatchedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = ROOT / "guest"
@@ -37,8 +36,8 @@ def need_kvm():
         pytest.skip("no usable /dev/kvm on this host")
 
 
-class VmmProcess:
-    """A pyvmm process whose stdout lines are read on a thread and timestamped on arrival."""
+class VmmProcess(WatchedProcess):
+    """A pyvmm process; its stdout lines are timestamped on arrival (vmm.lab.WatchedProcess)."""
 
     def __init__(self, args: list[str], env: dict | None = None, stdin=subprocess.DEVNULL,
                  ns: str | None = None):
@@ -46,51 +45,13 @@ class VmmProcess:
         cmd = pyvmm_cmd(*args)
         if ns:   # `ip netns exec` execs the command: the PID stays pyvmm's
             cmd = ["ip", "netns", "exec", ns, *cmd]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, stdin=stdin, cwd=ROOT,
-                                     env=dict(os.environ, **(env or {})))
-        self.lines: list[tuple[float, str]] = []
-        self.stderr = ""
-        self._cond = threading.Condition()
-        self._eof = False
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            t = time.monotonic()
-            with self._cond:
-                self.lines.append((t, raw.decode(errors="replace").rstrip("\r\n")))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def _read_err(self):
-        self.stderr = self.proc.stderr.read().decode(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def text(self) -> str:
-        with self._cond:
-            return "\n".join(line for _, line in self.lines)
+        super().__init__(cmd, env=env, cwd=ROOT, stdin=stdin)
 
     def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
         """Wait until a stdout line (at index >= start) matches; return the match."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for _, line in self.lines[start:]:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    break
-                self._cond.wait(left)
+        m = self.search(pattern, timeout, start)
+        if m:
+            return m
         if self.proc.poll() is None:   # still running: ask it for its threads' stacks
             os.kill(self.proc.pid, signal.SIGUSR2)
             time.sleep(0.5)
@@ -103,9 +64,6 @@ class VmmProcess:
         rc = self.proc.wait(timeout)
         time.sleep(0.05)
         return rc
-
-    def stop(self) -> None:
-        stop_process(self.proc)
 
 
 @pytest.fixture

@@ -60,3 +60,81 @@ def stop_process(p, timeout: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+class WatchedProcess:
+    """A child whose stdout lines are read on a thread and stamped with the
+    CLOCK_MONOTONIC time they arrived (the host's view of a guest heartbeat).
+
+    A last fragment without a newline (a line the old VMM was half-way through
+    when it handed the guest over) is kept, with `partial` set, so it can be
+    joined with the new VMM's first line.
+    """
+
+    def __init__(self, cmd: list[str], *, env: dict | None = None, cwd=None,
+                 stdin=subprocess.DEVNULL):
+        import threading
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=stdin, cwd=cwd,
+                                     env=dict(os.environ, **(env or {})))
+        self.lines: list[tuple[float, str]] = []
+        self.partial = False
+        self.stderr = ""
+        self._cond = threading.Condition()
+        self._eof = False
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self):
+        import time
+        for raw in self.proc.stdout:
+            t = time.monotonic()
+            text = raw.decode(errors="replace")
+            with self._cond:
+                self.partial = not text.endswith("\n")
+                self.lines.append((t, text.rstrip("\r\n")))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def _read_err(self):
+        self.stderr = self.proc.stderr.read().decode(errors="replace")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def count(self) -> int:
+        with self._cond:
+            return len(self.lines)
+
+    def snapshot(self) -> list[tuple[float, str]]:
+        with self._cond:
+            return list(self.lines)
+
+    def text(self) -> str:
+        with self._cond:
+            return "\n".join(line for _, line in self.lines)
+
+    def search(self, pattern: str, timeout: float = 30.0, start: int = 0):
+        """The first match of `pattern` in a line at index >= start, waiting for it;
+        None if none came in time or the output ended."""
+        import re
+        import time
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for _, line in self.lines[start:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    return None
+                self._cond.wait(min(left, 0.5))
+
+    def stop(self) -> None:
+        stop_process(self.proc)

@@ -41,9 +41,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from ..lab import WatchedProcess
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BUILD = ROOT / "guest" / "build"
@@ -60,76 +61,21 @@ class BenchError(Exception):
 
 
 # -- processes whose stdout lines are timestamped on arrival ---------------------------------
-class Proc:
-    """A child process; each stdout line is stored with the CLOCK_MONOTONIC time it arrived.
-
-    A last fragment without a newline (a line the old VMM was half-way through
-    when it handed the guest over) is kept with `partial` set, so it can be
-    joined with the new VMM's first line.
-    """
+class Proc(WatchedProcess):
+    """A child of the benchmark, registered for clean-up (vmm.lab.WatchedProcess)."""
 
     def __init__(self, cmd: list[str], registry: "Cleanup", env: dict | None = None):
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, cwd=ROOT,
-                                     env=dict(os.environ, **(env or {})))
+        super().__init__(cmd, env=env, cwd=ROOT)
         registry.procs.append(self)
-        self.lines: list[tuple[float, str]] = []
-        self.partial = False
-        self.stderr = ""
-        self._cond = threading.Condition()
-        self._eof = False
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-
-    def _read(self):
-        for raw in self.proc.stdout:
-            t = time.monotonic()
-            text = raw.decode(errors="replace")
-            with self._cond:
-                self.partial = not text.endswith("\n")
-                self.lines.append((t, text.rstrip("\r\n")))
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def _read_err(self):
-        self.stderr = self.proc.stderr.read().decode(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def count(self) -> int:
-        with self._cond:
-            return len(self.lines)
-
-    def snapshot(self) -> list[tuple[float, str]]:
-        with self._cond:
-            return list(self.lines)
 
     def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for _, line in self.lines[start:]:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                left = deadline - time.monotonic()
-                if left <= 0 or self._eof:
-                    break
-                self._cond.wait(min(left, 0.5))
-        tail = "\n".join(line for _, line in self.lines[-20:])
+        m = self.search(pattern, timeout, start)
+        if m:
+            return m
+        tail = "\n".join(line for _, line in self.snapshot()[-20:])
         raise BenchError(f"no line matching {pattern!r} within {timeout}s from {self.cmd[:6]}"
                          f" (exit {self.proc.poll()}); output:\n{tail}\nstderr:\n"
                          f"{self.stderr[-2000:]}")
-
-    def stop(self) -> None:
-        from ..lab import stop_process
-        stop_process(self.proc)
 
 
 class Cleanup:
