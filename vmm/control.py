@@ -143,11 +143,3 @@ class Controller:
 def default_exec_command() -> list[str]:
     """See vmm.cpr.resume_command (the lean start of a cpr-exec image)."""
     return resume_command()
-
-
-def close_fds(fds: dict[str, int]) -> None:
-    for fd in fds.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass

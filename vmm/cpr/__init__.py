@@ -16,15 +16,22 @@ REAPER_ENV = "PYVMM_CPR_REAPER_PID"   # the old VM's holder, a child the new ima
 
 
 
+def search_path() -> list[str]:
+    """This process's module search path with pyvmm's root first, for a new image
+    started without site (which would otherwise add site-packages)."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    paths = [root] + [p for p in sys.path if p and os.path.isdir(p)]
+    return list(dict.fromkeys(paths))
+
+
 def resume_command() -> list[str]:
     """What a cpr-exec runs by default: this interpreter, isolated (-I: no PYTHON*
     variables, no user site) and without site (-S: its .pth files cost ~40 ms here),
     straight into the resume path (no runpy), with this process's module search path
     written into the command itself."""
-    import os
     import sys
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    paths = [root] + [p for p in sys.path if p and os.path.isdir(p)]
-    snippet = (f"import sys; sys.path[:0] = {list(dict.fromkeys(paths))!r}; "
+    snippet = (f"import sys; sys.path[:0] = {search_path()!r}; "
                "import vmm.runner as r; raise SystemExit(r.resume_after_exec())")
     return [sys.executable, "-I", "-S", "-c", snippet]

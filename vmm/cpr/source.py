@@ -18,7 +18,7 @@ import threading
 
 from .. import state as state_format
 from ..errors import VmmError
-from . import EXEC_STATE_ENV, EXEC_T_ENV, REAPER_ENV, resume_command
+from . import EXEC_STATE_ENV, EXEC_T_ENV, REAPER_ENV, resume_command, search_path
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel
 from .faults import Faults
 from .timeline import Timeline, timeline_info
@@ -156,7 +156,7 @@ class Migration:
         m = self.machine
         self.channel = Channel.connect(self.cpr_path)
         self.channel.send({"msg": "hello", "protocol": PROTOCOL, "version": PROTOCOL_VERSION,
-                           "shape": _jsonable(m.shape()), "config": self.config,
+                           "shape": state_format.encode_tree(m.shape()), "config": self.config,
                            "faults": self.faults.for_target()},
                           [m.memory.fd])
         self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
@@ -188,7 +188,8 @@ class Migration:
         passed = list(fds.values()) + [state_fd]
         env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd),
                                   EXEC_T_ENV: str(self.timeline.get("transfer")),
-                                  "PYTHONPATH": search_path()})   # for -m vmm commands
+                                  # for a cpr-exec-command like `python -S -m vmm`
+                                  "PYTHONPATH": os.pathsep.join(search_path())})
         if self.reaper is not None:
             env[REAPER_ENV] = str(self.reaper.proc.pid)
         try:
@@ -235,16 +236,3 @@ class Migration:
                 self.emit("RESUME")
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")
         return False
-
-
-def search_path() -> str:
-    """This process's module search path, for a new image started with -S (no site)."""
-    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    pkg_root = os.path.dirname(pkg_root)
-    paths = [pkg_root] + [p for p in sys.path if p and os.path.isdir(p)]
-    return os.pathsep.join(dict.fromkeys(paths))
-
-
-def _jsonable(obj):
-    """Shape dicts carry bytes (CPUID); encode them the way the state format does."""
-    return state_format.encode_tree(obj)
