@@ -7,8 +7,6 @@ how a live update is started, reported and cancelled.
 
 from __future__ import annotations
 
-import os
-import sys
 import threading
 
 from .cpr import resume_command
