@@ -148,6 +148,7 @@ def _wait_for(log, pattern, proc, timeout=20):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         text = log.read_text(errors="replace")
+        text = text[:text.rfind("\n") + 1]   # whole lines only: QEMU writes byte by byte
         m = re.search(pattern, text, re.M)
         if m:
             return m, text
