@@ -151,6 +151,31 @@ def fd_targets(pid):
     return out
 
 
+def child_procs(pid) -> list[tuple[str, str]]:
+    """(comm, state) of each child of `pid` (children gone meanwhile are skipped)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = f.read().split()
+    out = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/stat") as f:
+                comm, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+        except OSError:
+            continue
+        out.append((comm, rest.split()[0]))
+    return out
+
+
+def wait_until_no_child(pid, bad, timeout=5.0) -> list:
+    """Wait until no child of `pid` is `bad(comm, state)`; the bad ones left at the end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [c for c in child_procs(pid) if bad(*c)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 def start_ticker(vmm_procs, tmp_path, name="old", period=20000):
     qmp_path = tmp_path / f"{name}.qmp"
     p = vmm_procs(["run", "--kernel", str(ROOT / "guest/build/ticker.elf"),
@@ -185,6 +210,15 @@ def test_ticker_survives_cpr_exec(guests, vmm_procs, tmp_path):
     assert_ticks_continuous(p.text())
     marks = [m for m, _ in info["x-timeline"]]
     assert marks == ["stop", "quiesce", "notify", "save", "transfer", "restore", "resume"]
+    # The new image adopted the VM its prebuilder made before Python's main()
+    # (csrc/cpr_exec.c), within the transfer phase, i.e. before Python ran a line.
+    steps = dict(info["x-steps"])
+    built = steps["prebuilder: VM, memory slots, irqchip and vCPUs ready"]
+    t = dict(info["x-timeline"])
+    assert t["transfer"] < built < t["resume"]
+    assert t["transfer"] < steps["new image: Python runs its first line"] < t["restore"]
+    # The holder that kept the old VM and address space out of the exec is let go.
+    assert not wait_until_no_child(pid, lambda comm, state: comm == "pyvmm-holder")
 
 
 def test_ticker_survives_cpr_transfer(guests, vmm_procs, tmp_path):
@@ -509,18 +543,8 @@ def test_cpr_exec_leaves_no_zombie(guests, vmm_procs, tmp_path):
     p.wait_for(r"tick 3 ")
     assert cpr_exec(qmp_path) is None
     assert new_info(qmp_path)["status"] == "completed"
-    deadline = time.monotonic() + 5
-    while True:
-        with open(f"/proc/{p.pid}/task/{p.pid}/children") as f:
-            kids = f.read().split()
-        states = []
-        for kid in kids:
-            with open(f"/proc/{kid}/stat") as f:
-                states.append(f.read().rsplit(")", 1)[1].split()[0])
-        if "Z" not in states or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert "Z" not in states, f"zombie children left: {kids}"
+    zombies = wait_until_no_child(p.pid, lambda comm, state: state == "Z")
+    assert not zombies, f"zombie children left: {zombies}"
 
 
 @pytest.mark.parametrize("garbage", [b"\x00\xffnot json", b'{"msg": "hello"}',

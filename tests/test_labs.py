@@ -137,7 +137,7 @@ def session_pids(sid: int) -> list[int]:
         except OSError:
             continue
         # fields[0] is the state, fields[3] the session. A zombie is not running and
-        # cannot be killed (cpr-exec's VM reaper `cat` stays one: see the lab 3 notes).
+        # cannot be killed (cpr-exec's holder is one for a moment, until the new image reaps it).
         if int(fields[3]) == sid and fields[0] != "Z" and int(d) != os.getpid():
             pids.append(int(d))
     return pids

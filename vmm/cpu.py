@@ -14,9 +14,9 @@ that), and only then reports itself paused.
 
 from __future__ import annotations
 
-import threading
 import time
 
+from . import sync
 from .errors import GuestError
 from .kvm.ffi import ffi, lib, to_dict
 
@@ -41,20 +41,20 @@ class VcpuThread:
         self.mmio_bus = mmio_bus
         self.on_error = on_error
         self.exits = 0
-        self._cond = threading.Condition()
+        self._cond = sync.Condition()
         self._want_pause = False
         self._want_stop = False
         self._paused = False
-        self._thread: threading.Thread | None = None
+        self._thread: sync.Thread | None = None
         self._tid = 0
         self.entered_ns = 0   # when the thread last went (back) into the guest
+        self._entered = sync.Event()   # set at that moment (wait_entered blocks on it)
 
     # -- control (other threads) -------------------------------------------------------
     def start(self, paused: bool = False) -> None:
         install_kick_handler()
         self._want_pause = paused
-        self._thread = threading.Thread(target=self._main, name=f"vcpu{self.vcpu.index}",
-                                        daemon=True)
+        self._thread = sync.Thread(self._main, name=f"vcpu{self.vcpu.index}")
         self._thread.start()
 
     def _kick(self) -> None:
@@ -78,8 +78,16 @@ class VcpuThread:
 
     def resume(self) -> None:
         with self._cond:
+            if self._want_pause:
+                self._entered.clear()
             self._want_pause = False
             self._cond.notify_all()
+
+    def wait_entered(self, timeout: float) -> int:
+        """After resume(): block (GIL released, so the vCPU thread gets it at once)
+        until the thread is back in KVM_RUN; returns when it went in."""
+        self._entered.wait(timeout)
+        return self.entered_ns
 
     def stop(self) -> None:
         with self._cond:
@@ -88,7 +96,7 @@ class VcpuThread:
         self._kick()
 
     def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not None and self._thread.ident != sync.get_ident():
             self._thread.join(timeout)
 
     @property
@@ -101,7 +109,7 @@ class VcpuThread:
 
     # -- the vCPU thread ---------------------------------------------------------------
     def _main(self) -> None:
-        self._tid = threading.get_ident()
+        self._tid = sync.get_ident()
         set_os_thread_name(f"vcpu{self.vcpu.index}")
         try:
             self._loop()
@@ -129,6 +137,7 @@ class VcpuThread:
                 return False
             run.immediate_exit = 0
         self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self._entered.set()
         return True
 
     def _loop(self) -> None:
@@ -138,6 +147,7 @@ class VcpuThread:
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
         self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self._entered.set()
         while True:
             if self._want_pause or self._want_stop:
                 if self._want_stop or not self._park():

@@ -8,9 +8,9 @@ each part it holds can report its state and take it back.
 from __future__ import annotations
 
 import os
-import threading
 import time
 
+from . import sync
 from .errors import GuestError, VmmError
 from .memory import MiB, GuestMemory
 from .state import StateError, require
@@ -55,6 +55,21 @@ def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None
     return kvm, vm, cpus
 
 
+def adopt_kvm_parts(memory: GuestMemory, built, cpuids: list[bytes]):
+    """create_kvm_parts() for a VM the cpr-exec prebuilder made (vmm.cpr.prebuild)."""
+    from .kvm.system import Kvm
+    from .kvm.vcpu import Vcpu
+    from .kvm.vm import Vm
+    kvm = Kvm(fd=built.kvm_fd)
+    vm = Vm(kvm, fd=built.vm_fd)
+    vm.adopt(memory)
+    cpus = [Vcpu(vm, i, fd=fd) for i, fd in enumerate(built.vcpu_fds)]
+    for i, vcpu in enumerate(cpus):
+        vcpu.set_cpuid_bytes(cpuids[i])
+        vcpu.tsc_khz()
+    return kvm, vm, cpus
+
+
 def stdout_console(data: bytes) -> None:
     os.write(1, data)
 
@@ -73,10 +88,9 @@ class Machine:
         self.threads = []
         self.exit_code: int | None = None
         self.error: GuestError | None = None
-        self._done = threading.Event()
+        self._done = sync.Event()
         self.running = False
         self.cpr_devices = []
-        self._resume_ns = 0
         self.cpr_timeline = None   # set in a new VMM after a live update
         self.cpr_mode = None
 
@@ -258,7 +272,6 @@ class Machine:
         self.running = False
 
     def resume(self) -> None:
-        self._resume_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         for t in self.threads:
             t.resume()
         self.running = True
@@ -266,11 +279,7 @@ class Machine:
     def wait_entered(self, timeout: float = 1.0) -> int:
         """After resume(): when the last vCPU went back into the guest (CLOCK_MONOTONIC ns)."""
         deadline = time.monotonic() + timeout
-        while True:
-            times = [t.entered_ns for t in self.threads]
-            if all(x >= self._resume_ns for x in times) or time.monotonic() > deadline:
-                return max(times)
-            time.sleep(0)
+        return max(t.wait_entered(max(deadline - time.monotonic(), 0)) for t in self.threads)
 
     def request_exit(self, code: int) -> None:
         """The guest wrote to the debug-exit port: stop with its code."""

@@ -81,13 +81,13 @@ class GuestMemory:
     """Guest RAM backed by a named memfd and mapped MAP_SHARED into this process."""
 
     def __init__(self, size: int, *, name: str = "pyvmm-ram", hugetlb: bool = False,
-                 fd: int | None = None):
+                 fd: int | None = None, address: int = 0):
         align = HUGE_PAGE_SIZE if hugetlb else PAGE_SIZE
         if size < MIN_RAM:
             raise VmmError(f"memory size {size} bytes is too small: give at least 2M")
         if size % align:
             raise VmmError(f"memory size {size} bytes is not a multiple of {align // KiB} KiB")
-        host = host_ram_bytes()
+        host = host_ram_bytes() if fd is None else 0   # (adopted RAM exists already)
         if host and size > host:
             raise VmmError(f"memory size {size // MiB} MiB is larger than this host's "
                            f"{host // MiB} MiB of RAM: ask for less with --memory")
@@ -113,7 +113,7 @@ class GuestMemory:
         self.fd = fd
         from .kvm.ffi import SharedMapping
         try:
-            self._map = SharedMapping(fd, size)
+            self._map = SharedMapping(fd, size, address=address)
         except OSError as e:
             if fd is not None and self.fd == fd and not self._adopted:
                 os.close(fd)
@@ -127,9 +127,10 @@ class GuestMemory:
 
     @classmethod
     def from_fd(cls, fd: int, size: int, *, name: str = "pyvmm-ram",
-                hugetlb: bool = False) -> "GuestMemory":
-        """Map RAM that another process created (the CPR path): nothing is copied."""
-        return cls(size, name=name, hugetlb=hugetlb, fd=fd)
+                hugetlb: bool = False, address: int = 0) -> "GuestMemory":
+        """Map RAM that another process created (the CPR path): nothing is copied.
+        With `address`, adopt the mapping the cpr-exec prebuilder already made."""
+        return cls(size, name=name, hugetlb=hugetlb, fd=fd, address=address)
 
     # -- address translation -------------------------------------------------
     def offset_of(self, gpa: int, length: int) -> int:

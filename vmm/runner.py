@@ -27,11 +27,13 @@ def open_console(path: str | None):
     return out.write
 
 
-def resume_after_exec() -> int:
-    """Entry point of the new image in cpr-exec (PYVMM_CPR_EXEC_STATE is set)."""
+def resume_after_exec(t_python: int | None = None) -> int:
+    """Entry point of the new image in cpr-exec (PYVMM_CPR_EXEC_STATE is set);
+    t_python: when the image ran its first line (CLOCK_MONOTONIC ns), for the trace."""
     from .cpr.target import exec_resume
     try:
-        machine, config, fds = exec_resume(lambda cfg: open_console(cfg.get("console")))
+        machine, config, fds = exec_resume(lambda cfg: open_console(cfg.get("console")),
+                                           t_python)
         return serve(machine, config, listen_fd=fds.pop("qmp", None))
     except VmmError as e:
         print(f"pyvmm: error: live update failed in the new process: {e}", file=sys.stderr)

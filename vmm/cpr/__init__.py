@@ -12,7 +12,7 @@ EXEC_STATE_ENV = "PYVMM_CPR_EXEC_STATE"
 EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"
 FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
 RECORD_PEER_ENV = "PYVMM_CPR_RECORD_PEER"   # new VMM: list the old one's threads at fd receipt
-REAPER_ENV = "PYVMM_CPR_REAPER_PID"   # the old VM's holder, a child the new image must reap
+HOLDER_ENV = "PYVMM_CPR_HOLDER"   # "pid,fd": the old image's holder (cpr/holder.py), for the new image to release
 
 
 
@@ -32,6 +32,7 @@ def resume_command() -> list[str]:
     straight into the resume path (no runpy), with this process's module search path
     written into the command itself."""
     import sys
-    snippet = (f"import sys; sys.path[:0] = {search_path()!r}; "
-               "import vmm.runner as r; raise SystemExit(r.resume_after_exec())")
+    snippet = ("import time, sys; t = time.clock_gettime_ns(time.CLOCK_MONOTONIC); "
+               f"sys.path[:0] = {search_path()!r}; "
+               "import vmm.runner as r; raise SystemExit(r.resume_after_exec(t))")
     return [sys.executable, "-I", "-S", "-c", snippet]

@@ -18,7 +18,7 @@ import threading
 
 from .. import state as state_format
 from ..errors import VmmError
-from . import EXEC_STATE_ENV, EXEC_T_ENV, REAPER_ENV, resume_command, search_path
+from . import EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume_command, search_path
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel
 from .faults import Faults
 from .timeline import Timeline, timeline_info
@@ -97,10 +97,13 @@ class Migration:
         m = self.machine
         self._set_status("setup")
         self._warm_up()
-        self.reaper = None
+        self.holder = None
+        self.prebuild_fd = -1
         if self.mode == "cpr-exec":
-            from .reaper import VmReaper
-            self.reaper = VmReaper(m.kvm_fds())
+            try:
+                self._prepare_exec()
+            except Exception as e:
+                return self._failed(e, stopped=False)
         if self.mode == "cpr-transfer":
             self._mark("setup")
             try:
@@ -151,6 +154,16 @@ class Migration:
                 "lapic": bytes(1024), "msrs": [[i, i] for i in range(48)]}]}
         os.close(state_format.to_memfd(state_format.dumps(fake)))
 
+    def _prepare_exec(self) -> None:
+        """Before the stop: the holder that keeps the old VM and mm out of execve, and
+        (when exec'ing our own resume command) the new image's prebuild request."""
+        from .holder import Holder
+        m = self.machine
+        self.holder = Holder(m.kvm_fds())
+        if self.exec_command == resume_command():
+            from . import prebuild
+            self.prebuild_fd = prebuild.request(m.memory, len(m.vcpus))
+
     def _prepare_target(self) -> None:
         """Before the stop: the new VMM maps RAM and builds an empty VM (off the downtime)."""
         m = self.machine
@@ -164,6 +177,7 @@ class Migration:
     def _save(self, fds: dict[str, int]) -> bytes:
         state = self.machine.save_state()
         state["cpr"] = {"mode": self.mode, "timeline": self.timeline.marks,
+                        "steps": self.timeline.steps,
                         "fds": fds, "config": self.config,
                         "faults": self.faults.for_target()}
         return state_format.dumps(state)
@@ -190,8 +204,12 @@ class Migration:
                                   EXEC_T_ENV: str(self.timeline.get("transfer")),
                                   # for a cpr-exec-command like `python -S -m vmm`
                                   "PYTHONPATH": os.pathsep.join(search_path())})
-        if self.reaper is not None:
-            env[REAPER_ENV] = str(self.reaper.proc.pid)
+        if self.holder is not None:
+            env[HOLDER_ENV] = self.holder.for_exec()
+        if self.prebuild_fd >= 0:
+            from . import prebuild
+            env.update(prebuild.exec_env(self.prebuild_fd))
+            passed.append(self.prebuild_fd)
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)
@@ -203,7 +221,7 @@ class Migration:
             raise VmmError(f"cannot exec {self.exec_command[0]}: {e.strerror}") from None
         finally:  # only reached when exec failed: take the fds back
             for fd in passed:
-                if fd != state_fd:
+                if fd not in (state_fd, self.prebuild_fd):
                     os.set_inheritable(fd, False)
             os.close(state_fd)
 
@@ -211,6 +229,7 @@ class Migration:
         try:
             msg, _ = self.channel.expect("running", timeout=RESTORE_TIMEOUT)
             self.timeline.marks = [list(x) for x in msg.get("timeline", self.timeline.marks)]
+            self.timeline.steps = [list(x) for x in msg.get("steps", self.timeline.steps)]
         except VmmError as e:
             self.error = f"the new pyvmm took over but did not report running: {e}"
         self.channel.close()
@@ -224,9 +243,12 @@ class Migration:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if getattr(self, "reaper", None) is not None:
-            self.reaper.cancel()
-            self.reaper = None
+        if getattr(self, "holder", None) is not None:
+            self.holder.cancel()
+            self.holder = None
+        if getattr(self, "prebuild_fd", -1) >= 0:
+            os.close(self.prebuild_fd)
+            self.prebuild_fd = -1
         if stopped:
             m = self.machine
             m.notify_devices("failed")

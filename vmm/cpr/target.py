@@ -21,7 +21,7 @@ from .. import state as state_format
 from ..errors import VmmError
 from ..memory import GuestMemory
 from ..state import read_memfd
-from . import (EXEC_STATE_ENV, EXEC_T_ENV, FALLBACK_ENV, REAPER_ENV, RECORD_PEER_ENV,
+from . import (EXEC_STATE_ENV, EXEC_T_ENV, FALLBACK_ENV, HOLDER_ENV, RECORD_PEER_ENV,
                resume_command)
 from .faults import Faults
 from .timeline import Timeline
@@ -143,13 +143,15 @@ class Incoming:
             raise
         self.timeline.marks = (state["cpr"]["timeline"] + [["transfer", msg.get("t_transfer")]]
                                + self.timeline.marks)
+        self.timeline.steps = state["cpr"].get("steps", []) + self.timeline.steps
         self.faults.delay("target-slow-restore")
         self.channel.send({"msg": "restored"})
         self.channel.expect("go", timeout=None)   # EOF here = the old VMM rolled back
         self.machine.resume_devices()
         self.machine.resume()
         self.timeline.mark("resume", self.machine.wait_entered())
-        self.channel.send({"msg": "running", "timeline": self.timeline.marks})
+        self.channel.send({"msg": "running", "timeline": self.timeline.marks,
+                           "steps": self.timeline.steps})
         self.channel.close()
         self.machine.cpr_timeline = self.timeline
         self.machine.cpr_mode = "cpr-transfer"
@@ -180,7 +182,7 @@ def peer_threads(sock) -> list[str]:
         return []
 
 
-def exec_resume(console_factory=None):
+def exec_resume(console_factory=None, t_python: int | None = None):
     """cpr-exec target: rebuild the machine from the state memfd named in the environment.
 
     There is no old process to fall back to after an exec, so if the restore
@@ -192,7 +194,10 @@ def exec_resume(console_factory=None):
     t_transfer = int(os.environ.pop(EXEC_T_ENV, "0"))
     fallback = os.environ.pop(FALLBACK_ENV, None) is not None
     timeline = Timeline()
+    if t_python:
+        timeline.step("new image: Python runs its first line", t_python)
     t_start = timeline.mark("restore")
+    timeline.step("new image: resume path imported", t_start)
     os.set_inheritable(fd, False)
     blob = read_memfd(fd)
     state = state_format.loads(blob)
@@ -204,13 +209,16 @@ def exec_resume(console_factory=None):
     config = cpr.get("config", {})
     console = console_factory(config) if console_factory else None
     faults = Faults(() if fallback else cpr.get("faults", ()))
+    timeline.step("state blob loaded")
     try:
         faults.check("target-restore")
         shape = state["machine"]
-        memory = map_ram(shape, fds.pop("ram"))
-        machine = build_machine(shape, -1, config, console, memory=memory)
+        memory, kvm_parts = _take_prebuilt(shape, fds.pop("ram"), timeline)
+        machine = build_machine(shape, -1, config, console, memory=memory, kvm_parts=kvm_parts)
+        timeline.step("machine built, vCPU threads parked")
         kept = {name: fds.pop(name) for name in ("qmp",) if name in fds}
         restore(machine, state, fds)
+        timeline.step("vCPU, VM and device state written")
     except Exception as e:
         if fallback:
             raise
@@ -227,26 +235,34 @@ def exec_resume(console_factory=None):
     machine.start(paused=True)
     machine.resume_devices()
     machine.resume()
-    timeline.marks = cpr["timeline"] + [["transfer", t_transfer], ["restore", t_start]]
+    timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
+    timeline.steps = cpr.get("steps", []) + timeline.steps
     timeline.mark("resume", machine.wait_entered())
-    reap_later(os.environ.pop(REAPER_ENV, None))
+    from .holder import release
+    release(os.environ.pop(HOLDER_ENV, None))
     machine.cpr_timeline = timeline
     machine.cpr_mode = "cpr-exec"
     return machine, config, kept
 
 
-def reap_later(pid) -> None:
-    """Wait for the old image's VM holder (our child now) so it leaves no zombie."""
-    if not pid:
-        return
-    import threading
-
-    def wait():
-        try:
-            os.waitpid(int(pid), 0)
-        except (ChildProcessError, ValueError):
-            pass
-    threading.Thread(target=wait, name="reaper-wait", daemon=True).start()
+def _take_prebuilt(shape: dict, ram_fd: int, timeline):
+    """RAM and (kvm, vm, vcpus) from the prebuilder (csrc/cpr_exec.c), or RAM alone."""
+    from . import prebuild
+    mem = shape["memory"]
+    built = prebuild.take()
+    if built is None:
+        return map_ram(shape, ram_fd), None
+    if not built.fits(mem["size"], shape["vcpus"]):
+        timeline.step(f"prebuilder: nothing usable ({built.error or 'another shape'}); "
+                      "building here")
+        built.discard()
+        return map_ram(shape, ram_fd), None
+    timeline.step("prebuilder (C, before Python's main): started", built.t_start_ns)
+    timeline.step("prebuilder: VM, memory slots, irqchip and vCPUs ready", built.t_done_ns)
+    from ..machine import adopt_kvm_parts
+    memory = GuestMemory.from_fd(ram_fd, mem["size"], name=mem.get("name", "pyvmm-ram"),
+                                 hugetlb=mem.get("hugetlb", False), address=built.ram_addr)
+    return memory, adopt_kvm_parts(memory, built, shape["cpuid"])
 
 
 def _close(fd: int) -> None:

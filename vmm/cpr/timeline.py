@@ -29,8 +29,15 @@ def now_ns() -> int:
 class Timeline:
     """Ordered (phase, start_ns) marks; a phase ends where the next one starts."""
 
-    def __init__(self, marks=None):
+    def __init__(self, marks=None, steps=None):
         self.marks: list[list] = [list(m) for m in (marks or [])]
+        self.steps: list[list] = [list(m) for m in (steps or [])]   # finer, within phases
+
+    def step(self, what: str, t: int | None = None) -> int:
+        """A finer mark inside a phase (`pyvmm cpr --trace` prints it under its phase)."""
+        t = now_ns() if t is None else t
+        self.steps.append([what, t])
+        return t
 
     def mark(self, phase: str, t: int | None = None) -> int:
         t = now_ns() if t is None else t
@@ -71,4 +78,5 @@ def timeline_info(tl, mode) -> dict:
         info["setup-time"] = round(tl.span_us("setup", "stop") / 1000)
     info["x-phases-us"] = {k: round(v, 1) for k, v in tl.durations_us().items()}
     info["x-timeline"] = tl.marks
+    info["x-steps"] = sorted(tl.steps, key=lambda s: s[1])
     return info

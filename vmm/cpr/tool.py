@@ -102,7 +102,13 @@ def print_trace(info: dict) -> None:
     what = dict(PHASES)
     t0 = marks[0][1]
     print(f"{'phase':<10} {'starts at':>12} {'takes':>11}   what happens")
+    steps = sorted(info.get("x-steps", []), key=lambda s: s[1])
     for i, (phase, t) in enumerate(marks):
-        took = (marks[i + 1][1] - t) / 1e6 if i + 1 < len(marks) else None
+        t_next = marks[i + 1][1] if i + 1 < len(marks) else None
+        took = (t_next - t) / 1e6 if t_next is not None else None
         took_s = f"{took:8.3f} ms" if took is not None else "          -"
         print(f"{phase:<10} {(t - t0) / 1e6:9.3f} ms {took_s}   {what.get(phase, '')}")
+        # the finer steps inside this phase (or, for the last one, at its start)
+        for step, ts in steps:
+            if (t <= ts < t_next) if t_next is not None else ts == t:
+                print(f"{'':<10} {(ts - t0) / 1e6:9.3f} ms {'':>11}   · {step}")

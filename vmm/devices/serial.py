@@ -23,8 +23,7 @@ under it too, which keeps output bytes and line changes in order.
 
 from __future__ import annotations
 
-import threading
-
+from .. import sync
 from ..state import StateError
 
 # Register offsets (DLAB = LCR bit 7 selects the divisor latch at 0 and 1).
@@ -64,7 +63,7 @@ class Serial16550:
     def __init__(self, out, irq):
         self.out = out
         self.irq = irq
-        self._lock = threading.RLock()
+        self._lock = sync.RLock()
         self.ier = 0
         self.lcr = 0
         self.mcr = 0

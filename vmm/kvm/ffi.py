@@ -66,7 +66,12 @@ class SharedMapping:
     """mmap(MAP_SHARED) of an fd without dup()ing it (Python's mmap module keeps a
     private copy of the fd, which would double every RAM and vCPU fd we hold)."""
 
-    def __init__(self, fd: int, size: int):
+    def __init__(self, fd: int, size: int, *, address: int = 0):
+        if address:   # a mapping made in C (the cpr-exec prebuilder): ours to unmap now
+            self.ptr = ffi.cast("void *", address)
+            self.size = size
+            self.address = address
+            return
         ptr = lib.mmap(ffi.NULL, size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED, fd, 0)
         if ptr == ffi.cast("void *", -1):
             err = ffi.errno

@@ -27,9 +27,9 @@ REQUIRED_CAPS = {
 class Kvm:
     """An open /dev/kvm."""
 
-    def __init__(self, path: str = KVM_PATH):
+    def __init__(self, path: str = KVM_PATH, *, fd: int | None = None):
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC) if fd is None else fd
         except FileNotFoundError:
             raise KvmError(f"{path} not found: this machine has no KVM (load the kvm module, "
                            "or enable virtualization in the firmware or for this VM)") from None

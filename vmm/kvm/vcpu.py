@@ -42,10 +42,12 @@ RESTORE_ORDER = ["regs", "xsave", "fpu", "xcrs", "sregs", "msrs", "mp_state", "l
 class Vcpu:
     """One vCPU fd and its shared kvm_run page."""
 
-    def __init__(self, vm, index: int):
+    def __init__(self, vm, index: int, *, fd: int | None = None):
         self.vm = vm
         self.index = index
-        self.fd = ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, index, what="CREATE_VCPU")
+        if fd is None:   # (given: made by the cpr-exec prebuilder, csrc/cpr_exec.c)
+            fd = ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, index, what="CREATE_VCPU")
+        self.fd = fd
         self._map = SharedMapping(self.fd, vm.kvm.vcpu_mmap_size)
         self.run = ffi.cast("struct kvm_run *", self._map.ptr)
         self._pieces = [name for name, (_, _, _, cap) in _SIMPLE_STATE.items()

@@ -22,13 +22,24 @@ IRQCHIPS = {"pic_master": 0, "pic_slave": 1, "ioapic": 2}
 class Vm:
     """An open KVM VM fd."""
 
-    def __init__(self, kvm):
+    def __init__(self, kvm, *, fd: int | None = None):
+        """A new VM, or (fd given) one the cpr-exec prebuilder created, see adopt()."""
         self.kvm = kvm
-        self.fd = ioctl_int(kvm.fd, lib.KVM_CREATE_VM, 0, what="CREATE_VM")
+        if fd is None:
+            fd = ioctl_int(kvm.fd, lib.KVM_CREATE_VM, 0, what="CREATE_VM")
+        self.fd = fd
         os.set_inheritable(self.fd, False)
         self.slots: dict[int, tuple[int, int, int, int]] = {}
         self.has_irqchip = False
         self.has_pit = False
+
+    def adopt(self, mem, *, irqchip: bool = True, pit: bool = True) -> None:
+        """Record what the prebuilder (csrc/cpr_exec.c) already did to this VM:
+        one slot per RAM region, as map_memory() makes them, and setup_x86()."""
+        for slot, r in enumerate(mem.regions):
+            self.slots[slot] = (r.gpa, r.size, mem.host_base + r.offset, 0)
+        self.has_irqchip = irqchip
+        self.has_pit = pit
 
     # -- memory ------------------------------------------------------------------
     def set_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,

@@ -1,0 +1,365 @@
+/*
+ * cpr-exec helpers, compiled into vmm.kvm._kvm.
+ *
+ * 1. The prebuilder.  After a cpr-exec the new image must create a KVM VM
+ *    and its memory slots before the guest can run (a VM fd works only in the
+ *    address space that made it).  Python needs ~10 ms to start; the slots
+ *    cost ~0.35 ms per GiB here.  So the old image execs Python with this
+ *    module in LD_PRELOAD and PYVMM_CPR_PREBUILD naming a memfd that holds a
+ *    struct pyvmm_prebuild_spec.  The constructor below runs before Python's
+ *    main(), starts a thread that opens /dev/kvm, creates the VM, maps RAM,
+ *    sets the slots, the irqchip, the PIT and the vCPUs, while the main thread
+ *    starts Python.  When pyvmm's resume path imports this module, the dynamic
+ *    loader hands back the object already loaded, and pyvmm_prebuilt_wait()
+ *    joins the thread and gives the fds to Python.  The constructor removes
+ *    both variables from the environment, so nothing the new image starts
+ *    inherits them.
+ *
+ * 2. The holder.  execve drops the old address space (for a guest that has
+ *    touched its RAM: page tables over gigabytes) and closes the old VM's fds
+ *    (destroying a KVM VM takes 5-20 ms here), both on the critical path.
+ *    pyvmm_holder_start() clones a child that shares our address space
+ *    (CLONE_VM, like vfork but without waiting) and keeps only the fds it is
+ *    given.  After execve the old mm and the old VM live on in the holder, which
+ *    exits (and pays for both, at SCHED_IDLE) once the new image closes the
+ *    pipe, after the guest runs again.
+ *
+ * The holder runs on our memory without its own thread-local storage, so it
+ * only makes raw system calls (errno lives in TLS) and never returns into libc.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/kvm.h>
+#include <linux/prctl.h>
+
+#include "cpr_exec.h"
+
+#define PAGE 4096u
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static int fail(struct pyvmm_prebuilt *b, const char *step, int err)
+{
+    b->status = -(err ? err : EINVAL);
+    snprintf(b->step, sizeof(b->step), "%s", step);
+    return b->status;
+}
+
+static int spec_valid(const struct pyvmm_prebuild_spec *s)
+{
+    if (s->magic != PYVMM_PREBUILD_MAGIC || s->version != PYVMM_PREBUILD_VERSION)
+        return 0;
+    if (s->ram_fd < 0 || s->ram_size == 0 || s->ram_size % PAGE)
+        return 0;
+    if (s->nregions < 1 || s->nregions > PYVMM_PREBUILD_MAX_REGIONS)
+        return 0;
+    if (s->nvcpus < 1 || s->nvcpus > PYVMM_PREBUILD_MAX_VCPUS)
+        return 0;
+    for (uint32_t i = 0; i < s->nregions; i++) {
+        const struct pyvmm_prebuild_region *r = &s->regions[i];
+        if (r->size == 0 || (r->gpa | r->size | r->offset) % PAGE)
+            return 0;
+        if (r->offset > s->ram_size || r->size > s->ram_size - r->offset)
+            return 0;
+        if (r->gpa + r->size < r->gpa)
+            return 0;
+    }
+    return 1;
+}
+
+static void undo(struct pyvmm_prebuilt *b)
+{
+    for (int i = 0; i < b->nvcpus; i++)
+        if (b->vcpu_fds[i] >= 0)
+            close(b->vcpu_fds[i]);
+    if (b->vm_fd >= 0)
+        close(b->vm_fd);
+    if (b->kvm_fd >= 0)
+        close(b->kvm_fd);
+    if (b->ram_addr)
+        munmap((void *)(uintptr_t)b->ram_addr, b->ram_size);
+    b->nvcpus = 0;
+    b->vm_fd = b->kvm_fd = -1;
+    b->ram_addr = 0;
+}
+
+/* Build the VM the spec describes, in the same order as vmm.machine.create_kvm_parts. */
+int pyvmm_prebuild_run(const struct pyvmm_prebuild_spec *s, struct pyvmm_prebuilt *b)
+{
+    struct stat st;
+    int r;
+
+    memset(b, 0, sizeof(*b));
+    b->kvm_fd = b->vm_fd = -1;
+    b->t_start_ns = now_ns();
+    if (!spec_valid(s))
+        return fail(b, "check the prebuild request", EINVAL);
+    if (fstat(s->ram_fd, &st) < 0)
+        return fail(b, "fstat the RAM memfd", errno);
+    if ((uint64_t)st.st_size != s->ram_size)
+        return fail(b, "check the RAM memfd's size", EINVAL);
+
+    b->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (b->kvm_fd < 0) {
+        fail(b, "open /dev/kvm", errno);
+        goto out;
+    }
+    b->vm_fd = ioctl(b->kvm_fd, KVM_CREATE_VM, 0);
+    if (b->vm_fd < 0) {
+        fail(b, "KVM_CREATE_VM", errno);
+        goto out;
+    }
+    void *ram = mmap(NULL, s->ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, s->ram_fd, 0);
+    if (ram == MAP_FAILED) {
+        fail(b, "mmap guest RAM", errno);
+        goto out;
+    }
+    b->ram_addr = (uintptr_t)ram;
+    b->ram_size = s->ram_size;
+    for (uint32_t i = 0; i < s->nregions; i++) {
+        struct kvm_userspace_memory_region region = {
+            .slot = i,
+            .guest_phys_addr = s->regions[i].gpa,
+            .memory_size = s->regions[i].size,
+            .userspace_addr = b->ram_addr + s->regions[i].offset,
+        };
+        if (ioctl(b->vm_fd, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
+            fail(b, "KVM_SET_USER_MEMORY_REGION", errno);
+            goto out;
+        }
+    }
+    if (ioctl(b->vm_fd, KVM_SET_TSS_ADDR, (unsigned long)s->tss_addr) < 0) {
+        fail(b, "KVM_SET_TSS_ADDR", errno);
+        goto out;
+    }
+    uint64_t ident = s->identity_map_addr;
+    if (ioctl(b->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &ident) < 0) {
+        fail(b, "KVM_SET_IDENTITY_MAP_ADDR", errno);
+        goto out;
+    }
+    if (ioctl(b->vm_fd, KVM_CREATE_IRQCHIP, 0) < 0) {
+        fail(b, "KVM_CREATE_IRQCHIP", errno);
+        goto out;
+    }
+    if (s->flags & PYVMM_PREBUILD_PIT) {
+        struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
+        if (ioctl(b->vm_fd, KVM_CREATE_PIT2, &pit) < 0) {
+            fail(b, "KVM_CREATE_PIT2", errno);
+            goto out;
+        }
+    }
+    for (uint32_t i = 0; i < s->nvcpus; i++) {
+        r = ioctl(b->vm_fd, KVM_CREATE_VCPU, (unsigned long)i);
+        if (r < 0) {
+            fail(b, "KVM_CREATE_VCPU", errno);
+            goto out;
+        }
+        b->vcpu_fds[b->nvcpus++] = r;
+    }
+    b->status = 1;
+out:
+    if (b->status != 1)
+        undo(b);
+    b->t_done_ns = now_ns();
+    return b->status;
+}
+
+static struct pyvmm_prebuild_spec g_spec;
+static struct pyvmm_prebuilt g_built;
+static pthread_t g_thread;
+static int g_running;
+
+static void *prebuild_thread(void *arg)
+{
+    (void)arg;
+    pyvmm_prebuild_run(&g_spec, &g_built);
+    return NULL;
+}
+
+/* Runs when the dynamic loader maps this module: before Python's main() when it
+ * is in LD_PRELOAD, at import time otherwise (then the variable is not set). */
+__attribute__((constructor)) static void pyvmm_prebuild_start(void)
+{
+    char buf[32], was[4096];
+    const char *v = getenv("PYVMM_CPR_PREBUILD");
+    const char *w;
+    char *end;
+    long fd;
+    sigset_t all, old;
+
+    if (!v)
+        return;
+    snprintf(buf, sizeof(buf), "%s", v);
+    w = getenv("PYVMM_CPR_PRELOAD_WAS");
+    if (w)
+        snprintf(was, sizeof(was), "%s", w);
+    unsetenv("PYVMM_CPR_PREBUILD");
+    unsetenv("PYVMM_CPR_PRELOAD_WAS");
+    if (w)
+        setenv("LD_PRELOAD", was, 1);
+    else
+        unsetenv("LD_PRELOAD");
+
+    errno = 0;
+    fd = strtol(buf, &end, 10);
+    if (errno || *end || end == buf || fd < 0 || fd > 1 << 20) {
+        fail(&g_built, "read PYVMM_CPR_PREBUILD", EINVAL);
+        return;
+    }
+    ssize_t n = pread((int)fd, &g_spec, sizeof(g_spec), 0);
+    int err = errno;
+    close((int)fd);
+    if (n != (ssize_t)sizeof(g_spec)) {
+        fail(&g_built, "read the prebuild request", n < 0 ? err : EINVAL);
+        return;
+    }
+    /* The builder never handles a signal: Python's handlers expect its own threads. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    if (pthread_create(&g_thread, NULL, prebuild_thread, NULL) == 0)
+        g_running = 1;
+    else
+        fail(&g_built, "start the builder thread", EAGAIN);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+}
+
+/* Wait for the builder and take its result (once: later calls return 0). */
+int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out)
+{
+    if (g_running) {
+        pthread_join(g_thread, NULL);
+        g_running = 0;
+    }
+    *out = g_built;
+    memset(&g_built, 0, sizeof(g_built));
+    return out->status;
+}
+
+/* -- the holder ------------------------------------------------------------- */
+
+#define HOLDER_STACK (64 * 1024)
+#define HOLDER_MAX_FDS (PYVMM_PREBUILD_MAX_VCPUS + 8)
+
+struct holder_arg {
+    int rfd;
+    int nkeep;
+    int keep[HOLDER_MAX_FDS + 1];   /* ascending, rfd included */
+};
+
+static long raw_syscall3(long n, long a, long b, long c)
+{
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(n), "D"(a), "S"(b), "d"(c)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+static int holder_main(void *p)
+{
+    struct holder_arg *a = p;
+    static const char name[16] = "pyvmm-holder";
+    struct { int prio; } param = { 0 };
+    char c;
+    unsigned int next = 0;
+    long r;
+
+    raw_syscall3(SYS_prctl, PR_SET_NAME, (long)name, 0);
+    for (int i = 0; i < a->nkeep; i++) {   /* keep only our fds and the pipe */
+        unsigned int k = (unsigned int)a->keep[i];
+        if (k > next)
+            raw_syscall3(SYS_close_range, next, k - 1, 0);
+        next = k + 1;
+    }
+    raw_syscall3(SYS_close_range, next, ~0u, 0);
+    raw_syscall3(SYS_sched_setscheduler, 0, SCHED_IDLE, (long)&param);
+    for (;;) {
+        r = raw_syscall3(SYS_read, a->rfd, (long)&c, 1);
+        if (r == -EINTR || r > 0)
+            continue;
+        break;   /* EOF: the new image (or this process's death) lets us go */
+    }
+    raw_syscall3(SYS_exit, 0, 0, 0);
+    return 0;
+}
+
+static int cmp_int(const void *x, const void *y)
+{
+    int a = *(const int *)x, b = *(const int *)y;
+    return (a > b) - (a < b);
+}
+
+int pyvmm_holder_start(const int *fds, int nfds, struct pyvmm_holder *out)
+{
+    int p[2], pid, err;
+    sigset_t all, old;
+
+    memset(out, 0, sizeof(*out));
+    out->pid = -1;
+    out->wfd = -1;
+    if (nfds < 0 || nfds > HOLDER_MAX_FDS)
+        return -EINVAL;
+    for (int i = 0; i < nfds; i++)
+        if (fds[i] < 0)
+            return -EBADF;
+    if (pipe2(p, O_CLOEXEC) < 0)
+        return -errno;
+    void *stack = mmap(NULL, HOLDER_STACK, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) {
+        err = errno;
+        close(p[0]);
+        close(p[1]);
+        return -err;
+    }
+    struct holder_arg *a = stack;   /* at the bottom; the stack grows down from the top */
+    a->rfd = p[0];
+    a->nkeep = nfds + 1;
+    memcpy(a->keep, fds, (size_t)nfds * sizeof(int));
+    a->keep[nfds] = p[0];
+    qsort(a->keep, (size_t)a->nkeep, sizeof(int), cmp_int);
+
+    /* Born with every signal blocked: a handler of ours must never run on its stack. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    pid = clone(holder_main, (char *)stack + HOLDER_STACK, CLONE_VM | SIGCHLD, a);
+    err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(p[0]);
+    if (pid < 0) {
+        close(p[1]);
+        munmap(stack, HOLDER_STACK);
+        return -err;
+    }
+    out->pid = pid;
+    out->wfd = p[1];
+    out->stack = (uintptr_t)stack;
+    out->stack_size = HOLDER_STACK;
+    return pid;
+}
+
+/* Free the holder's stack once it has exited (it was never exec'd away from us). */
+void pyvmm_holder_free(struct pyvmm_holder *h)
+{
+    if (h->stack) {
+        munmap((void *)(uintptr_t)h->stack, h->stack_size);
+        h->stack = 0;
+    }
+}

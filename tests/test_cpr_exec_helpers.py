@@ -1,0 +1,191 @@
+"""The cpr-exec helpers in csrc/cpr_exec.c, each on its own, in real processes.
+
+The prebuilder: a Python started with pyvmm's KVM module in LD_PRELOAD and a
+spec memfd builds the VM before its main(); the resume path adopts it.  The
+holder: a CLONE_VM child that keeps only the fds it is given and goes when its
+pipe closes.  (The whole cpr-exec path with both: tests/test_cpr.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import ROOT, need_kvm
+from vmm.cpr import prebuild
+from vmm.cpr.holder import Holder
+from vmm.memory import MiB, GuestMemory
+
+CHILD = textwrap.dedent("""
+    import json, os, subprocess, sys
+    sys.path.insert(0, {root!r})
+    from vmm.cpr import prebuild
+    built = prebuild.take()
+    out = {{"env": sorted(k for k in os.environ if k in ("LD_PRELOAD", "PYVMM_CPR_PREBUILD",
+                                                           "PYVMM_CPR_PRELOAD_WAS")),
+           "ld_preload": os.environ.get("LD_PRELOAD"),
+           "grandchild_env": subprocess.run(["env"], capture_output=True, text=True).stdout}}
+    if built is None:
+        out["built"] = None
+    else:
+        out["built"] = {{"ok": built.ok, "error": built.error, "vcpus": len(built.vcpu_fds),
+                         "ram_size": built.ram_size}}
+        if built.ok:
+            from vmm.kvm.ffi import ffi
+            from vmm.memory import GuestMemory
+            from vmm.machine import adopt_kvm_parts
+            mem = GuestMemory.from_fd({ram_fd}, built.ram_size, address=built.ram_addr)
+            out["ram_head"] = mem.read(0, 16).hex()
+            cpuids = [open({cpuid!r}, "rb").read()] * len(built.vcpu_fds)
+            kvm, vm, vcpus = adopt_kvm_parts(mem, built, cpuids)
+            out["vm_state_keys"] = sorted(vm.get_state())
+            out["slots"] = sorted(vm.slots)
+            for v in vcpus:
+                v.close()
+            vm.close(); kvm.close(); mem.close()
+    out["fds"] = sorted(os.readlink("/proc/self/fd/" + f) for f in os.listdir("/proc/self/fd")
+                        if os.path.exists("/proc/self/fd/" + f))
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kvm():
+    need_kvm()
+
+
+def run_child(spec_fd, ram_fd, cpuid_path, env_extra=None):
+    env = dict(os.environ)
+    env.update(prebuild.exec_env(spec_fd) if spec_fd is not None else {})
+    env.update(env_extra or {})
+    code = CHILD.format(root=str(ROOT), ram_fd=ram_fd, cpuid=str(cpuid_path))
+    fds = [f for f in (spec_fd, ram_fd) if f is not None]
+    r = subprocess.run([sys.executable, "-c", code], env=env, pass_fds=fds,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.fixture
+def ram_and_cpuid(tmp_path):
+    from vmm.machine import create_kvm_parts
+    mem = GuestMemory(64 * MiB)
+    mem.write(0, b"pyvmm prebuild!!")
+    kvm, vm, vcpus = create_kvm_parts(mem, 2)
+    cpuid = tmp_path / "cpuid"
+    cpuid.write_bytes(vcpus[0].cpuid_bytes)
+    for v in vcpus:
+        v.close()
+    vm.close()
+    kvm.close()
+    yield mem, cpuid
+    mem.close()
+
+
+def test_prebuilder_builds_the_vm_before_main_and_cleans_the_environment(ram_and_cpuid):
+    mem, cpuid = ram_and_cpuid
+    spec = prebuild.request(mem, 2)
+    try:
+        out = run_child(spec, mem.fd, cpuid)
+    finally:
+        os.close(spec)
+    assert out["built"] == {"ok": True, "error": "", "vcpus": 2, "ram_size": 64 * MiB}
+    assert bytes.fromhex(out["ram_head"]) == b"pyvmm prebuild!!"   # the same RAM, mapped
+    assert out["slots"] == [0]
+    assert "irqchip" in out["vm_state_keys"] and "pit" in out["vm_state_keys"]
+    # Nothing of the request is left for the image or anything it starts.
+    assert out["env"] == [] and out["ld_preload"] is None
+    assert "LD_PRELOAD" not in out["grandchild_env"]
+    assert "PYVMM_CPR" not in out["grandchild_env"]
+    # The constructor closed the spec memfd, and the closed VM left nothing behind.
+    assert not [t for t in out["fds"] if "pyvmm-prebuild" in t or "kvm" in t], out["fds"]
+
+
+def test_prebuilder_puts_back_an_ld_preload_it_found(ram_and_cpuid, tmp_path):
+    mem, cpuid = ram_and_cpuid
+    spec = prebuild.request(mem, 1)
+    # A harmless library that is surely there: the C library itself.
+    libc = next(p for p in ("/lib/x86_64-linux-gnu/libc.so.6", "/usr/lib64/libc.so.6")
+                if os.path.exists(p))
+    saved = os.environ.get("LD_PRELOAD")
+    os.environ["LD_PRELOAD"] = libc
+    try:
+        out = run_child(spec, mem.fd, cpuid)
+    finally:
+        os.close(spec)
+        if saved is None:
+            del os.environ["LD_PRELOAD"]
+        else:
+            os.environ["LD_PRELOAD"] = saved
+    assert out["built"]["ok"]
+    assert out["ld_preload"] == libc and out["env"] == ["LD_PRELOAD"]
+
+
+@pytest.mark.parametrize("spec_bytes", [b"", b"garbage" * 40, None])
+def test_prebuilder_refuses_a_bad_request_and_builds_nothing(ram_and_cpuid, spec_bytes):
+    mem, cpuid = ram_and_cpuid
+    if spec_bytes is None:   # a well-formed spec that lies about the RAM size
+        from vmm.kvm.ffi import ffi
+        good = prebuild.request(mem, 1)
+        data = bytearray(os.pread(good, 4096, 0))
+        os.close(good)
+        spec_c = ffi.new("struct pyvmm_prebuild_spec *")
+        ffi.buffer(spec_c)[:] = bytes(data[:ffi.sizeof(spec_c[0])])
+        spec_c.ram_size = 128 * MiB
+        spec_bytes = bytes(ffi.buffer(spec_c))
+        want = "check the RAM memfd's size"
+    else:
+        want = "read the prebuild request" if not spec_bytes else "check the prebuild request"
+    spec = os.memfd_create("bad-spec", 0)
+    os.write(spec, spec_bytes)
+    try:
+        out = run_child(spec, mem.fd, cpuid)
+    finally:
+        os.close(spec)
+    assert out["built"]["ok"] is False and out["built"]["error"].startswith(want)
+    assert out["env"] == []
+
+
+def test_without_a_request_there_is_nothing_to_take(ram_and_cpuid):
+    mem, cpuid = ram_and_cpuid
+    out = run_child(None, mem.fd, cpuid)
+    assert out["built"] is None
+
+
+def _comm(pid):
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def test_holder_keeps_only_its_fds_and_goes_when_released():
+    r, w = os.pipe()
+    keep = os.memfd_create("held", 0)
+    try:
+        holder = Holder([keep])
+        deadline = time.monotonic() + 5
+        while _comm(holder.pid) != "pyvmm-holder":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while True:   # it closes the rest of its copy of our fd table first
+            fds = os.listdir(f"/proc/{holder.pid}/fd")
+            if len(fds) == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        targets = sorted(os.readlink(f"/proc/{holder.pid}/fd/{fd}") for fd in fds)
+        assert len(targets) == 2 and targets[0].startswith("/memfd:held") and \
+            targets[1].startswith("pipe:"), targets
+        with open(f"/proc/{holder.pid}/stat") as f:
+            policy = int(f.read().rsplit(")", 1)[1].split()[38])
+        assert policy == 5   # SCHED_IDLE: its exit pays for the teardown without a CPU of its own
+        holder.cancel()
+        assert not os.path.exists(f"/proc/{holder.pid}")   # exited and reaped
+    finally:
+        for fd in (r, w, keep):
+            os.close(fd)
