@@ -122,11 +122,17 @@ class VcpuThread:
                 self._paused = False
                 self._cond.notify_all()
 
-    def _park(self) -> bool:
-        """Complete any half-done exit, then wait while paused. False = stop."""
+    def _park(self, pending: bool = True) -> bool:
+        """Complete any half-done exit, then wait while paused. False = stop.
+
+        `pending`: the last KVM_RUN returned an exit whose emulation KVM finishes
+        only on the next KVM_RUN (IO, MMIO).  After an EINTR exit there is none:
+        KVM completes pending operations before it looks at signals or
+        immediate_exit, so the extra KVM_RUN (~50 us here) is skipped."""
         run = self.vcpu.run
         run.immediate_exit = 1
-        self.vcpu.run_once()  # finishes pending IO/MMIO without entering the guest
+        if pending:
+            self.vcpu.run_once()  # finishes pending IO/MMIO without entering the guest
         with self._cond:
             self._paused = True
             self._cond.notify_all()
@@ -148,9 +154,10 @@ class VcpuThread:
         IO_OUT = lib.KVM_EXIT_IO_OUT
         self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self._entered.set()
+        reason = EXIT_INTR
         while True:
             if self._want_pause or self._want_stop:
-                if self._want_stop or not self._park():
+                if self._want_stop or not self._park(pending=reason != EXIT_INTR):
                     return
             reason = vcpu.run_once()
             self.exits += 1

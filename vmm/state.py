@@ -4,7 +4,7 @@ A blob is a fixed header followed by a tagged binary body:
 
     offset  size  field
     0       8     magic  b"PYVMMST\\0"
-    8       4     format version (little-endian u32), currently 2
+    8       4     format version (little-endian u32), currently 3
     12      4     CRC-32 of the body
     16      8     body length in bytes
     24      ...   body: one value, encoded as below
@@ -36,7 +36,7 @@ import zlib
 from .errors import VmmError
 
 MAGIC = b"PYVMMST\0"
-VERSION = 2
+VERSION = 3   # 3: a vCPU's MSRs are one bytes value (struct kvm_msr_entry array)
 HEADER = struct.Struct("<8sIIQ")
 MAX_BODY = 64 << 20
 MAX_DEPTH = 64
@@ -102,56 +102,76 @@ def dumps(state: dict) -> bytes:
 
 
 # -- decoding -----------------------------------------------------------------------
-class _Reader:
-    __slots__ = ("buf", "pos")
+_PAST_END = "state blob is corrupt: a value runs past the end"
 
-    def __init__(self, buf: bytes):
-        self.buf = buf
-        self.pos = 0
 
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if n < 0 or end > len(self.buf):
-            raise StateError("state blob is corrupt: a value runs past the end")
-        data = self.buf[self.pos:end]
-        self.pos = end
-        return data
+def _decode(buf: bytes):
+    """The body's one value.  Written as one closure with positions passed along
+    (not a reader object): it runs inside a live update's downtime."""
+    size = len(buf)
+    u32, q, uq, d = _U32.unpack_from, _Q.unpack_from, _UQ.unpack_from, _D.unpack_from
 
-    def u32(self) -> int:
-        return _U32.unpack(self.take(4))[0]
+    def length(pos):
+        if pos + 4 > size:
+            raise StateError(_PAST_END)
+        n = u32(buf, pos)[0]
+        if pos + 4 + n > size:
+            raise StateError(_PAST_END)
+        return n, pos + 4
 
-    def value(self, depth: int = 0):
+    def value(pos, depth):
         if depth > MAX_DEPTH:
             raise StateError("state blob is corrupt: it nests too deeply")
-        tag = self.take(1)
-        if tag == b"q":
-            return _Q.unpack(self.take(8))[0]
-        if tag == b"b":
-            return self.take(self.u32())
-        if tag == b"m":
-            n = self.u32()
+        if pos >= size:
+            raise StateError(_PAST_END)
+        tag = buf[pos]
+        pos += 1
+        if tag == 0x71 or tag == 0x51 or tag == 0x64:     # q Q d
+            if pos + 8 > size:
+                raise StateError(_PAST_END)
+            return (q if tag == 0x71 else uq if tag == 0x51 else d)(buf, pos)[0], pos + 8
+        if tag == 0x62:                                    # b
+            n, pos = length(pos)
+            return buf[pos:pos + n], pos + n
+        if tag == 0x6D:                                    # m
+            n, pos = _count(pos)
             out = {}
             for _ in range(n):
-                key = self.take(self.u32()).decode(errors="strict")
-                out[key] = self.value(depth + 1)
-            return out
-        if tag == b"l":
-            return [self.value(depth + 1) for _ in range(self.u32())]
-        if tag == b"s":
-            return self.take(self.u32()).decode(errors="strict")
-        if tag == b"Q":
-            return _UQ.unpack(self.take(8))[0]
-        if tag == b"N":
-            return None
-        if tag == b"T":
-            return True
-        if tag == b"F":
-            return False
-        if tag == b"L":
-            return int.from_bytes(self.take(self.u32()), "little", signed=True)
-        if tag == b"d":
-            return _D.unpack(self.take(8))[0]
-        raise StateError(f"state blob is corrupt: unknown tag {tag!r} at byte {self.pos - 1}")
+                k, pos = length(pos)
+                key = buf[pos:pos + k].decode()
+                out[key], pos = value(pos + k, depth + 1)
+            return out, pos
+        if tag == 0x6C:                                    # l
+            n, pos = _count(pos)
+            out = []
+            append = out.append
+            for _ in range(n):
+                v, pos = value(pos, depth + 1)
+                append(v)
+            return out, pos
+        if tag == 0x73:                                    # s
+            n, pos = length(pos)
+            return buf[pos:pos + n].decode(), pos + n
+        if tag == 0x4E:                                    # N
+            return None, pos
+        if tag == 0x54:                                    # T
+            return True, pos
+        if tag == 0x46:                                    # F
+            return False, pos
+        if tag == 0x4C:                                    # L
+            n, pos = length(pos)
+            return int.from_bytes(buf[pos:pos + n], "little", signed=True), pos + n
+        raise StateError(f"state blob is corrupt: unknown tag {bytes([tag])!r} at byte {pos - 1}")
+
+    def _count(pos):   # a list's or map's item count (each item is at least one byte)
+        if pos + 4 > size:
+            raise StateError(_PAST_END)
+        n = u32(buf, pos)[0]
+        if n > size - pos - 4:
+            raise StateError(_PAST_END)
+        return n, pos + 4
+
+    return value(0, 0)
 
 
 def loads(blob: bytes) -> dict:
@@ -171,14 +191,13 @@ def loads(blob: bytes) -> dict:
     body = bytes(blob[HEADER.size:])
     if zlib.crc32(body) != crc:
         raise StateError("state blob is corrupt: checksum mismatch")
-    reader = _Reader(body)
     try:
-        state = reader.value()
+        state, end = _decode(body)
     except UnicodeDecodeError:
         raise StateError("state blob is corrupt: a string is not UTF-8") from None
     except struct.error as e:
         raise StateError(f"state blob is corrupt: {e}") from None
-    if reader.pos != len(body):
+    if end != len(body):
         raise StateError("state blob is corrupt: bytes left over after the body")
     if not isinstance(state, dict):
         raise StateError("state blob is corrupt: the body is not a map")
@@ -247,11 +266,19 @@ def read_memfd(fd: int) -> bytes:
     return os.pread(fd, size, 0)
 
 
+def _msrs_as_json(raw: bytes) -> dict:
+    """A vCPU's saved MSRs (struct kvm_msr_entry: u32 index, u32 pad, u64 value) by index."""
+    if len(raw) % 16:
+        return _as_json(raw)
+    return {f"{index:#x}": value for index, _, value in struct.iter_unpack("<IIQ", raw)}
+
+
 def _as_json(obj):
     if isinstance(obj, bytes):
         return {"bytes": len(obj), "hex": obj[:64].hex() + ("..." if len(obj) > 64 else "")}
     if isinstance(obj, dict):
-        return {k: _as_json(v) for k, v in obj.items()}
+        return {k: _msrs_as_json(v) if k == "msrs" and isinstance(v, bytes) else _as_json(v)
+                for k, v in obj.items()}
     if isinstance(obj, list):
         return [_as_json(v) for v in obj]
     return obj

@@ -151,7 +151,7 @@ class Migration:
         (VM-wide state and the serializer): a first run is the slow one."""
         self.machine.vm.get_state()   # (never a vCPU ioctl here: it would wait for KVM_RUN)
         fake = {"machine": self.machine.shape(), "vcpus": [{"xsave": bytes(4096),
-                "lapic": bytes(1024), "msrs": [[i, i] for i in range(48)]}]}
+                "lapic": bytes(1024), "msrs": bytes(16 * 48)}]}
         os.close(state_format.to_memfd(state_format.dumps(fake)))
 
     def _prepare_exec(self) -> None:
@@ -176,6 +176,7 @@ class Migration:
 
     def _save(self, fds: dict[str, int]) -> bytes:
         state = self.machine.save_state()
+        self.timeline.step("old: vCPU, VM and device state read")
         state["cpr"] = {"mode": self.mode, "timeline": self.timeline.marks,
                         "steps": self.timeline.steps,
                         "fds": fds, "config": self.config,
@@ -192,9 +193,11 @@ class Migration:
                               [state_fd] + [fds[n] for n in names])
         finally:
             os.close(state_fd)
+        self.timeline.step("old: state memfd and device fds sent")
         self.channel.expect("restored", timeout=RESTORE_TIMEOUT)
         self._check_cancel()
         # The point of no return: the new VMM resumes the guest on "go".
+        self.timeline.step("old: \"restored\" received, sending \"go\"")
         self.channel.send({"msg": "go"})
 
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:

@@ -102,8 +102,10 @@ class Incoming:
             shape = state_format.decode_tree(msg["shape"])
             self.config = msg.get("config", {})
             self.machine = build_machine(shape, fds[0], self.config, self.console)
-            # Run the blob decoder once now: its first run in a fresh process is the slow one.
+            # Run the blob decoder and the state writers once now, on the empty VM (its
+            # own state written back): a first run in a fresh process is the slow one.
             state_format.loads(state_format.dumps({"warm-up": shape}))
+            self.machine.restore_state(self.machine.save_state(), advance_time=False)
         except Exception as e:
             for fd in fds:
                 _close(fd)
@@ -136,8 +138,10 @@ class Incoming:
                 state = state_format.loads(read_memfd(state_fd))
             finally:
                 os.close(state_fd)
+            self.timeline.step("new: state blob loaded")
             self.faults.check("target-restore")
             restore(self.machine, state, by_name)
+            self.timeline.step("new: vCPU, VM and device state written")
         except Exception as e:
             self._refuse(e)
             raise
@@ -147,6 +151,7 @@ class Incoming:
         self.faults.delay("target-slow-restore")
         self.channel.send({"msg": "restored"})
         self.channel.expect("go", timeout=None)   # EOF here = the old VMM rolled back
+        self.timeline.step("new: \"go\" received")
         self.machine.resume_devices()
         self.machine.resume()
         self.timeline.mark("resume", self.machine.wait_entered())

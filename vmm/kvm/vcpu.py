@@ -39,6 +39,19 @@ RESTORE_ORDER = ["regs", "xsave", "fpu", "xcrs", "sregs", "msrs", "mp_state", "l
                  "events", "debugregs"]
 
 
+MSR_ENTRY_SIZE = ffi.sizeof("struct kvm_msr_entry")
+
+
+def advance_msr(raw: bytes, index: int, delta: int) -> bytes:
+    """Saved MSRs with MSR `index` moved on by `delta` (mod 2**64)."""
+    out = bytearray(raw)
+    for off in range(0, len(out) - MSR_ENTRY_SIZE + 1, MSR_ENTRY_SIZE):
+        if int.from_bytes(out[off:off + 4], "little") == index:
+            value = (int.from_bytes(out[off + 8:off + 16], "little") + delta) % (1 << 64)
+            out[off + 8:off + 16] = value.to_bytes(8, "little")
+    return bytes(out)
+
+
 class Vcpu:
     """One vCPU fd and its shared kvm_run page."""
 
@@ -175,9 +188,18 @@ class Vcpu:
 
     # -- all of it ----------------------------------------------------------------------
     def get_state(self) -> dict:
-        """Every piece of vCPU state, as exact struct bytes (MSRs as [index, value] pairs)."""
+        """Every piece of vCPU state as exact struct bytes; "msrs" is the array of
+        struct kvm_msr_entry (one bytes value, not 2 x 50 numbers: it is decoded
+        inside the downtime)."""
         state = {name: to_bytes(self.get(name)) for name in self._pieces}
-        state["msrs"] = [[index, value] for index, value in self.get_msrs().items()]
+        indices = self.msr_indices()
+        msrs = self._msrs_struct(len(indices))
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        r = lib.pyvmm_ioctl(self.fd, lib.KVM_GET_MSRS, msrs)
+        if r != len(indices):
+            raise KvmError(f"KVM GET_MSRS read {r} of {len(indices)} MSRs on vCPU {self.index}")
+        state["msrs"] = bytes(ffi.buffer(msrs.entries, len(indices) * MSR_ENTRY_SIZE))
         return state
 
     def set_state(self, state: dict) -> None:
@@ -185,11 +207,30 @@ class Vcpu:
             if name not in state:
                 continue
             if name == "msrs":
-                self.set_msrs(dict(state["msrs"]))
-                if self._msr_indices is None:   # the same MSRs are readable here
-                    self._msr_indices = [index for index, _ in state["msrs"]]
+                self._set_msr_entries(state["msrs"])
             else:
                 self.set(name, from_bytes(_SIMPLE_STATE[name][0], state[name]))
+
+    @staticmethod
+    def _msrs_struct(n: int):
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        msrs.nmsrs = n
+        return msrs
+
+    def _set_msr_entries(self, raw) -> None:
+        if not isinstance(raw, bytes) or len(raw) % MSR_ENTRY_SIZE:
+            raise KvmError("saved MSRs are not an array of struct kvm_msr_entry "
+                           "(a state from another pyvmm version?)")
+        n = len(raw) // MSR_ENTRY_SIZE
+        msrs = self._msrs_struct(n)
+        ffi.buffer(msrs.entries, len(raw))[:] = raw
+        r = lib.pyvmm_ioctl(self.fd, lib.KVM_SET_MSRS, msrs)
+        if r != n:
+            bad = msrs.entries[r].index if 0 <= r < n else None
+            raise KvmError(f"KVM SET_MSRS wrote {r} of {n} MSRs on vCPU {self.index}"
+                           + (f" (refused MSR {bad:#x})" if bad is not None else ""))
+        if self._msr_indices is None:   # the same MSRs are readable here
+            self._msr_indices = [msrs.entries[i].index for i in range(n)]
 
     def close(self) -> None:
         if self.fd >= 0:
