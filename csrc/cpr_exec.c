@@ -63,7 +63,9 @@ static int fail(struct pyvmm_prebuilt *b, const char *step, int err)
     return b->status;
 }
 
-static int spec_valid(const struct pyvmm_prebuild_spec *s)
+/* Whether a prebuild request is safe to act on: every region inside the memfd,
+ * page-aligned, no overflow (csrc/fuzz/fuzz_prebuild.c checks this claim). */
+int pyvmm_prebuild_spec_valid(const struct pyvmm_prebuild_spec *s)
 {
     if (s->magic != PYVMM_PREBUILD_MAGIC || s->version != PYVMM_PREBUILD_VERSION)
         return 0;
@@ -110,7 +112,7 @@ int pyvmm_prebuild_run(const struct pyvmm_prebuild_spec *s, struct pyvmm_prebuil
     memset(b, 0, sizeof(*b));
     b->kvm_fd = b->vm_fd = -1;
     b->t_start_ns = now_ns();
-    if (!spec_valid(s))
+    if (!pyvmm_prebuild_spec_valid(s))
         return fail(b, "check the prebuild request", EINVAL);
     if (fstat(s->ram_fd, &st) < 0)
         return fail(b, "fstat the RAM memfd", errno);

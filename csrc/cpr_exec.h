@@ -45,6 +45,7 @@ struct pyvmm_prebuilt {
     int64_t t_done_ns;
 };
 
+int pyvmm_prebuild_spec_valid(const struct pyvmm_prebuild_spec *spec);
 int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out);
 int pyvmm_prebuild_run(const struct pyvmm_prebuild_spec *spec, struct pyvmm_prebuilt *out);
 

@@ -1,4 +1,6 @@
-"""Fuzz the vnet ring walker and data path (csrc/fuzz/fuzz_vring.c) for a bounded time.
+"""Fuzz the C code that reads guest- or blob-controlled data, each for a bounded time:
+the vnet ring walker and data path (csrc/fuzz/fuzz_vring.c) and the cpr-exec
+prebuilder's request check (csrc/fuzz/fuzz_prebuild.c).
 
 libFuzzer + ASan + UBSan: any out-of-map access, overflow, UB or crash fails the run.
 """
@@ -71,3 +73,31 @@ def test_fuzz_vring(fuzzer, tmp_path):
     assert "ERROR: AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr, tail
     assert "Done" in p.stderr, tail
     assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*"))
+
+
+def test_fuzz_prebuild_request(tmp_path):
+    """The cpr-exec prebuilder's request check (csrc/fuzz/fuzz_prebuild.c): whatever it
+    accepts lies inside the RAM memfd, page-aligned, without overflow."""
+    if shutil.which("clang") is None:
+        pytest.skip("clang is not installed (apt-get install clang): cannot build the libFuzzer target")
+    p = subprocess.run(["make", "-s", "-C", str(FUZZ), "fuzz_prebuild"], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import os
+    from vmm.cpr import prebuild
+    from vmm.memory import GiB, GuestMemory
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    mem = GuestMemory(4 * GiB)     # two regions around the MMIO hole (nothing is touched)
+    try:
+        fd = prebuild.request(mem, 2)
+        (corpus / "valid").write_bytes(os.pread(fd, 1 << 16, 0))
+        os.close(fd)
+    finally:
+        mem.close()
+    p = subprocess.run([str(FUZZ / "fuzz_prebuild"), "-max_total_time=10",
+                        f"-artifact_prefix={tmp_path}/", str(corpus)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    tail = "\n".join(p.stderr.splitlines()[-20:])
+    assert p.returncode == 0, tail
+    assert "Done" in p.stderr and not list(tmp_path.glob("crash-*")), tail

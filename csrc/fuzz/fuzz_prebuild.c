@@ -1,0 +1,41 @@
+/* libFuzzer target: the cpr-exec prebuilder's request check (csrc/cpr_exec.c).
+ *
+ * The request comes from a memfd the old image wrote; a corrupt one must be
+ * refused before the builder maps or registers anything.  Every request the
+ * check accepts must describe only page-aligned regions inside the RAM memfd,
+ * with no arithmetic overflow: checked here independently, with 128-bit sums. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpr_exec.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    struct pyvmm_prebuild_spec s;
+
+    memset(&s, 0, sizeof(s));
+    memcpy(&s, data, size < sizeof(s) ? size : sizeof(s));
+    if (size && (data[0] & 1)) {   /* reach past the magic check half of the time */
+        s.magic = PYVMM_PREBUILD_MAGIC;
+        s.version = PYVMM_PREBUILD_VERSION;
+    }
+    if (!pyvmm_prebuild_spec_valid(&s))
+        return 0;
+    if (s.nregions < 1 || s.nregions > PYVMM_PREBUILD_MAX_REGIONS)
+        abort();
+    if (s.nvcpus < 1 || s.nvcpus > PYVMM_PREBUILD_MAX_VCPUS || s.ram_fd < 0)
+        abort();
+    if (s.ram_size == 0 || s.ram_size % 4096)
+        abort();
+    for (uint32_t i = 0; i < s.nregions; i++) {
+        const struct pyvmm_prebuild_region *r = &s.regions[i];
+        if (r->size == 0 || r->gpa % 4096 || r->size % 4096 || r->offset % 4096)
+            abort();
+        if ((unsigned __int128)r->offset + r->size > s.ram_size)
+            abort();
+        if ((unsigned __int128)r->gpa + r->size > UINT64_MAX)
+            abort();
+    }
+    return 0;
+}
