@@ -20,7 +20,7 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from conftest import ROOT, need_kvm, pyvmm_cmd
-from vmm.lab import GUEST_IP, in_ns, netns_with_tap
+from vmm.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -149,31 +149,6 @@ def fd_targets(pid):
         except OSError:
             pass
     return out
-
-
-def child_procs(pid) -> list[tuple[str, str]]:
-    """(comm, state) of each child of `pid` (children gone meanwhile are skipped)."""
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        kids = f.read().split()
-    out = []
-    for kid in kids:
-        try:
-            with open(f"/proc/{kid}/stat") as f:
-                comm, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
-        except OSError:
-            continue
-        out.append((comm, rest.split()[0]))
-    return out
-
-
-def wait_until_no_child(pid, bad, timeout=5.0) -> list:
-    """Wait until no child of `pid` is `bad(comm, state)`; the bad ones left at the end."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [c for c in child_procs(pid) if bad(*c)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.05)
 
 
 def start_ticker(vmm_procs, tmp_path, name="old", period=20000):

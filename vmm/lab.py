@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 
 HOST_IP = "10.0.0.1"
@@ -138,3 +139,32 @@ class WatchedProcess:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+
+def child_procs(pid: int) -> list[tuple[str, str]]:
+    """(comm, state) of each child of `pid` (children gone meanwhile are skipped)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+    except OSError:
+        return []
+    out = []
+    for kid in kids:
+        try:
+            with open(f"/proc/{kid}/stat") as f:
+                comm, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+        except OSError:
+            continue
+        out.append((comm, rest.split()[0]))
+    return out
+
+
+def wait_until_no_child(pid: int, bad, timeout: float = 5.0) -> list:
+    """Wait until no child of `pid` is `bad(comm, state)`; the bad ones left at the end.
+    (After a cpr-exec: the `pyvmm-holder` that tears the old VM down, then is reaped.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [c for c in child_procs(pid) if bad(*c)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
