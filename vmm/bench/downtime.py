@@ -666,24 +666,27 @@ def plots(records, out: Path) -> list[Path]:
     fig.savefig(p1, dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) + 2), 4.8))
-    labels, bottoms = [], []
-    keys = [k for k in sorted(groups, key=lambda k: (k[0], k[2], k[1]))
-            if k[0] in ("exec", "transfer") and k[3] == "idle"]
+    # One panel per mode, each on its own scale (cpr-exec's bars are ten times taller).
+    modes = [m for m in ("exec", "transfer")
+             if any(k[0] == m and k[3] == "idle" for k in groups)]
+    fig, axes = plt.subplots(1, max(len(modes), 1), figsize=(12, 4.8), squeeze=False)
     colors = plt.get_cmap("tab10")
-    base = [0.0] * len(keys)
-    for i, ph in enumerate(PHASES):
-        vals = []
-        for k in keys:
-            s = summary([r["phases_us"].get(ph) for r in groups[k]])
-            vals.append(s["median"] / 1000 if s else 0.0)
-        ax.bar(range(len(keys)), vals, bottom=base, color=colors(i), label=ph)
-        base = [a + b for a, b in zip(base, vals)]
-    labels = [f"{k[0]}\n{size_name(k[1])}\n{k[2]}" for k in keys]
-    ax.set_xticks(range(len(keys)), labels, fontsize=7)
-    ax.set_ylabel("ms (median of each phase)")
-    ax.set_title("pyvmm CPR phases (host view, idle)")
-    ax.legend(fontsize=7)
+    for ax, mode in zip(axes[0], modes):
+        keys = [k for k in sorted(groups, key=lambda k: (k[2], k[1]))
+                if k[0] == mode and k[3] == "idle"]
+        base = [0.0] * len(keys)
+        for i, ph in enumerate(PHASES):
+            vals = []
+            for k in keys:
+                s = summary([r["phases_us"].get(ph) for r in groups[k]])
+                vals.append(s["median"] / 1000 if s else 0.0)
+            ax.bar(range(len(keys)), vals, bottom=base, color=colors(i), label=ph)
+            base = [a + b for a, b in zip(base, vals)]
+        ax.set_xticks(range(len(keys)), [f"{size_name(k[1])}\n{k[2]}" for k in keys],
+                      fontsize=8)
+        ax.set_ylabel("ms (median of each phase)")
+        ax.set_title(f"pyvmm cpr-{mode}: phases (host view, idle)")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     p2 = out / "phases.png"
     fig.savefig(p2, dpi=110)
