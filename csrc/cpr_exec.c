@@ -21,8 +21,9 @@
  *    pyvmm_holder_start() clones a child that shares our address space
  *    (CLONE_VM, like vfork but without waiting) and keeps only the fds it is
  *    given.  After execve the old mm and the old VM live on in the holder, which
- *    exits (and pays for both, at SCHED_IDLE) once the new image closes the
- *    pipe, after the guest runs again.
+ *    exits (and pays for both, at nice 19) once the new image closes the
+ *    pipe, after the guest runs again.  Nice 19 rather than SCHED_IDLE: the
+ *    teardown must yield to the guest, but not wait for an idle CPU forever.
  *
  * The holder runs on our memory without its own thread-local storage, so it
  * only makes raw system calls (errno lives in TLS) and never returns into libc.
@@ -38,6 +39,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -278,7 +280,6 @@ static int holder_main(void *p)
 {
     struct holder_arg *a = p;
     static const char name[16] = "pyvmm-holder";
-    struct { int prio; } param = { 0 };
     char c;
     unsigned int next = 0;
     long r;
@@ -291,7 +292,7 @@ static int holder_main(void *p)
         next = k + 1;
     }
     raw_syscall3(SYS_close_range, next, ~0u, 0);
-    raw_syscall3(SYS_sched_setscheduler, 0, SCHED_IDLE, (long)&param);
+    raw_syscall3(SYS_setpriority, PRIO_PROCESS, 0, 19);
     for (;;) {
         r = raw_syscall3(SYS_read, a->rfd, (long)&c, 1);
         if (r == -EINTR || r > 0)

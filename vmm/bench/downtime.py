@@ -312,7 +312,7 @@ def run_pyvmm(reg: Cleanup, mode: str, size: int, ram: str, load: str, reps: int
                 stream.wait()
             raise
         if mode == "exec":
-            # Let the holder tear the old VM down (at SCHED_IDLE) before the next update:
+            # Let the holder tear the old VM down (at nice 19) before the next update:
             # each update is measured from a settled host, not on top of the last one's exit.
             from ..lab import wait_until_no_child
             wait_until_no_child(cur.pid, lambda comm, state: comm == "pyvmm-holder", 30)

@@ -7,7 +7,7 @@ the old image starts a *holder*: a child cloned with CLONE_VM (it shares our
 memory, like a vfork child, and so keeps the old mm alive after our exec)
 that keeps only the VM's fds and reads a pipe (csrc/cpr_exec.c).  The new
 image closes the pipe once the guest runs again; the holder then exits and
-its exit, at SCHED_IDLE, pays for the teardown.  `ps` shows it as
+its exit, at nice 19, pays for the teardown.  `ps` shows it as
 `pyvmm-holder`.
 """
 
