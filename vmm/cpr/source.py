@@ -32,10 +32,37 @@ def _byte_compile() -> None:
     imports ~30 modules inside the downtime, and one compiled from source there
     costs ~1-2 ms.  (PYTHONDONTWRITEBYTECODE, set on this project's machines, stops
     Python from caching them by itself; an edited checkout would pay every time.)
-    Checking mtimes takes a few ms, before the stop; a read-only install is left as is."""
-    import compileall
-    compileall.compile_dir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           quiet=2)
+    The check reads each .pyc header (source mtime and size) instead of importing
+    compileall (~10 ms here, every time in an exec'd image, with the guest running
+    and needing the GIL); only a stale file is compiled.  A read-only install is
+    left as it is."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tag = sys.implementation.cache_tag
+    stale = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            src = os.path.join(top, name)
+            pyc = os.path.join(top, "__pycache__", f"{name[:-3]}.{tag}.pyc")
+            try:
+                st = os.stat(src)
+                with open(pyc, "rb") as f:
+                    header = f.read(16)
+            except OSError:
+                stale.append(src)
+                continue
+            if header[8:12] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") or \
+                    header[12:16] != (st.st_size & 0xFFFFFFFF).to_bytes(4, "little"):
+                stale.append(src)
+    if stale:
+        import py_compile
+        for src in stale:
+            try:
+                py_compile.compile(src, doraise=True)
+            except (OSError, py_compile.PyCompileError):
+                pass
 
 
 class Cancelled(VmmError):
