@@ -196,6 +196,8 @@ class Migration:
         """Run the save path once before the stop where it can run with the guest going
         (VM-wide state and the serializer): a first run is the slow one."""
         self.machine.vm.get_state()   # (never a vCPU ioctl here: it would wait for KVM_RUN)
+        for vcpu in self.machine.vcpus:
+            vcpu.warm_up()
         fake = {"machine": self.machine.shape(), "vcpus": [{"xsave": bytes(4096),
                 "lapic": bytes(1024), "msrs": bytes(16 * 48)}]}
         os.close(state_format.to_memfd(state_format.dumps(fake)))

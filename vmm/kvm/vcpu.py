@@ -211,6 +211,14 @@ class Vcpu:
             else:
                 self.set(name, from_bytes(_SIMPLE_STATE[name][0], state[name]))
 
+    def warm_up(self) -> None:
+        """Build each state struct type once, without an ioctl (so it can run while the
+        vCPU is in KVM_RUN): cffi's first use of a type costs ~50 us, ~0.4 ms for all of
+        them, which would otherwise land in a live update's save."""
+        for name in self._pieces:
+            ffi.new(_SIMPLE_STATE[name][0] + " *")
+        self._msrs_struct(1)
+
     @staticmethod
     def _msrs_struct(n: int):
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
