@@ -206,6 +206,15 @@ def start_incoming(reg: Cleanup, name: str, ns=None) -> tuple[Proc, Path, Path]:
     return p, sock, qmp_path
 
 
+def steps_after_stop(info: dict) -> list:
+    """query-migrate's finer steps as [what, µs after the stop], kept in results.json
+    so that a slow update can be explained afterwards."""
+    t_stop = dict(info.get("x-timeline", [])).get("stop")
+    if t_stop is None:
+        return []
+    return [[what, (t - t_stop) / 1000] for what, t in info.get("x-steps", [])]
+
+
 def do_update(mode: str, qmp_path: Path, sock: Path | None = None,
               new_qmp: Path | None = None) -> tuple[dict, float, float]:
     """Run one live update; return (new VMM's query-migrate, t_command, t_done)."""
@@ -318,7 +327,8 @@ def run_pyvmm(reg: Cleanup, mode: str, size: int, ram: str, load: str, reps: int
             wait_until_no_child(cur.pid, lambda comm, state: comm == "pyvmm-holder", 30)
         rec = {"mode": mode, "size": size, "ram": ram, "load": load, "rep": rep,
                "host_us": info["x-downtime-us"],
-               "phases_us": {k: info.get("x-phases-us", {}).get(k) for k in PHASES}}
+               "phases_us": {k: info.get("x-phases-us", {}).get(k) for k in PHASES},
+               "steps_us": steps_after_stop(info)}
         if mode == "transfer":
             chain.append(new)
             if cur.proc.wait(30) != 0:
