@@ -53,6 +53,8 @@ def _byte_compile() -> None:
             except OSError:
                 stale.append(src)
                 continue
+            if header[4:8] != bytes(4):
+                continue   # a hash-based .pyc (PEP 552): Python checks it itself
             if header[8:12] != (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") or \
                     header[12:16] != (st.st_size & 0xFFFFFFFF).to_bytes(4, "little"):
                 stale.append(src)
