@@ -189,3 +189,22 @@ def test_holder_keeps_only_its_fds_and_goes_when_released():
     finally:
         for fd in (r, w, keep):
             os.close(fd)
+
+
+def test_stale_pyc_is_compiled_before_an_exec():
+    """An edited module would be compiled from source inside the new image's downtime;
+    the old image refreshes it first (vmm.cpr.source._byte_compile)."""
+    import sys
+    from vmm.cpr.source import _byte_compile
+    src = ROOT / "vmm" / "sync.py"
+    pyc = ROOT / "vmm" / "__pycache__" / f"sync.{sys.implementation.cache_tag}.pyc"
+    _byte_compile()
+    st = src.stat()
+    os.utime(src, (st.st_atime, st.st_mtime + 5))   # as if just edited
+    try:
+        _byte_compile()
+        header = pyc.read_bytes()[:16]
+        assert header[8:12] == (int(st.st_mtime + 5) & 0xFFFFFFFF).to_bytes(4, "little")
+    finally:
+        os.utime(src, (st.st_atime, st.st_mtime))
+        _byte_compile()
