@@ -249,7 +249,8 @@ class Migration:
         self._check_cancel()
         # The point of no return: the new VMM resumes the guest on "go".
         self.timeline.step("old: \"restored\" received, sending \"go\"")
-        self.channel.send({"msg": "go"})
+        # (with the old VMM's steps since the save, so that the new one's trace has them)
+        self.channel.send({"msg": "go", "steps": self.timeline.steps[-2:]})
 
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
         state_fd = state_format.to_memfd(blob)

@@ -150,8 +150,10 @@ class Incoming:
         self.timeline.steps = state["cpr"].get("steps", []) + self.timeline.steps
         self.faults.delay("target-slow-restore")
         self.channel.send({"msg": "restored"})
-        self.channel.expect("go", timeout=None)   # EOF here = the old VMM rolled back
+        go, _ = self.channel.expect("go", timeout=None)   # EOF = the old VMM rolled back
         self.timeline.step("new: \"go\" received")
+        self.timeline.steps += [list(s) for s in go.get("steps", [])
+                                if isinstance(s, list) and len(s) == 2]
         self.machine.resume_devices()
         self.machine.resume()
         self.timeline.mark("resume", self.machine.wait_entered())
