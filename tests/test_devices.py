@@ -453,3 +453,33 @@ def test_debug_exit_reports_the_value_written():
     assert bus.read(0xF4, 4) == bytes(4)
     dev.set_state(dev.state())
     assert dumps(dev.state())
+
+
+def test_uart_fast_path_is_published_only_while_side_effect_free():
+    """The C fast path (LSR reads, THR writes) is on only while those two accesses
+    change nothing but the output; the model republishes on every change."""
+    from vmm.kvm.ffi import ffi
+    out = []
+    s = Serial16550(out.append, lambda level: None)
+    fast = ffi.new("struct pyvmm_uart_fast *", {"base": 0x3F8, "out_fd": 1})
+    s.attach_fast_path(fast)
+    assert fast.enabled == 1 and fast.lsr == 0x60            # THRE | TEMT
+    s.write(LCR, b"\x80")                                     # DLAB: THR is DLL now
+    assert fast.enabled == 0
+    s.write(LCR, b"\x03")
+    assert fast.enabled == 1
+    s.write(IER, b"\x02")                                     # THR-empty interrupt wanted
+    assert fast.enabled == 0
+    s.write(IER, b"\x00")
+    s.write(MCR, b"\x10")                                     # loopback: THR feeds RBR
+    assert fast.enabled == 0
+    for _ in range(3):
+        s.write(THR, b"x")                                    # FIFO off: 1 byte, then overrun
+    s.write(MCR, b"\x00")
+    assert fast.enabled == 0 and fast.lsr & 0x02              # OE pending: Python reads LSR
+    s.read(LSR, 1)
+    assert fast.enabled == 1
+    s.read(RBR, 1)
+    s.enqueue_input(b"y")                                     # host input: DR is published
+    assert fast.enabled == 1 and fast.lsr & 0x01
+    assert s.read(RBR, 1) == b"y" and not fast.lsr & 0x01

@@ -35,8 +35,9 @@ def install_kick_handler() -> None:
 class VcpuThread:
     """Runs one vCPU until the machine stops; can be paused and resumed."""
 
-    def __init__(self, vcpu, pio_bus, mmio_bus, on_error):
+    def __init__(self, vcpu, pio_bus, mmio_bus, on_error, uart=ffi.NULL):
         self.vcpu = vcpu
+        self.uart = uart   # a UART fast path (Serial16550.attach_fast_path) or NULL
         self.pio_bus = pio_bus
         self.mmio_bus = mmio_bus
         self.on_error = on_error
@@ -152,6 +153,7 @@ class VcpuThread:
         pio, mmio = self.pio_bus, self.mmio_bus
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
+        uart = self.uart
         self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self._entered.set()
         reason = EXIT_INTR
@@ -159,7 +161,7 @@ class VcpuThread:
             if self._want_pause or self._want_stop:
                 if self._want_stop or not self._park(pending=reason != EXIT_INTR):
                     return
-            reason = vcpu.run_once()
+            reason = vcpu.run_once(uart)
             self.exits += 1
             if reason == EXIT_IO:
                 io = run.io

@@ -70,8 +70,19 @@ def adopt_kvm_parts(memory: GuestMemory, built, cpuids: list[bytes]):
     return kvm, vm, cpus
 
 
-def stdout_console(data: bytes) -> None:
-    os.write(1, data)
+class FdConsole:
+    """Serial output written straight to a file descriptor (stdout, or a file the
+    runner opened): with an fd, the UART's C fast path can write it too."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __call__(self, data: bytes) -> None:
+        while data:
+            data = data[os.write(self.fd, data):]
+
+
+stdout_console = FdConsole(1)
 
 
 class Machine:
@@ -121,6 +132,12 @@ class Machine:
         console = cfg.console or stdout_console
         self.serial = Serial16550(console, lambda level: self.vm.irq_line(COM1_IRQ, level))
         self.pio_bus.insert(COM1_PORT, 8, self.serial)
+        from .kvm.ffi import ffi
+        self.uart_fast = ffi.NULL
+        if isinstance(console, FdConsole):
+            self.uart_fast = ffi.new("struct pyvmm_uart_fast *",
+                                     {"base": COM1_PORT, "out_fd": console.fd})
+            self.serial.attach_fast_path(self.uart_fast)
         self.debug_exit = DebugExit(self.request_exit)
         self.pio_bus.insert(DEBUG_EXIT_PORT, 4, self.debug_exit)
         self.nets = []
@@ -260,8 +277,8 @@ class Machine:
             if not paused:
                 self.resume()
             return
-        self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._vcpu_failed)
-                        for v in self.vcpus]
+        self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._vcpu_failed,
+                                   self.uart_fast) for v in self.vcpus]
         for t in self.threads:
             t.start(paused=paused)
         self.running = not paused

@@ -20,11 +20,12 @@ def open_console(path: str | None):
     """The serial console's writer: a file opened for append, or stdout."""
     if not path:
         return None
+    from .machine import FdConsole
     try:
-        out = open(path, "ab", buffering=0)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
         raise VmmError(f"cannot open console file {path}: {e.strerror}") from None
-    return out.write
+    return FdConsole(fd)
 
 
 def resume_after_exec(t_python: int | None = None) -> int:

@@ -77,19 +77,45 @@ class Serial16550:
         self.irq_level = 0      # what we last told `irq`
         self.rx = bytearray()   # the guest-visible receive FIFO
         self.backlog = bytearray()   # host input waiting for room in rx
+        self.fast = None        # the vCPU loop's C fast path, see attach_fast_path()
+
+    def attach_fast_path(self, fast) -> None:
+        """Let C handle LSR reads and THR writes while they have no side effect.
+
+        `fast` is a `struct pyvmm_uart_fast` (vmm/kvm/_build.py) with `base` and
+        `out_fd` set; the vCPU loop reads it on each port-IO exit.  Every change of
+        the model below republishes what the C side may do (_publish), under the
+        lock: enabled only with DLAB clear, no loopback, no THR-empty interrupt and
+        no error bits, so that those two accesses change nothing but the output.
+        """
+        with self._lock:
+            self.fast = fast
+            self._publish()
+
+    def _publish(self) -> None:
+        f = self.fast
+        if f is None:
+            return
+        f.enabled = 0
+        f.lsr = self.lsr
+        f.enabled = int(not self.lcr & LCR_DLAB and not self.mcr & MCR_LOOP
+                        and not self.ier & IER_THRI and not self.lsr & LSR_ERRORS)
 
     # -- bus protocol ----------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
         """Byte registers; a wider access reads consecutive registers (as QEMU splits it)."""
         with self._lock:
-            return bytes(self._read(offset + i) if offset + i < 8 else 0xFF
+            data = bytes(self._read(offset + i) if offset + i < 8 else 0xFF
                          for i in range(size))
+            self._publish()
+            return data
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
             for i, value in enumerate(data):
                 if offset + i < 8:
                     self._write(offset + i, value)
+            self._publish()
 
     # -- host side -----------------------------------------------------------------------
     def enqueue_input(self, data: bytes) -> int:
@@ -103,6 +129,7 @@ class Serial16550:
             self.backlog += taken
             self._refill()
             self._update_irq()
+            self._publish()
             return len(taken)
 
     def pending_input(self) -> int:
@@ -293,3 +320,4 @@ class Serial16550:
                 setattr(self, name, state[name])
             self.rx = bytearray(state["rx"])
             self.backlog = bytearray(state["backlog"])
+            self._publish()

@@ -152,6 +152,12 @@ int munmap(void *addr, size_t length);
 int pyvmm_ioctl(int fd, unsigned long request, void *arg);
 int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int pyvmm_install_kick_handler(int signo);
+
+/* The UART fast path (vmm/devices/serial.py keeps it in step with the model). */
+struct pyvmm_uart_fast {
+    int enabled; int out_fd; unsigned short base; unsigned char lsr; unsigned long long handled;
+};
+int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart);
 int pyvmm_set_thread_name(const char *name);
 int pyvmm_kick_thread(unsigned long thread, int signo);
 #define SIGUSR1 ...
@@ -194,6 +200,7 @@ ffibuilder.set_source(
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <unistd.h>
 #include <linux/kvm.h>
 #include "cpr_exec.h"
 
@@ -226,6 +233,56 @@ static int pyvmm_set_thread_name(const char *name)
 static int pyvmm_kick_thread(unsigned long thread, int signo)
 {
     return -pthread_kill((pthread_t)thread, signo);
+}
+
+/* The 16550A UART's two hot registers, handled without Python (and without the
+ * GIL): a console byte costs two VM exits (poll LSR, write THR), each of which
+ * would otherwise go through the Python loop.  Only while the model says the
+ * registers have no side effect (Serial16550._publish): DLAB clear, no loopback,
+ * no THR-empty interrupt, no error bits in LSR, output to a file descriptor.
+ * Everything else returns to Python, as does a write that fails (Python redoes
+ * it and reports the error). */
+struct pyvmm_uart_fast {
+    volatile int enabled;
+    int out_fd;
+    unsigned short base;
+    volatile unsigned char lsr;
+    unsigned long long handled;
+};
+
+static int pyvmm_uart_exit(struct kvm_run *run, struct pyvmm_uart_fast *u)
+{
+    unsigned char *data;
+
+    if (!u || !u->enabled || run->io.size != 1 || run->io.count != 1)
+        return 0;
+    data = (unsigned char *)run + run->io.data_offset;
+    if (run->io.port == u->base && run->io.direction == KVM_EXIT_IO_OUT) {
+        ssize_t w;
+        do
+            w = write(u->out_fd, data, 1);
+        while (w < 0 && errno == EINTR);
+        if (w != 1)
+            return 0;
+    } else if (run->io.port == u->base + 5 && run->io.direction == KVM_EXIT_IO_IN) {
+        *data = u->lsr;
+    } else {
+        return 0;
+    }
+    u->handled++;
+    return 1;
+}
+
+/* KVM_RUN until an exit the UART fast path does not take: returns the exit
+ * reason, or -errno (-EINTR when kicked). */
+static int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart)
+{
+    for (;;) {
+        if (ioctl(fd, KVM_RUN, 0) < 0)
+            return -errno;
+        if (run->exit_reason != KVM_EXIT_IO || !pyvmm_uart_exit(run, uart))
+            return (int)run->exit_reason;
+    }
 }
 
 static int pyvmm_install_kick_handler(int signo)

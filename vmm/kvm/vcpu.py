@@ -71,14 +71,15 @@ class Vcpu:
         self._tsc_khz: int | None = None
 
     # -- running -------------------------------------------------------------------
-    def run_once(self) -> int:
-        """KVM_RUN; returns the exit reason, or KVM_EXIT_INTR when a kick interrupted it."""
-        r = lib.pyvmm_ioctl_int(self.fd, lib.KVM_RUN, 0)
+    def run_once(self, uart=ffi.NULL) -> int:
+        """KVM_RUN (again and again while `uart`, a UART fast path, takes the exits);
+        returns the exit reason, or KVM_EXIT_INTR when a kick interrupted it."""
+        r = lib.pyvmm_vcpu_run(self.fd, self.run, uart)
         if r < 0:
             if r in (-errno.EINTR, -errno.EAGAIN):
                 return lib.KVM_EXIT_INTR
             raise KvmError(f"KVM_RUN failed on vCPU {self.index}: {os.strerror(-r)}")
-        return self.run.exit_reason
+        return r
 
     def io_data(self):
         """The data buffer of the current port-IO exit."""
