@@ -14,6 +14,10 @@ guest reads, so pasting a long line loses nothing.  There is no character
 timeout: "data available" is raised as soon as the FIFO holds one byte,
 whatever the FCR trigger level.
 
+With an fd console the vCPU loop's C fast path handles LSR reads and THR writes
+itself while they have no other effect (attach_fast_path), so a console byte
+costs no Python; the model republishes what the fast path may do on every change.
+
 The interrupt line is level-triggered: `irq(True)` / `irq(False)` is called
 whenever "some enabled interrupt is pending" changes.  (OUT2 does not gate the
 line, as in QEMU and Firecracker.)  Accesses come from vCPU threads and from
