@@ -13,7 +13,7 @@ The script runs in bash from the repository root, with a `pyvmm` that runs this
 interpreter's `-m vmm` (and a `python3` that is this interpreter) first in PATH and TMPDIR pointing at a fresh directory
 (labs take their work directory from `mktemp -d`). It runs in its own session;
 whatever is left in that session at the end (a VMM a lab started with `&`, a
-reaper) is killed, and every lab must leave no process behind by itself.
+holder) is killed, and every lab must leave no process behind by itself.
 """
 
 from __future__ import annotations

@@ -234,7 +234,7 @@ class Machine:
             d.cpr_notify(event)
 
     def kvm_fds(self) -> list[int]:
-        """The VM's and vCPUs' fds (for the cpr-exec reaper)."""
+        """The VM's and vCPUs' fds (for the cpr-exec holder)."""
         return [self.vm.fd] + [v.fd for v in self.vcpus]
 
     def restore_devices(self, state: dict, fds: dict[str, int]) -> None:
