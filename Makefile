@@ -29,7 +29,7 @@ deps:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h vmm/*/_build*.py vmm/*/*/_build*.py)
+$(STAMP): $(PY) pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h vmm/*/_build*.py vmm/*/*/_build*.py) vmm/cffi_header.py
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
 	touch $@
 

@@ -6,7 +6,14 @@ layout fails the build instead of corrupting a guest.  Structs whose tail we do
 not need end in `...;` and take their size from the header.
 """
 
+import os
+import sys
+
 import cffi
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from vmm.cffi_header import cdef_from_header  # noqa: E402
 
 ffibuilder = cffi.FFI()
 
@@ -162,31 +169,11 @@ int pyvmm_set_thread_name(const char *name);
 int pyvmm_kick_thread(unsigned long thread, int signo);
 #define SIGUSR1 ...
 
-/* csrc/cpr_exec.c: the cpr-exec prebuilder and holder */
-#define PYVMM_PREBUILD_MAGIC ...
-#define PYVMM_PREBUILD_VERSION ...
-#define PYVMM_PREBUILD_MAX_REGIONS ...
-#define PYVMM_PREBUILD_MAX_VCPUS ...
-#define PYVMM_PREBUILD_PIT ...
-struct pyvmm_prebuild_region { uint64_t gpa; uint64_t size; uint64_t offset; };
-struct pyvmm_prebuild_spec {
-    uint32_t magic; uint32_t version; int32_t ram_fd; uint32_t nregions; uint32_t nvcpus;
-    uint32_t flags; uint64_t ram_size; uint64_t tss_addr; uint64_t identity_map_addr;
-    struct pyvmm_prebuild_region regions[8];
-};
-struct pyvmm_prebuilt {
-    int32_t status; char step[48]; int32_t kvm_fd; int32_t vm_fd; int32_t nvcpus;
-    int32_t vcpu_fds[64]; uint64_t ram_addr; uint64_t ram_size;
-    int64_t t_start_ns; int64_t t_done_ns;
-};
-int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out);
-int pyvmm_prebuild_run(const struct pyvmm_prebuild_spec *spec, struct pyvmm_prebuilt *out);
-struct pyvmm_holder { int32_t pid; int32_t wfd; uint64_t stack; uint64_t stack_size; };
-int pyvmm_holder_start(const int *fds, int nfds, struct pyvmm_holder *out);
-void pyvmm_holder_free(struct pyvmm_holder *h);
 """
 
 CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
+# csrc/cpr_exec.c: the cpr-exec prebuilder and holder, declared by their header
+CDEF += cdef_from_header(os.path.join(ROOT, "csrc", "cpr_exec.h"))
 
 ffibuilder.cdef(CDEF)
 
@@ -302,6 +289,5 @@ static int pyvmm_install_kick_handler(int signo)
 )
 
 if __name__ == "__main__":
-    import os
-    os.chdir(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    os.chdir(ROOT)
     ffibuilder.compile(verbose=False)
