@@ -68,6 +68,13 @@ def ticks(text):
     return [(int(n), int(t)) for n, t in re.findall(r"tick (\d+) t_us=(\d+)", text)]
 
 
+def assert_ticks_go_on(p, n=3):
+    """The ticker in `p` ticks n more times and its counter and clock never went back."""
+    last = ticks(p.text())[-1][0]
+    p.wait_for(rf"tick {last + n} ")
+    assert_ticks_continuous(p.text())
+
+
 def assert_ticks_continuous(text):
     seen = ticks(text)
     ns = [n for n, _ in seen]
@@ -180,9 +187,7 @@ def test_ticker_survives_cpr_exec(guests, vmm_procs, tmp_path):
     assert info["status"] == "completed" and info["mode"] == "cpr-exec"
     assert info["x-downtime-us"] > 0
     assert p.proc.poll() is None and p.pid == pid          # same PID, still running
-    last = ticks(p.text())[-1][0]
-    p.wait_for(rf"tick {last + 5} ")
-    assert_ticks_continuous(p.text())
+    assert_ticks_go_on(p, 5)
     marks = [m for m, _ in info["x-timeline"]]
     assert marks == ["stop", "quiesce", "notify", "save", "transfer", "restore", "resume"]
     # The new image adopted the VM its prebuilder made before Python's main()
@@ -268,9 +273,7 @@ def assert_keeps_running(p, qmp_path):
         assert qmp(q, "query-status")["status"] == "running"
     finally:
         close(q)
-    last = ticks(p.text())[-1][0]
-    p.wait_for(rf"tick {last + 3} ")
-    assert_ticks_continuous(p.text())
+    assert_ticks_go_on(p)
 
 
 @pytest.mark.parametrize("fault", EXEC_FAULTS)
@@ -290,9 +293,7 @@ def test_cpr_exec_restore_failure_execs_again(guests, vmm_procs, tmp_path):
     p.wait_for(r"tick 3 ")
     assert cpr_exec(qmp_path, faults=["target-restore"]) is None
     assert new_info(qmp_path)["status"] == "completed"
-    last = ticks(p.text())[-1][0]
-    p.wait_for(rf"tick {last + 3} ")
-    assert_ticks_continuous(p.text())
+    assert_ticks_go_on(p)
 
 
 @pytest.mark.parametrize("fault", TRANSFER_FAULTS)
