@@ -159,9 +159,9 @@ class Vcpu:
         return self._msr_indices
 
     def _read_msrs(self, indices, quiet=False):
+        """KVM_GET_MSRS of `indices` as a `struct kvm_msrs *` (None if quiet and it fails)."""
         n = len(indices)
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
-        msrs.nmsrs = n
+        msrs = self._msrs_struct(n)
         for i, index in enumerate(indices):
             msrs.entries[i].index = index
         r = lib.pyvmm_ioctl(self.fd, lib.KVM_GET_MSRS, msrs)
@@ -169,23 +169,7 @@ class Vcpu:
             if quiet:
                 return None
             raise KvmError(f"KVM GET_MSRS read {r} of {n} MSRs on vCPU {self.index}")
-        return {msrs.entries[i].index: int(msrs.entries[i].data) for i in range(n)}
-
-    def get_msrs(self, indices: list[int] | None = None) -> dict[int, int]:
-        return self._read_msrs(indices if indices is not None else self.msr_indices())
-
-    def set_msrs(self, values: dict[int, int]) -> None:
-        n = len(values)
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
-        msrs.nmsrs = n
-        for i, (index, data) in enumerate(values.items()):
-            msrs.entries[i].index = index
-            msrs.entries[i].data = data
-        r = lib.pyvmm_ioctl(self.fd, lib.KVM_SET_MSRS, msrs)
-        if r != n:
-            bad = list(values)[r] if 0 <= r < n else None
-            raise KvmError(f"KVM SET_MSRS wrote {r} of {n} MSRs on vCPU {self.index}"
-                           + (f" (refused MSR {bad:#x})" if bad is not None else ""))
+        return msrs
 
     # -- all of it ----------------------------------------------------------------------
     def get_state(self) -> dict:
@@ -193,14 +177,8 @@ class Vcpu:
         struct kvm_msr_entry (one bytes value, not 2 x 50 numbers: it is decoded
         inside the downtime)."""
         state = {name: to_bytes(self.get(name)) for name in self._pieces}
-        indices = self.msr_indices()
-        msrs = self._msrs_struct(len(indices))
-        for i, index in enumerate(indices):
-            msrs.entries[i].index = index
-        r = lib.pyvmm_ioctl(self.fd, lib.KVM_GET_MSRS, msrs)
-        if r != len(indices):
-            raise KvmError(f"KVM GET_MSRS read {r} of {len(indices)} MSRs on vCPU {self.index}")
-        state["msrs"] = bytes(ffi.buffer(msrs.entries, len(indices) * MSR_ENTRY_SIZE))
+        msrs = self._read_msrs(self.msr_indices())
+        state["msrs"] = bytes(ffi.buffer(msrs.entries, msrs.nmsrs * MSR_ENTRY_SIZE))
         return state
 
     def set_state(self, state: dict) -> None:
