@@ -205,15 +205,20 @@ class Migration:
         os.close(state_format.to_memfd(state_format.dumps(fake)))
 
     def _prepare_exec(self) -> None:
-        """Before the stop: the holder that keeps the old VM and mm out of execve, and
-        (when exec'ing our own resume command) the new image's prebuild request."""
+        """Before the stop: the holder that keeps the old VM and mm out of execve, the new
+        image's environment and (when exec'ing our own resume command) its prebuild request."""
         from .holder import Holder
         m = self.machine
         _byte_compile()
         self.holder = Holder(m.kvm_fds())
+        # The new image's environment, all but the state memfd's number and the time
+        # (PYTHONPATH: for a cpr-exec-command like `python -S -m vmm`).
+        self.exec_env = dict(os.environ, PYTHONPATH=os.pathsep.join(search_path()))
         if self.exec_command == resume_command():
             from . import prebuild
             self.prebuild_fd = prebuild.request(m.memory, len(m.vcpus))
+            if self.prebuild_fd >= 0:
+                self.exec_env.update(prebuild.exec_env(self.prebuild_fd))
 
     def _prepare_target(self) -> None:
         """Before the stop: the new VMM maps RAM and builds an empty VM (off the downtime)."""
@@ -255,15 +260,10 @@ class Migration:
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
         state_fd = state_format.to_memfd(blob)
         passed = list(fds.values()) + [state_fd]
-        env = dict(os.environ, **{EXEC_STATE_ENV: str(state_fd),
-                                  EXEC_T_ENV: str(self.timeline.get("transfer")),
-                                  # for a cpr-exec-command like `python -S -m vmm`
-                                  "PYTHONPATH": os.pathsep.join(search_path())})
-        if self.holder is not None:
-            env[HOLDER_ENV] = self.holder.for_exec()
+        env = dict(self.exec_env, **{EXEC_STATE_ENV: str(state_fd),
+                                     EXEC_T_ENV: str(self.timeline.get("transfer")),
+                                     HOLDER_ENV: self.holder.for_exec()})
         if self.prebuild_fd >= 0:
-            from . import prebuild
-            env.update(prebuild.exec_env(self.prebuild_fd))
             passed.append(self.prebuild_fd)
         try:
             for fd in passed:
