@@ -39,11 +39,11 @@ CHILD = textwrap.dedent("""
         if built.ok:
             from vmm.kvm.ffi import ffi
             from vmm.memory import GuestMemory
-            from vmm.machine import adopt_kvm_parts
+            from vmm.machine import create_kvm_parts
             mem = GuestMemory.from_fd({ram_fd}, built.ram_size, address=built.ram_addr)
             out["ram_head"] = mem.read(0, 16).hex()
             cpuids = [open({cpuid!r}, "rb").read()] * len(built.vcpu_fds)
-            kvm, vm, vcpus = adopt_kvm_parts(mem, built, cpuids)
+            kvm, vm, vcpus = create_kvm_parts(mem, len(cpuids), cpuids, prebuilt=built)
             out["vm_state_keys"] = sorted(vm.get_state())
             out["slots"] = sorted(vm.slots)
             for v in vcpus:

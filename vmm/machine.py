@@ -34,39 +34,33 @@ class MachineConfig:
         self.nets = list(nets or [])
 
 
-def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None = None):
+def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None = None,
+                     prebuilt=None):
     """/dev/kvm, a VM with `memory` in its slots and the in-kernel irqchip, its vCPUs.
 
-    Mostly ioctls (which release the GIL), so a cpr-exec image runs this on a
-    thread while its main thread is still importing the rest of pyvmm.
+    With `prebuilt` (vmm.cpr.prebuild.Prebuilt), the cpr-exec prebuilder already
+    made them before Python started: adopt its fds instead of creating them.
     """
     from .kvm.system import Kvm
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    vm.map_memory(memory)
-    vm.setup_x86()
-    cpus = [vm.create_vcpu(i) for i in range(vcpus)]
+    if prebuilt is None:
+        kvm = Kvm()
+        vm = kvm.create_vm()
+        vm.map_memory(memory)
+        vm.setup_x86()
+        cpus = [vm.create_vcpu(i) for i in range(vcpus)]
+    else:
+        from .kvm.vcpu import Vcpu
+        from .kvm.vm import Vm
+        kvm = Kvm(fd=prebuilt.kvm_fd)
+        vm = Vm(kvm, fd=prebuilt.vm_fd)
+        vm.adopt(memory)
+        cpus = [Vcpu(vm, i, fd=fd) for i, fd in enumerate(prebuilt.vcpu_fds)]
     for i, vcpu in enumerate(cpus):
         if cpuids is not None:
             vcpu.set_cpuid_bytes(cpuids[i])
         else:
             vcpu.setup_cpuid()
         vcpu.tsc_khz()   # asked now, while no thread is in KVM_RUN (the answer is cached)
-    return kvm, vm, cpus
-
-
-def adopt_kvm_parts(memory: GuestMemory, built, cpuids: list[bytes]):
-    """create_kvm_parts() for a VM the cpr-exec prebuilder made (vmm.cpr.prebuild)."""
-    from .kvm.system import Kvm
-    from .kvm.vcpu import Vcpu
-    from .kvm.vm import Vm
-    kvm = Kvm(fd=built.kvm_fd)
-    vm = Vm(kvm, fd=built.vm_fd)
-    vm.adopt(memory)
-    cpus = [Vcpu(vm, i, fd=fd) for i, fd in enumerate(built.vcpu_fds)]
-    for i, vcpu in enumerate(cpus):
-        vcpu.set_cpuid_bytes(cpuids[i])
-        vcpu.tsc_khz()
     return kvm, vm, cpus
 
 

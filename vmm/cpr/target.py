@@ -27,10 +27,11 @@ from .faults import Faults
 from .timeline import Timeline
 
 
-def map_ram(shape: dict, ram_fd: int) -> GuestMemory:
+def map_ram(shape: dict, ram_fd: int, address: int = 0) -> GuestMemory:
+    """The old VMM's RAM memfd, mapped here (or, with `address`, already mapped)."""
     mem = shape["memory"]
     return GuestMemory.from_fd(ram_fd, mem["size"], name=mem.get("name", "pyvmm-ram"),
-                               hugetlb=mem.get("hugetlb", False))
+                               hugetlb=mem.get("hugetlb", False), address=address)
 
 
 def build_machine(shape: dict, ram_fd: int, config: dict, console=None, *, memory=None,
@@ -266,10 +267,9 @@ def _take_prebuilt(shape: dict, ram_fd: int, timeline):
         return map_ram(shape, ram_fd), None
     timeline.step("prebuilder (C, before Python's main): started", built.t_start_ns)
     timeline.step("prebuilder: VM, memory slots, irqchip and vCPUs ready", built.t_done_ns)
-    from ..machine import adopt_kvm_parts
-    memory = GuestMemory.from_fd(ram_fd, mem["size"], name=mem.get("name", "pyvmm-ram"),
-                                 hugetlb=mem.get("hugetlb", False), address=built.ram_addr)
-    return memory, adopt_kvm_parts(memory, built, shape["cpuid"])
+    from ..machine import create_kvm_parts
+    memory = map_ram(shape, ram_fd, built.ram_addr)
+    return memory, create_kvm_parts(memory, shape["vcpus"], shape["cpuid"], prebuilt=built)
 
 
 def _close(fd: int) -> None:
