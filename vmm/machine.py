@@ -204,9 +204,9 @@ class Machine:
             t = require(state, "time", dict)
             elapsed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - t["host_ns"]
             delta_tsc = max(elapsed, 0) * t["tsc_khz"] // 1_000_000
+        from .kvm.vcpu import advance_msr
         for vcpu, vs in zip(self.vcpus, vcpu_states):
             if delta_tsc and isinstance(vs.get("msrs"), bytes):
-                from .kvm.vcpu import advance_msr
                 vs = dict(vs, msrs=advance_msr(vs["msrs"], MSR_IA32_TSC, delta_tsc))
             vcpu.set_state(vs)
 

@@ -112,7 +112,7 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
 
 def start_stdin_reader(machine) -> None:
     """Feed pyvmm's stdin to the guest's serial port (the UART's receive side)."""
-    import threading
+    from .sync import Thread
 
     def pump():
         while True:
@@ -124,4 +124,4 @@ def start_stdin_reader(machine) -> None:
                 return
             machine.serial.enqueue_input(data)
 
-    threading.Thread(target=pump, name="stdin", daemon=True).start()
+    Thread(pump, name="stdin").start()

@@ -60,11 +60,11 @@ def release(value: str | None) -> None:
         os.close(wfd)
     except OSError:
         pass
-    import threading
+    from ..sync import Thread   # (not threading: the guest has just resumed)
 
     def wait():
         try:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-    threading.Thread(target=wait, name="holder-wait", daemon=True).start()
+    Thread(wait, name="holder-wait").start()
