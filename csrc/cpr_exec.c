@@ -17,7 +17,7 @@
  *
  * 2. The holder.  execve drops the old address space (for a guest that has
  *    touched its RAM: page tables over gigabytes) and closes the old VM's fds
- *    (destroying a KVM VM takes 5-20 ms here), both on the critical path.
+ *    (destroying a KVM VM takes ~20-25 ms here), both on the critical path.
  *    pyvmm_holder_start() clones a child that shares our address space
  *    (CLONE_VM, like vfork but without waiting) and keeps only the fds it is
  *    given.  After execve the old mm and the old VM live on in the holder, which

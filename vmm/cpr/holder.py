@@ -2,7 +2,7 @@
 
 execve normally tears down the old address space (page tables over all the
 RAM the guest touched) and, by closing the old VM's fds, destroys the old KVM
-VM (5-20 ms here): both inside the exec, so both downtime.  Before the stop
+VM (~20-25 ms here: bench/cpr_costs.py): both inside the exec, so both downtime.  Before the stop
 the old image starts a *holder*: a child cloned with CLONE_VM (it shares our
 memory, like a vfork child, and so keeps the old mm alive after our exec)
 that keeps only the VM's fds and reads a pipe (csrc/cpr_exec.c).  The new

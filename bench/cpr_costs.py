@@ -1,0 +1,106 @@
+"""The small costs behind a live update's downtime, one by one (docs/CPR.md, BENCHMARKS.md §1).
+
+    python3 bench/cpr_costs.py            # as root, with /dev/kvm; ~20 s
+
+Prints medians of: the interpreter's start as the cpr-exec image runs it
+(`-I -S`), importing `threading` in a fresh interpreter, creating a KVM VM and
+its memory slots per RAM size (and destroying it), a vCPU's first and second
+get_state() (cffi types cold and warm), saving and encoding a machine's state,
+decoding it, and pausing a running vCPU.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from vmm.machine import FdConsole, Machine, MachineConfig, create_kvm_parts  # noqa: E402
+from vmm import state  # noqa: E402
+from vmm.memory import GiB, MiB, GuestMemory  # noqa: E402
+
+
+def ms(t0: int) -> float:
+    return (time.perf_counter_ns() - t0) / 1e6
+
+
+def interpreter(reps: int = 20) -> None:
+    for code in ("pass", "import threading"):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter_ns()
+            subprocess.run([sys.executable, "-I", "-S", "-c", code], check=True)
+            times.append(ms(t0))
+        print(f"python -I -S -c {code!r:20} median {statistics.median(times):6.2f} ms")
+
+
+def vm_build(sizes=(256 * MiB, GiB, 4 * GiB, 16 * GiB), reps: int = 3) -> None:
+    for size in sizes:
+        mem = GuestMemory(size)
+        build, close = [], []
+        for _ in range(reps):
+            t0 = time.perf_counter_ns()
+            kvm, vm, cpus = create_kvm_parts(mem, 1)
+            build.append(ms(t0))
+            t0 = time.perf_counter_ns()
+            for v in cpus:
+                v.close()
+            vm.close()
+            kvm.close()
+            close.append(ms(t0))
+        mem.close()
+        print(f"KVM VM + slots + vCPU, {size // MiB:6d} MiB: build {statistics.median(build):6.2f} ms,"
+              f" destroy {statistics.median(close):6.2f} ms")
+
+
+def vcpu_state_and_pause(reps: int = 200) -> None:
+    fd = os.open(os.devnull, os.O_WRONLY)
+    m = Machine(MachineConfig(kernel=str(ROOT / "guest/build/ticker.elf"), memory=256 * MiB,
+                              cmdline="period_us=1000", console=FdConsole(fd)))
+    try:
+        m.create()
+        m.boot()
+        v = m.vcpus[0]
+        v.msr_indices()
+        t0 = time.perf_counter_ns()
+        v.get_state()
+        cold = ms(t0)
+        t0 = time.perf_counter_ns()
+        v.get_state()
+        print(f"vCPU get_state: first {cold * 1000:.0f} us, second {ms(t0) * 1000:.0f} us")
+        blob = state.dumps(m.save_state())
+        enc, dec = [], []
+        for _ in range(reps // 4):
+            t0 = time.perf_counter_ns()
+            state.dumps(m.save_state())
+            enc.append(ms(t0) * 1000)
+            t0 = time.perf_counter_ns()
+            state.loads(blob)
+            dec.append(ms(t0) * 1000)
+        print(f"state blob ({len(blob)} bytes): save_state + encode median "
+              f"{statistics.median(enc):.0f} us, decode {statistics.median(dec):.0f} us")
+        m.start()
+        time.sleep(0.3)
+        pauses = []
+        for _ in range(reps):
+            time.sleep(0.003)
+            t0 = time.perf_counter_ns()
+            m.pause()
+            pauses.append(ms(t0) * 1000)
+            m.resume()
+        print(f"pause a running vCPU: median {statistics.median(pauses):.0f} us")
+    finally:
+        m.close()
+        os.close(fd)
+
+
+if __name__ == "__main__":
+    interpreter()
+    vm_build()
+    vcpu_state_and_pause()
