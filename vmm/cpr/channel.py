@@ -99,11 +99,10 @@ class Channel:
 
 
 def listen(path: str) -> socket.socket:
-    """The new VMM's end: a listening SEQPACKET socket at path."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    """The new VMM's end: a listening SEQPACKET socket at path (never replacing a
+    file, or a socket that a live process serves)."""
+    from ..monitor import claim_socket_path
+    claim_socket_path(path, "--incoming")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         s.bind(path)
