@@ -56,6 +56,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runner import exec_entry   # a cpr-exec's new image resumes the guest, whatever argv says
+    code = exec_entry(sys.argv[1:] if argv is None else argv)
+    if code is not None:
+        return code
     import faulthandler
     faulthandler.register(signal.SIGUSR2, all_threads=True)   # `kill -USR2 PID`: stacks
     args = _parser().parse_args(argv)

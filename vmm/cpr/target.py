@@ -190,8 +190,12 @@ def peer_threads(sock) -> list[str]:
         return []
 
 
-def exec_resume(console_factory=None, t_python: int | None = None):
+def exec_resume(console_factory=None, t_python: int | None = None,
+                overrides: dict | None = None):
     """cpr-exec target: rebuild the machine from the state memfd named in the environment.
+
+    overrides: what this image's command line changes in the saved config
+    (--console, --qmp).  Returns (machine, config, kept fds, the old QMP path).
 
     There is no old process to fall back to after an exec, so if the restore
     fails here (before any device was started) we exec once more, with the
@@ -214,7 +218,8 @@ def exec_resume(console_factory=None, t_python: int | None = None):
     for n in all_fds.values():
         os.set_inheritable(n, False)   # received fds never leak into a later exec
     fds = dict(all_fds)
-    config = cpr.get("config", {})
+    old_qmp = cpr.get("config", {}).get("qmp")
+    config = dict(cpr.get("config", {}), **(overrides or {}))
     console = console_factory(config) if console_factory else None
     faults = Faults(() if fallback else cpr.get("faults", ()))
     timeline.step("state blob loaded")
@@ -237,7 +242,7 @@ def exec_resume(console_factory=None, t_python: int | None = None):
             os.set_inheritable(n, True)
         env = dict(os.environ, **{EXEC_STATE_ENV: str(fd), EXEC_T_ENV: str(t_transfer),
                                   FALLBACK_ENV: "1"})
-        cmd = resume_command()
+        cmd = resume_command() + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
         os.execve(cmd[0], cmd, env)
     os.close(fd)
     machine.start(paused=True)
@@ -250,7 +255,29 @@ def exec_resume(console_factory=None, t_python: int | None = None):
     release(os.environ.pop(HOLDER_ENV, None))
     machine.cpr_timeline = timeline
     machine.cpr_mode = "cpr-exec"
-    return machine, config, kept
+    if cpr.get("file"):
+        machine.cpr_state_file = (cpr["file"][0], cpr["file"][1], blob)
+    return machine, config, kept, old_qmp
+
+
+def write_state_file(machine) -> None:
+    """QEMU's `migrate uri=file:PATH` recipe: the state the update carried, written to
+    PATH once the guest runs (pyvmm's blob; `python -m vmm.state PATH` prints it)."""
+    path, offset, blob = getattr(machine, "cpr_state_file", None) or (None, 0, b"")
+    if path is None:
+        return
+    machine.cpr_state_file = None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, blob, offset)
+            os.ftruncate(fd, offset + len(blob))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        import sys
+        print(f"pyvmm: live update: cannot write the state to {path}: {e.strerror}",
+              file=sys.stderr)
 
 
 def _take_prebuilt(shape: dict, ram_fd: int, timeline):
