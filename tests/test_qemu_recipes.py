@@ -127,8 +127,6 @@ def test_bad_cpr_exec_command_is_refused_before_the_stop(guests, vmm_procs, tmp_
     command, why = BAD_COMMANDS[case](tmp_path)
     q = qmp_connect(qmp_path)
     try:
-        qmp(q, "migrate-set-capabilities",
-            capabilities=[{"capability": "events", "state": True}])
         qmp(q, "migrate-set-parameters", mode="cpr-exec", **{"cpr-exec-command": command})
         qmp(q, "migrate", uri="exec:")
         info = wait_migration(q)
