@@ -162,3 +162,142 @@ def test_ctrl_c_on_pyvmm_cpr_says_the_update_goes_on(guests, vmm_procs, tmp_path
     assert "goes on" in err and "query-migrate" in err, err
     assert old.wait(30) == 0                 # it did go on
     assert new_info(new_qmp)["status"] == "completed"
+
+
+# -- 2. capabilities, postmigrate ------------------------------------------------------------
+def test_migrate_capabilities_and_events(guests, vmm_procs, tmp_path):
+    p, qmp_path = start_ticker(vmm_procs, tmp_path)
+    p.wait_for(r"tick 2 ")
+    new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+    q = qmp_connect(qmp_path)
+    try:
+        caps = qmp(q, "query-migrate-capabilities")
+        assert {"capability": "events", "state": False} in caps
+        assert all(set(c) == {"capability", "state"} for c in caps) and len(caps) > 10
+        with pytest.raises(QmpFailed, match="does not support the migration capability"):
+            qmp(q, "migrate-set-capabilities",
+                capabilities=[{"capability": "postcopy-ram", "state": True}])
+        with pytest.raises(QmpFailed, match="does not accept value"):
+            qmp(q, "migrate-set-capabilities",
+                capabilities=[{"capability": "no-such-cap", "state": True}])
+        qmp(q, "migrate-set-capabilities",
+            capabilities=[{"capability": "events", "state": True},
+                          {"capability": "xbzrle", "state": False}])
+        assert {"capability": "events", "state": True} in qmp(q, "query-migrate-capabilities")
+        # A failed update with events on: QEMU's MIGRATION events, in order
+        qmp(q, "migrate-set-parameters", mode="cpr-transfer", **{"x-fault": ["after-stop"]})
+        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
+        qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
+                                    {"channel-type": "cpr", "addr": addr}])
+        assert wait_migration(q)["status"] == "failed"
+        time.sleep(0.2)
+        got = [e["data"]["status"] for e in q.get_events() if e["event"] == "MIGRATION"]
+        assert got == ["setup", "active", "failed"], got
+        # and with events off, none
+        qmp(q, "migrate-set-capabilities", capabilities=[{"capability": "events",
+                                                          "state": False}])
+        qmp(q, "migrate-set-parameters", **{"x-fault": ["save"]})
+        qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
+                                    {"channel-type": "cpr", "addr": addr}])
+        assert wait_migration(q)["status"] == "failed"
+        time.sleep(0.2)
+        assert not [e for e in q.get_events() if e["event"] == "MIGRATION"]
+    finally:
+        close(q)
+
+
+def test_old_vmm_stays_in_postmigrate_until_quit(guests, vmm_procs, tmp_path):
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 3 ")
+    q = qmp_connect(old_qmp)
+    try:
+        qmp(q, "migrate-set-parameters", mode="cpr-transfer")
+        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
+        qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
+                                    {"channel-type": "cpr", "addr": addr}])
+        assert wait_migration(q)["status"] == "completed"
+        time.sleep(0.5)
+        assert old.proc.poll() is None                    # still there, as QEMU's
+        assert qmp(q, "query-migrate")["status"] == "completed"
+        assert qmp(q, "query-status") == {"status": "postmigrate", "running": False}
+        with pytest.raises(QmpFailed, match="postmigrate"):
+            qmp(q, "cont")                                # the guest runs elsewhere now
+        n = ticks(new.text())[-1][0] if ticks(new.text()) else 0
+        new.wait_for(rf"tick {n + 3} ")
+        q.cmd_raw("quit")
+    finally:
+        close(q)
+    assert old.wait(15) == 0
+    assert new.proc.poll() is None
+
+
+# -- 3. a paused guest stays paused ---------------------------------------------------------
+@pytest.mark.parametrize("mode", ["exec", "transfer"])
+def test_paused_guest_stays_paused(guests, vmm_procs, tmp_path, mode):
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    old.wait_for(r"tick 3 ")
+    q = qmp_connect(old_qmp)
+    try:
+        qmp(q, "stop")
+        if mode == "exec":
+            qmp(q, "migrate-set-parameters", mode="cpr-exec")
+            qmp(q, "migrate", uri="exec:")
+            cur, cur_qmp = old, old_qmp
+        else:
+            new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+            qmp(q, "migrate-set-parameters", mode="cpr-transfer")
+            addr = {"transport": "socket", "type": "unix", "path": str(sock)}
+            qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
+                                        {"channel-type": "cpr", "addr": addr}])
+            cur, cur_qmp = new, new_qmp
+        wait_migration(q)
+    finally:
+        close(q)
+    assert new_info(cur_qmp)["status"] == "completed"
+    n = ticks(old.text())[-1][0]
+    q = qmp_connect(cur_qmp)
+    try:
+        assert qmp(q, "query-status") == {"status": "paused", "running": False}
+        time.sleep(0.5)                                   # 25 periods: no tick may come
+        assert ticks(old.text() + cur.text())[-1][0] == n if cur is old else \
+            not ticks(cur.text())
+        qmp(q, "cont")
+        assert qmp(q, "query-status")["status"] == "running"
+    finally:
+        close(q)
+    cur.wait_for(rf"tick {n + 2} ")
+
+
+# -- the machine queries and system commands, in QEMU's shapes --------------------------------
+def test_machine_queries_and_system_commands(guests, vmm_procs, tmp_path):
+    qmp_path = tmp_path / "m.qmp"
+    p = vmm_procs(["run", "--kernel", TICKER, "--vcpus", "2", "--memory", "128M",
+                   "--qmp", str(qmp_path)])
+    p.wait_for(r"tick 2 ")
+    q = qmp_connect(qmp_path)
+    try:
+        cpus = qmp(q, "query-cpus-fast")
+        assert [c["cpu-index"] for c in cpus] == [0, 1]
+        tids = set(os.listdir(f"/proc/{p.pid}/task"))
+        for c in cpus:
+            assert {"cpu-index", "qom-path", "thread-id", "props", "target"} <= set(c)
+            assert c["target"] == "x86_64" and str(c["thread-id"]) in tids
+            with open(f"/proc/{p.pid}/task/{c['thread-id']}/comm") as f:
+                assert f.read().strip() == f"vcpu{c['cpu-index']}"
+        assert qmp(q, "query-name") == {}
+        assert qmp(q, "query-kvm") == {"enabled": True, "present": True}
+        assert qmp(q, "query-memory-size-summary") == {"base-memory": 128 << 20,
+                                                       "plugged-memory": 0}
+        names = {c["name"] for c in qmp(q, "query-commands")}
+        assert {"query-cpus-fast", "query-name", "query-kvm", "query-memory-size-summary",
+                "system_reset", "system_powerdown", "migrate-set-capabilities",
+                "query-migrate-capabilities"} <= names
+        qmp(q, "system_powerdown")      # no ACPI: the request is made, the guest ignores it
+        time.sleep(0.1)
+        assert "POWERDOWN" in [e["event"] for e in q.get_events()]
+        assert qmp(q, "query-status")["status"] == "running"
+    finally:
+        close(q)
+    n = ticks(p.text())[-1][0]
+    p.wait_for(rf"tick {n + 2} ")

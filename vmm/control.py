@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from .cpr import resume_command
 from .cpr.timeline import timeline_info
@@ -23,6 +24,7 @@ class Controller:
         self.config = config or {}
         self.emit = emit or (lambda name, data=None: None)
         self.on_exit = on_exit or (lambda code: None)
+        self.clients = lambda: 0   # how many QMP clients are connected (the monitor's count)
         self.params = {"mode": "normal", "cpr-exec-command": default_exec_command(),
                        "downtime-limit": 300, "max-bandwidth": 134217728, "x-fault": []}
         from .monitor import MIGRATION_CAPABILITY_NAMES   # (one list: QEMU 10's names)
@@ -166,7 +168,13 @@ class Controller:
 
     def _run_migration(self) -> None:
         if self.migration.run():
-            self.on_exit(0)     # the new VMM runs the guest: this one is done
+            # The new VMM runs the guest.  As QEMU's after cpr-transfer, this one stays
+            # in postmigrate (query-migrate says completed, cont is refused) while a QMP
+            # client is connected, until it sends quit; with nobody connected it exits
+            # (pyvmm's own tools and a shell's `wait` see the old VMM end).
+            while self.clients() > 0 and not self.machine.done:
+                time.sleep(0.05)
+            self.on_exit(0)
 
     def query_migrate(self) -> dict:
         if self.migration is not None:

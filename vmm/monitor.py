@@ -505,6 +505,11 @@ class Monitor:
             sock.listen(16)
         return sock
 
+    def client_count(self) -> int:
+        """How many clients are connected now."""
+        with self._lock:
+            return sum(1 for c in self._clients if not c.closing)
+
     @property
     def listen_fd(self) -> int:
         """The listening socket's fd (close-on-exec), to hand to a new process."""

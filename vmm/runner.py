@@ -151,6 +151,7 @@ def _start_monitor(config, machine, *, listen_fd=None, status="running"):
     controller.status = status
     monitor = Monitor(config["qmp"], controller, listen_fd=listen_fd)
     controller.emit = monitor.emit
+    controller.clients = monitor.client_count
     monitor.start()
     return monitor, controller
 

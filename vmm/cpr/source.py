@@ -226,11 +226,12 @@ class Migration:
                 return self._failed(e, stopped=False)
 
         # (1) stop: from here on, any failure resumes the guest.
-        was_running = m.running
+        was_running = self.was_running = m.running   # a paused guest stays paused (QEMU)
         self._set_status("active")
         self._mark("stop")
         m.pause()
-        self.emit("STOP")
+        if was_running:
+            self.emit("STOP")
         try:
             self._mark("quiesce")
             m.quiesce_devices()
@@ -307,7 +308,8 @@ class Migration:
         state["cpr"] = {"mode": self.mode, "timeline": self.timeline.marks,
                         "steps": self.timeline.steps,
                         "fds": fds, "config": self.config,
-                        "faults": self.faults.for_target()}
+                        "faults": self.faults.for_target(),
+                        "running": self.was_running}
         if self.state_file:
             state["cpr"]["file"] = self.state_file
         return state_format.dumps(state)

@@ -156,8 +156,11 @@ class Incoming:
         self.timeline.steps += [list(s) for s in go.get("steps", [])
                                 if isinstance(s, list) and len(s) == 2]
         self.machine.resume_devices()
-        self.machine.resume()
-        self.timeline.mark("resume", self.machine.wait_entered())
+        if state["cpr"].get("running", True):   # a guest paused in the old VMM stays paused
+            self.machine.resume()
+            self.timeline.mark("resume", self.machine.wait_entered())
+        else:
+            self.timeline.mark("resume")
         self.channel.send({"msg": "running", "timeline": self.timeline.marks,
                            "steps": self.timeline.steps})
         self.channel.close()
@@ -247,10 +250,12 @@ def exec_resume(console_factory=None, t_python: int | None = None,
     os.close(fd)
     machine.start(paused=True)
     machine.resume_devices()
-    machine.resume()
+    running = cpr.get("running", True)   # a guest paused in the old image stays paused
+    if running:
+        machine.resume()
     timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
     timeline.steps = cpr.get("steps", []) + timeline.steps
-    timeline.mark("resume", machine.wait_entered())
+    timeline.mark("resume", machine.wait_entered() if running else None)
     from .holder import release
     release(os.environ.pop(HOLDER_ENV, None))
     machine.cpr_timeline = timeline
