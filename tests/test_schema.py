@@ -24,7 +24,8 @@ try:
     state = m.save_state()
     check("saved", state)
     check("shape", m.shape())
-    print(json.dumps({"undescribed": undescribed("saved", state), "nets": len(state["devices"]["nets"])}))
+    print(json.dumps({"undescribed": undescribed("saved", state),
+                      "nets": len(state["devices"]["nets"])}))
 finally:
     m.close()
 """

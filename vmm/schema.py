@@ -37,9 +37,18 @@ def _kind(value) -> str:
     return {dict: "map", list: "list"}.get(type(value), type(value).__name__)
 
 
+def _show(value) -> str:
+    """A value for an error message, cut short (it may be hostile and huge)."""
+    if isinstance(value, int) and abs(value) >= 1 << 256:
+        return "a huge number"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _at(path: str, key) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
+    key = key if len(key) <= 40 else key[:37] + "..."
     return f"{path}.{key}" if path else key
 
 
@@ -53,7 +62,7 @@ class Int:
         if type(v) is not int:
             raise _Fail(path, f"expected int, got {_kind(v)}")
         if not self.lo <= v <= self.hi:
-            raise _Fail(path, f"{v} is out of range {self.lo}..{self.hi}")
+            raise _Fail(path, f"{_show(v)} is out of range {self.lo}..{self.hi}")
 
 
 class Bool:
@@ -70,7 +79,7 @@ class Str:
         if type(v) is not str:
             raise _Fail(path, f"expected str, got {_kind(v)}")
         if self.choices and v not in self.choices:
-            raise _Fail(path, f"{v!r} is not one of {', '.join(map(repr, self.choices))}")
+            raise _Fail(path, f"{_show(v)} is not one of {', '.join(map(repr, self.choices))}")
 
 
 class Bytes:
@@ -247,7 +256,8 @@ def _build():
                          "driver_features": u64, "queue_sel": u32, "queues": List(queue, 2),
                          "config_generation": u32, "isr": u32, "failure": Str(),
                          "device": virtio_net})
-        net = Map({"index": Int(0, IOAPIC_PINS - 1 - FIRST_GSI), "backend": Str(*BACKENDS), "tap": Str(),
+        net = Map({"index": Int(0, IOAPIC_PINS - 1 - FIRST_GSI), "backend": Str(*BACKENDS),
+                   "tap": Str(),
                    "transport": transport})
         return net
 
@@ -272,7 +282,8 @@ def _build():
             return f"vcpus: {len(s['vcpus'])} vCPU states for a machine of {n}"
         nets = s["devices"].get("nets", [])
         if len(nets) != s["machine"].get("nets", 0):
-            return f"devices.nets: {len(nets)} devices for a machine of {s['machine'].get('nets', 0)}"
+            return (f"devices.nets: {len(nets)} devices for a machine of "
+                    f"{s['machine'].get('nets', 0)}")
         if len({d["index"] for d in nets}) != len(nets):
             return "devices.nets: two devices with the same index"
         return None

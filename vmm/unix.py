@@ -34,9 +34,8 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
     return struct.unpack("3i", raw)
 
 
-def stranger(sock: socket.socket) -> str | None:
-    """Why the peer may not use this VMM (another user, not root), or None if it may."""
-    pid, uid, _ = peer_cred(sock)
+def stranger(pid: int, uid: int) -> str | None:
+    """Why a peer (peer_cred) may not use this VMM (another user, not root), or None."""
     if uid in (os.geteuid(), 0):
         return None
     return f"process {pid} runs as uid {uid}, this pyvmm as uid {os.geteuid()}"

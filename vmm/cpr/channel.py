@@ -100,7 +100,8 @@ def parse(data: bytes) -> dict:
     if not isinstance(msg, dict) or not isinstance(msg.get("msg"), str):
         raise ChannelError("garbage on the cpr channel: not a pyvmm live update peer")
     if msg["msg"] == "error":
-        raise ChannelError(f"the other pyvmm failed: {str(msg.get('desc', 'unknown error'))[:500]}")
+        desc = str(msg.get("desc", "unknown error"))[:500]
+        raise ChannelError(f"the other pyvmm failed: {desc}")
     return msg
 
 
@@ -137,7 +138,7 @@ def accept(listener: socket.socket, check, *, timeout: float = HELLO_TIMEOUT, lo
         channel = Channel(conn)
         pid, uid, _ = unix.peer_cred(conn)
         who = f"process {pid} (uid {uid})"
-        why = unix.stranger(conn)
+        why = unix.stranger(pid, uid)
         if why:
             channel.close()
             log(f"pyvmm: cpr socket: refused {who}: not this pyvmm's user ({why}); "
