@@ -20,7 +20,7 @@ import struct
 import zlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vmm import state as state_format
@@ -97,13 +97,26 @@ def test_valid_hello_passes():
     assert check_hello(parse(hello_bytes(SHAPE)), [3]) == SHAPE
 
 
+def test_deep_nesting_is_refused_cleanly():
+    """Every depth up to past json's own limit: json parses some that are too deep to
+    decode recursively; those must be refused, not overflow the stack."""
+    for depth in range(50, 2000, 25):
+        refused_cleanly(hello_pipeline, deep_hello(depth))
+
+
 def hello_pipeline(data: bytes):
     msg = parse(data)
     return check_hello(msg, [3])
 
 
+def deep_hello(depth: int) -> bytes:
+    return (b'{"msg": "hello", "protocol": "pyvmm-cpr", "version": 1, "shape": {"memory": '
+            + b"[" * depth + b"]" * depth + b"}}")
+
+
 @fuzz
 @given(st.binary(max_size=512) | json_value.map(lambda v: json.dumps(v).encode()))
+@example(b"[" * 100_000)          # deeper than json's recursion limit
 def test_fuzz_channel_message(data):
     """Raw datagrams and arbitrary JSON: only clean refusals."""
     refused_cleanly(hello_pipeline, data)
