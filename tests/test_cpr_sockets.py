@@ -424,3 +424,22 @@ def test_another_user_is_kept_out(waiting, saved, shared_dir):
         assert c.reply() == {"msg": "prepared"}
     finally:
         c.close()
+
+
+def test_a_silent_peer_does_not_hold_the_socket(waiting, saved):
+    """A peer of ours that connects and says nothing is dropped after the hello timeout
+    (10 s); the old VMM that connected meanwhile is then served."""
+    shape_dict, _ = saved
+    new = waiting()
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    silent.connect(str(new.sock))
+    try:
+        c = Client(new.sock, shape_dict)       # queued behind the silent one
+        try:
+            assert c.reply() == {"msg": "prepared"}
+        finally:
+            c.close()
+    finally:
+        silent.close()
+    lines = new.lines(1)
+    assert len(lines) == 1 and "timed out" in lines[0] and "still waiting" in lines[0], lines
