@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
 
     bench = sub.add_parser("bench", help="benchmarks: `pyvmm bench downtime --help`")
-    bench.add_argument("suite", choices=["downtime"])
+    bench.add_argument("suite", choices=["downtime", "soak"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own options")
 
     state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cpr":
             from .cpr.tool import cmd_cpr
             return cmd_cpr(args)
+        if args.command == "bench" and args.suite == "soak":
+            from .bench.soak import main as soak_main
+            return soak_main(args.args)
         if args.command == "bench":
             from .bench.downtime import main as downtime_main
             return downtime_main(args.args)

@@ -482,9 +482,10 @@ class Monitor:
             if _someone_listens(path):
                 raise VmmError(f"monitor socket {path} is in use by a running process")
             os.unlink(path)
+        from .unix import bind_owner_only
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
+            bind_owner_only(sock, path)   # 0600: QMP can run anything as us (docs/QMP.md)
             sock.listen(16)
         except OSError as e:
             sock.close()

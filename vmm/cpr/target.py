@@ -79,28 +79,20 @@ class Incoming:
         self.faults = Faults()
 
     def prepare(self) -> None:
-        """Accept the old VMM and build the VM on its RAM (before it stops the guest)."""
-        from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError
-        conn, _ = self.listener.accept()
+        """Accept the old VMM and build the VM on its RAM (before it stops the guest).
+        Peers refused before that (another user, garbage, a bad hello) cost a line on
+        stderr each, and we go on listening (channel.accept)."""
+        from .channel import accept, check_hello
+        self.channel, msg, fds, shape = accept(self.listener, check_hello)
         self.listener.close()
         try:
             os.unlink(self.path)
         except OSError:
             pass
-        self.channel = Channel(conn)
-        msg, fds = self.channel.expect("hello")
         try:
-            if msg.get("protocol") != PROTOCOL:
-                raise ChannelError("the peer is not a pyvmm live update")
-            if msg.get("version") != PROTOCOL_VERSION:
-                raise ChannelError(f"the old pyvmm speaks live-update protocol "
-                                   f"{msg.get('version')}, this one {PROTOCOL_VERSION}")
             self.faults = Faults(msg.get("faults", ()))
             self.faults.check("target-prepare")
             self.faults.delay("target-slow-prepare")
-            if len(fds) != 1:
-                raise ChannelError(f"expected the RAM memfd, got {len(fds)} fds")
-            shape = state_format.decode_tree(msg["shape"])
             self.config = msg.get("config", {})
             self.machine = build_machine(shape, fds[0], self.config, self.console)
             # Run the blob decoder and the state writers once now, on the empty VM (its
@@ -120,12 +112,17 @@ class Incoming:
         self.faults.crash("target-crash-before-fds")
         msg, fds = self.channel.expect("state", timeout=None)
         self.timeline.mark("restore")
-        names = msg.get("fds", [])
-        if len(names) != len(fds) or not names or names[0] != "state":
+        try:
+            from ..schema import check
+            names = check("state-msg", msg)["fds"]
+            if len(names) != len(fds) or not names or names[0] != "state" or \
+                    len(set(names)) != len(names):
+                raise ChannelError("fd list does not match the fds received")
+        except VmmError as e:
             for fd in fds:
                 _close(fd)
-            self._refuse(ChannelError("fd list does not match the fds received"))
-            raise ChannelError("fd list does not match the fds received")
+            self._refuse(e)
+            raise
         by_name = dict(zip(names, fds))
         # What the old VMM still runs at the moment its fds reach us (the order test
         # checks that no device data-path thread is among them).  Reading /proc costs
@@ -136,7 +133,7 @@ class Incoming:
         try:
             state_fd = by_name.pop("state")
             try:
-                state = state_format.loads(read_memfd(state_fd))
+                state = state_format.loads(read_memfd(state_fd), "state")
             finally:
                 os.close(state_fd)
             self.timeline.step("new: state blob loaded")
@@ -179,11 +176,9 @@ class Incoming:
 
 def peer_threads(sock) -> list[str]:
     """Thread names of the process at the other end of a unix socket (SO_PEERCRED)."""
-    import socket
-    import struct
+    from ..unix import peer_cred
     try:
-        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid = struct.unpack("3i", cred)[0]
+        pid = peer_cred(sock)[0]
         names = []
         for tid in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
@@ -215,7 +210,7 @@ def exec_resume(console_factory=None, t_python: int | None = None,
     timeline.step("new image: resume path imported", t_start)
     os.set_inheritable(fd, False)
     blob = read_memfd(fd)
-    state = state_format.loads(blob)
+    state = state_format.loads(blob, "state")
     cpr = state["cpr"]
     all_fds = {name: int(n) for name, n in cpr["fds"].items()}
     for n in all_fds.values():
