@@ -7,8 +7,10 @@ after the guest runs.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import time
 
 from .errors import VmmError
 
@@ -181,6 +183,13 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
     import signal   # here, not at the top: the cpr-exec image resumes the guest first
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A background job (`pyvmm run ... &` in a shell with job control) must never be
+    # stopped by the terminal: reading it would raise SIGTTIN, writing it under
+    # `stty tostop` SIGTTOU, and a stopped VMM freezes its guest.  Ignored, a read
+    # fails with EIO and a write goes through; the stdin reader below reads the
+    # terminal only while pyvmm is in its foreground.
+    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     start_stdin_reader(machine)
     try:
         if start:
@@ -205,14 +214,43 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
 
 
 def start_stdin_reader(machine) -> None:
-    """Feed pyvmm's stdin to the guest's serial port (the UART's receive side)."""
+    """Feed pyvmm's stdin to the guest's serial port (the UART's receive side).
+
+    From a terminal, input is read only while pyvmm's process group is the
+    terminal's foreground group: a VMM sent to the background (`&`, Ctrl-Z then
+    `bg`) leaves what the user types to the shell, and takes it again after `fg`.
+    """
     from .sync import Thread
+    try:
+        tty = os.isatty(0)
+    except OSError:
+        return
+
+    def in_foreground() -> bool:
+        try:
+            return os.tcgetpgrp(0) == os.getpgrp()
+        except OSError:
+            return False
 
     def pump():
+        import select
         while True:
+            if tty:
+                try:
+                    ready, _, _ = select.select([0], [], [], 0.25)
+                except (OSError, ValueError):
+                    return
+                if not ready:
+                    continue
+                if not in_foreground():
+                    time.sleep(0.25)     # the data is the shell's; look again later
+                    continue
             try:
                 data = os.read(0, 4096)
-            except OSError:
+            except OSError as e:
+                if tty and e.errno == errno.EIO:   # moved to the background meanwhile
+                    time.sleep(0.25)
+                    continue
                 return
             if not data:
                 return
