@@ -218,9 +218,15 @@ def _run_incoming(args, config, console) -> int:
         signal.signal(signo, on_signal)
     incoming = monitor = None
     try:
-        incoming = Incoming(path, console=console, deferred=deferred)
-        monitor = _start_monitor(config, None, status="inmigrate", incoming=incoming,
-                                 on_exit=on_quit)
+        # A signal while the sockets are being made is held until both are known,
+        # so the cleanup below removes each one that exists.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            incoming = Incoming(path, console=console, deferred=deferred)
+            monitor = _start_monitor(config, None, status="inmigrate", incoming=incoming,
+                                     on_exit=on_quit)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         incoming.prepare()
         machine = incoming.complete()
         incoming.status = "completed"
