@@ -318,13 +318,15 @@ class Migration:
         self.faults.check("transfer")
         names = list(fds)
         state_fd = state_format.to_memfd(blob)
+        # Stamped before sendmsg, not after it returns: once the fds are sent the new
+        # VMM may run first, and a later stamp would put the send after its receipt.
+        self.timeline.step("old: state memfd and device fds sent")
         try:
             self.channel.send({"msg": "state", "fds": ["state"] + names,
                                "t_transfer": self.timeline.get("transfer")},
                               [state_fd] + [fds[n] for n in names])
         finally:
             os.close(state_fd)
-        self.timeline.step("old: state memfd and device fds sent")
         self.channel.expect("restored", timeout=RESTORE_TIMEOUT)
         self._check_cancel()
         # The point of no return: the new VMM resumes the guest on "go".

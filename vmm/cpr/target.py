@@ -382,16 +382,16 @@ def exec_resume(console_factory=None, t_python: int | None = None,
     config = dict(cpr.get("config", {}), **(overrides or {}))
     console = console_factory(config) if console_factory else None
     faults = Faults(() if fallback else cpr.get("faults", ()))
-    timeline.step("state blob loaded")
+    timeline.step("new image: state blob loaded")
     try:
         faults.check("target-restore")
         shape = state["machine"]
         memory, kvm_parts = _take_prebuilt(shape, fds.pop("ram"), timeline)
         machine = build_machine(shape, -1, config, console, memory=memory, kvm_parts=kvm_parts)
-        timeline.step("machine built, vCPU threads parked")
+        timeline.step("new image: machine built, vCPU threads parked")
         kept = {name: fds.pop(name) for name in ("qmp",) if name in fds}
         restore(machine, state, fds)
-        timeline.step("vCPU, VM and device state written")
+        timeline.step("new image: vCPU, VM and device state written")
     except Exception as e:
         if fallback:
             raise
@@ -447,6 +447,7 @@ def _take_prebuilt(shape: dict, ram_fd: int, timeline):
     from . import prebuild
     mem = shape["memory"]
     built = prebuild.take()
+    timeline.step("new image: waited for the prebuilder (joined)")
     if built is None:
         return map_ram(shape, ram_fd), None
     if not built.fits(mem["size"], shape["vcpus"]):

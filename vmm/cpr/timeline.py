@@ -22,6 +22,20 @@ PHASES = [
 ]
 
 
+# Who runs each step, from its name's prefix (the lanes of `pyvmm cpr --trace-plot`).
+# Steps of a thread that runs beside the main one (the cpr-exec prebuilder) are not
+# caused by the steps around them: `--trace` flags them as concurrent.
+CONCURRENT = ("prebuilder",)
+
+
+def lane(step: str) -> str:
+    """'old', 'new', 'prebuilder' (a thread of the new image) or 'holder'."""
+    head = step.split(" ", 1)[0].rstrip(":")
+    if head in CONCURRENT or head == "holder":
+        return head
+    return "old" if head == "old" else "new"
+
+
 def now_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 

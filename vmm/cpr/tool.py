@@ -105,6 +105,14 @@ def _query_new(path: str, timeout: float) -> dict:
 
 
 def print_trace(info: dict) -> None:
+    """The timeline in causal order: phases and steps by their CLOCK_MONOTONIC stamps.
+
+    Each step is stamped where it happens (a message's send before sendmsg, its
+    receipt after recvmsg returns), and the clock is shared by every process, so
+    time order is causal order: a receipt never precedes its send.  Steps of the
+    cpr-exec prebuilder (a thread beside the new image's main thread) are caused
+    by nothing around them: they are marked `‖` and only ordered by the clock."""
+    from .timeline import CONCURRENT, lane
     marks = info.get("x-timeline", [])
     if not marks:
         return
@@ -112,6 +120,7 @@ def print_trace(info: dict) -> None:
     t0 = marks[0][1]
     print(f"{'phase':<10} {'starts at':>12} {'takes':>11}   what happens")
     steps = sorted(info.get("x-steps", []), key=lambda s: s[1])
+    concurrent = False
     for i, (phase, t) in enumerate(marks):
         t_next = marks[i + 1][1] if i + 1 < len(marks) else None
         took = (t_next - t) / 1e6 if t_next is not None else None
@@ -120,4 +129,13 @@ def print_trace(info: dict) -> None:
         # the finer steps inside this phase (or, for the last one, at its start)
         for step, ts in steps:
             if (t <= ts < t_next) if t_next is not None else ts == t:
-                print(f"{'':<10} {(ts - t0) / 1e6:9.3f} ms {'':>11}   · {step}")
+                bullet = "·"
+                if lane(step) in CONCURRENT:
+                    bullet, concurrent = "‖", True
+                print(f"{'':<10} {(ts - t0) / 1e6:9.3f} ms {'':>11}   {bullet} {step}")
+    print("(times: CLOCK_MONOTONIC, shared by both processes; each step is stamped where it "
+          "happens, so a message's receipt comes after its send)")
+    if concurrent:
+        print("(‖: the prebuilder, a thread the new image starts before Python's main(); it "
+              "runs beside the\n main thread, so its steps interleave with the main thread's "
+              "by the clock, not by cause,\n until the main thread waits for it)")
