@@ -107,6 +107,11 @@ class JsonStream:
     then handed to json.loads.  That way a malformed value costs exactly
     itself: the next value parses normally, as with QEMU's json-streamer.
     feed() returns a list of (value, None) or (None, error message) pairs.
+
+    Nesting deeper than MAX_NESTING is refused as soon as it is reached,
+    with QEMU's message; then, as QEMU's json-streamer does, the rest of that
+    value is skipped (not kept, no more errors) until its brackets balance
+    or a byte that cannot occur in JSON resets the stream.
     """
 
     def __init__(self, limit: int = MAX_INPUT):
@@ -116,7 +121,7 @@ class JsonStream:
         self._depth = 0
         self._in_string = False
         self._scalar = False   # a bare top-level token (number, keyword)
-        self._too_deep = False
+        self._skipping = False  # past MAX_NESTING: eat the value, report nothing
 
     @property
     def overflow(self) -> bool:
@@ -125,7 +130,7 @@ class JsonStream:
 
     def _reset(self):
         self._depth = 0
-        self._in_string = self._scalar = self._too_deep = False
+        self._in_string = self._scalar = self._skipping = False
 
     def feed(self, data: bytes) -> list:
         buf = self._buf
@@ -136,19 +141,17 @@ class JsonStream:
         start = 0  # start of the value being read
 
         def finish(end):
-            text = bytes(buf[start:end])
-            if self._too_deep:
-                out.append((None, "JSON parse error, too many nested data structures"))
-            else:
+            if not self._skipping:
                 try:
-                    out.append((parse_json(text), None))
+                    out.append((parse_json(bytes(buf[start:end])), None))
                 except ValueError as e:
                     out.append((None, f"JSON parse error, {e}"))
             self._reset()
             return end
 
         def stray(at):
-            out.append((None, f"JSON parse error, stray '\\x{buf[at]:02x}'"))
+            if not self._skipping:
+                out.append((None, f"JSON parse error, stray '\\x{buf[at]:02x}'"))
             self._reset()
             return at + 1
 
@@ -186,8 +189,9 @@ class JsonStream:
                     i += 1
                 elif c in b"{[":
                     self._depth += 1
-                    if self._depth > MAX_NESTING:
-                        self._too_deep = True
+                    if self._depth > MAX_NESTING and not self._skipping:
+                        out.append((None, "JSON nesting depth limit exceeded"))
+                        self._skipping = True
                     i += 1
                 elif c in b"}]":
                     self._depth -= 1
@@ -220,6 +224,8 @@ class JsonStream:
                 else:
                     self._scalar = True
                     i += 1
+        if self._skipping:
+            start = i    # what was scanned of a refused value is not kept
         del buf[:start]
         self._pos = i - start
         return out
