@@ -290,6 +290,58 @@ def test_deep_unclosed_nesting_gets_an_error_at_once_and_the_client_recovers(mon
 
 # -- clients that do not read ---------------------------------------------------------------
 
+def test_pipelined_commands_run_though_the_client_closed_without_reading(pyvmm):
+    """QEMU runs every command it received before EOF; so must pyvmm, even
+    when a reply cannot be delivered."""
+    vmm = pyvmm()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(vmm.path)
+    s.shutdown(socket.SHUT_RD)     # every reply to it fails (EPIPE), from the first
+    s.sendall(b'{"execute": "qmp_capabilities"}{"execute": "bad-command"}{"execute": "stop"}')
+    s.close()
+    deadline = time.monotonic() + 10
+    while vmm.status() != "paused":
+        assert time.monotonic() < deadline, "stop after a failed reply was lost"
+        time.sleep(0.05)
+    # The plain way: send, close, never read.
+    with QmpClient(vmm.path, 5) as c:
+        c.execute("cont")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(vmm.path)
+    s.sendall(b'{"execute": "qmp_capabilities"}{"execute": "bad-command"}'
+              b'{"execute": "query-status"}{"execute": "stop"}')
+    s.close()
+    deadline = time.monotonic() + 10
+    while vmm.status() != "paused":
+        assert time.monotonic() < deadline, "stop after a failed reply was lost"
+        time.sleep(0.05)
+    assert vmm.proc.poll() is None
+
+
+def test_half_closed_client_gets_every_reply(mon):
+    """`socat` style: send the commands, shut the write side, read until EOF.
+    Replies beyond what the socket buffers must not be thrown away."""
+    n = 4000
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(mon.path)
+    s.sendall(b'{"execute": "qmp_capabilities"}'
+              + b"".join(b'{"execute": "query-commands", "id": %d}' % i for i in range(n)))
+    s.shutdown(socket.SHUT_WR)
+    time.sleep(0.5)                # a slow reader: the server sees EOF long before
+    data = b""
+    while True:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    lines = data.splitlines()
+    assert len(data) > 1 << 20     # far more than a socket buffer (208 KiB) holds
+    assert len(lines) == n + 2     # greeting, capabilities, n replies
+    assert json.loads(lines[-1])["id"] == n - 1
+
+
 def test_client_that_never_reads_is_dropped_alone(mon):
     lazy = Raw(mon.path)
     other = Raw(mon.path)

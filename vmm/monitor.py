@@ -444,6 +444,8 @@ class _Client:
         self.negotiated = False
         self.oob = False
         self.closing = False   # close once the loop gets to it
+        self.eof = False       # the peer sent EOF: close once its replies are out
+        self.deaf = False      # the peer cannot receive: drop its output, keep reading
         self.mask = selectors.EVENT_READ
 
     def fileno(self):
@@ -594,7 +596,7 @@ class Monitor:
         line = self._encode(msg)
         with self._lock:
             for client in self._clients:
-                if client.negotiated and not client.closing:
+                if client.negotiated and not (client.closing or client.eof):
                     self._queue(client, line)
         if threading.current_thread() is not self._thread:
             self._wake()
@@ -673,7 +675,7 @@ class Monitor:
             if mask & selectors.EVENT_WRITE:
                 with self._lock:
                     self._flush(client)
-            if mask & selectors.EVENT_READ and not client.closing:
+            if mask & selectors.EVENT_READ and not (client.closing or client.eof):
                 self._read(client)
 
     def _accept(self):
@@ -732,8 +734,10 @@ class Monitor:
         except OSError:
             data = b""
         if not data:
-            client.closing = True
+            client.eof = True   # _reap closes it once its replies are out
             return
+        # Every command received runs, in order, also when its reply cannot
+        # be delivered (as QEMU does for a client that closed without reading).
         for value, error in client.stream.feed(data):
             if error is not None:
                 self._reply(client, {"error": {"class": "GenericError", "desc": error}})
@@ -751,12 +755,15 @@ class Monitor:
         with self._lock:
             keep = []
             for client in self._clients:
+                if client.eof and not client.out:
+                    client.closing = True
                 if client.closing:
                     self._flush(client)
                     self._drop(client)
                     continue
                 keep.append(client)
-                mask = selectors.EVENT_READ
+                # After EOF only the rest of the output is waited for.
+                mask = 0 if client.eof else selectors.EVENT_READ
                 if client.out:
                     mask |= selectors.EVENT_WRITE
                 if mask != client.mask:
@@ -812,7 +819,7 @@ class Monitor:
     def _queue(self, client, line: bytes):
         """Append to a client's output and send what the socket takes now.
         Caller holds the lock."""
-        if client.closing:
+        if client.closing or client.deaf:
             return
         if len(client.out) + len(line) > MAX_OUTPUT:
             _log("warning", "QMP client not reading its output; disconnecting it")
@@ -829,8 +836,12 @@ class Monitor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                # The peer cannot take replies any more (it closed, or shut
+                # its read side); its input is still read and run until EOF.
                 client.out.clear()
-                client.closing = True
+                client.deaf = True
+                if client.eof:
+                    client.closing = True
                 return
             del client.out[:sent]
 
