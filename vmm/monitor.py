@@ -468,6 +468,7 @@ class Monitor:
         self._kick_clients = threading.Event()
         self._clients_closed = threading.Event()
         self._accept_after = None   # monotonic time to listen again after a shortage
+        self._accept_failing = False
         self._last_fault = ("", 0.0)
         self._commands = self._make_commands()
         if listen_fd is None:
@@ -690,12 +691,14 @@ class Monitor:
                 # EMFILE, ENFILE, ENOBUFS, ENOMEM: no fd or memory for it now.
                 # Stop watching the listener for a while (it would stay
                 # readable: a busy loop); the client waits in the backlog.
-                if self._accept_after is None:
+                if not self._accept_failing:
+                    self._accept_failing = True   # said once, until an accept works
                     _log("warning", "QMP: cannot accept a client: %s; retrying every %s s",
                          e.strerror, ACCEPT_BACKOFF)
                 self._sel.unregister(self._listener)
                 self._accept_after = time.monotonic() + ACCEPT_BACKOFF
                 return
+            self._accept_failing = False
             refusal = self._refusal(sock)
             if refusal:
                 try:
