@@ -647,7 +647,7 @@ def test_json_stream_framing():
     assert out == [({"a": '}{"', "b": [1, {"c": None}]}, None)]
     assert s.feed(b"]true ") == [([2], None), (True, None)]
     out = s.feed(b"[" * 1000 + b"]" * 1000)
-    assert len(out) == 1 and "too many nested" in out[0][1]
+    assert out == [(None, "JSON nesting depth limit exceeded")]   # QEMU's words
     out = s.feed(b'{"k": 1, "k": 2} ] {"ok": 1}')
     assert "duplicate key" in out[0][1] and "stray" in out[1][1] and out[2] == ({"ok": 1}, None)
     assert not s.overflow

@@ -39,6 +39,19 @@ from .log import get_logger
 
 log = get_logger(__name__)   # (importing logging costs ~9 ms, after a cpr-exec too)
 
+
+def _log(level: str, msg: str, *args, exc_info: bool = False):
+    """Log without ever raising.  The lazy `import logging` needs fds to read
+    its files; when the process has none left (EMFILE, the very case being
+    reported), fall back to one line on stderr."""
+    try:
+        getattr(log, level)(msg, *args, exc_info=exc_info)
+    except Exception:
+        try:
+            os.write(2, f"pyvmm: {msg % args}\n".encode(errors="replace"))
+        except Exception:
+            pass
+
 QEMU_VERSION = {"major": 10, "minor": 2, "micro": 0}
 
 #: A client that sends this much without completing a JSON value is cut off.
@@ -48,6 +61,15 @@ MAX_INPUT = 1 << 20
 MAX_NESTING = 256
 #: A client that does not read its replies and events is cut off past this.
 MAX_OUTPUT = 16 << 20
+#: At most this many clients are served at once; one more gets an error and
+#: is disconnected.
+MAX_CLIENTS = 32
+#: A client is also refused when accepting it left fewer than this many fds
+#: under RLIMIT_NOFILE for the VMM itself (a live update needs a few).
+FD_HEADROOM = 16
+#: After accept() failed for want of fds or memory, wait this long (seconds)
+#: before trying again; meanwhile new clients wait in the listen backlog.
+ACCEPT_BACKOFF = 0.5
 
 MIGRATION_MODES = ("normal", "cpr-reboot", "cpr-transfer", "cpr-exec")
 
@@ -108,6 +130,11 @@ class JsonStream:
     then handed to json.loads.  That way a malformed value costs exactly
     itself: the next value parses normally, as with QEMU's json-streamer.
     feed() returns a list of (value, None) or (None, error message) pairs.
+
+    Nesting deeper than MAX_NESTING is refused as soon as it is reached,
+    with QEMU's message; then, as QEMU's json-streamer does, the rest of that
+    value is skipped (not kept, no more errors) until its brackets balance
+    or a byte that cannot occur in JSON resets the stream.
     """
 
     def __init__(self, limit: int = MAX_INPUT):
@@ -117,7 +144,7 @@ class JsonStream:
         self._depth = 0
         self._in_string = False
         self._scalar = False   # a bare top-level token (number, keyword)
-        self._too_deep = False
+        self._skipping = False  # past MAX_NESTING: eat the value, report nothing
 
     @property
     def overflow(self) -> bool:
@@ -126,7 +153,7 @@ class JsonStream:
 
     def _reset(self):
         self._depth = 0
-        self._in_string = self._scalar = self._too_deep = False
+        self._in_string = self._scalar = self._skipping = False
 
     def feed(self, data: bytes) -> list:
         buf = self._buf
@@ -137,19 +164,17 @@ class JsonStream:
         start = 0  # start of the value being read
 
         def finish(end):
-            text = bytes(buf[start:end])
-            if self._too_deep:
-                out.append((None, "JSON parse error, too many nested data structures"))
-            else:
+            if not self._skipping:
                 try:
-                    out.append((parse_json(text), None))
+                    out.append((parse_json(bytes(buf[start:end])), None))
                 except ValueError as e:
                     out.append((None, f"JSON parse error, {e}"))
             self._reset()
             return end
 
         def stray(at):
-            out.append((None, f"JSON parse error, stray '\\x{buf[at]:02x}'"))
+            if not self._skipping:
+                out.append((None, f"JSON parse error, stray '\\x{buf[at]:02x}'"))
             self._reset()
             return at + 1
 
@@ -187,8 +212,9 @@ class JsonStream:
                     i += 1
                 elif c in b"{[":
                     self._depth += 1
-                    if self._depth > MAX_NESTING:
-                        self._too_deep = True
+                    if self._depth > MAX_NESTING and not self._skipping:
+                        out.append((None, "JSON nesting depth limit exceeded"))
+                        self._skipping = True
                     i += 1
                 elif c in b"}]":
                     self._depth -= 1
@@ -221,6 +247,8 @@ class JsonStream:
                 else:
                     self._scalar = True
                     i += 1
+        if self._skipping:
+            start = i    # what was scanned of a refused value is not kept
         del buf[:start]
         self._pos = i - start
         return out
@@ -449,6 +477,8 @@ class _Client:
         self.negotiated = False
         self.oob = False
         self.closing = False   # close once the loop gets to it
+        self.eof = False       # the peer sent EOF: close once its replies are out
+        self.deaf = False      # the peer cannot receive: drop its output, keep reading
         self.mask = selectors.EVENT_READ
 
     def fileno(self):
@@ -470,6 +500,9 @@ class Monitor:
         self._keep_listener = False
         self._kick_clients = threading.Event()
         self._clients_closed = threading.Event()
+        self._accept_after = None   # monotonic time to listen again after a shortage
+        self._accept_failing = False
+        self._last_fault = ("", 0.0)
         self._commands = self._make_commands()
         if listen_fd is None:
             self._listener = self._bind(path)
@@ -551,6 +584,8 @@ class Monitor:
         elif thread is not threading.current_thread():
             self._wake()
             thread.join(5.0)
+            if not thread.is_alive():
+                self._cleanup()   # (a no-op when _run did it)
         # else: called from a handler; _run cleans up when the handler returns
 
     def close_clients(self, timeout: float = 5.0):
@@ -590,7 +625,7 @@ class Monitor:
         line = self._encode(msg)
         with self._lock:
             for client in self._clients:
-                if client.negotiated and not client.closing:
+                if client.negotiated and not (client.closing or client.eof):
                     self._queue(client, line)
         if threading.current_thread() is not self._thread:
             self._wake()
@@ -604,38 +639,73 @@ class Monitor:
             pass  # full (a wakeup is already pending) or closed
 
     def _run(self):
+        # The socket outlives anything that goes wrong in here: the VMM can
+        # still be updated or quit.  Only close() ends the loop and removes it.
         try:
             while not self._stopping:
-                for key, mask in self._sel.select():
-                    if key.data == "listener":
-                        self._accept()
-                    elif key.data == "wake":
-                        try:
-                            while self._wake_r.recv(4096):
-                                pass
-                        except OSError:
-                            pass
-                    else:
-                        client = key.data
-                        if mask & selectors.EVENT_WRITE:
-                            with self._lock:
-                                self._flush(client)
-                        if mask & selectors.EVENT_READ and not client.closing:
-                            self._read(client)
-                    if self._stopping:
-                        break
-                if self._kick_clients.is_set():
-                    self._kick_clients.clear()
-                    with self._lock:
-                        for client in self._clients:
-                            client.closing = True
-                    self._reap()
-                    self._clients_closed.set()
-                self._reap()
-        except Exception:
-            log.exception("QMP monitor thread failed")
+                try:
+                    self._serve()
+                except Exception as e:
+                    self._fault(f"unexpected {type(e).__name__}: {e}; still serving")
+                    time.sleep(0.1)   # an error that repeats must not spin
         finally:
-            self._cleanup()
+            if self._stopping:
+                self._cleanup()
+
+    def _serve(self):
+        """One round: wait for sockets, serve what is ready, reap."""
+        timeout = None
+        if self._accept_after is not None:
+            timeout = self._accept_after - time.monotonic()
+            if timeout <= 0:
+                self._accept_after = None
+                timeout = None
+                self._sel.register(self._listener, selectors.EVENT_READ, "listener")
+        for key, mask in self._sel.select(timeout):
+            try:
+                self._ready(key, mask)
+            except Exception as e:
+                if not isinstance(key.data, _Client):
+                    raise
+                # Whatever it was, it concerns this client only: drop it.
+                self._fault(f"unexpected {type(e).__name__} serving a client: {e}; "
+                            "disconnecting it")
+                key.data.closing = True
+            if self._stopping:
+                return
+        if self._kick_clients.is_set():
+            self._kick_clients.clear()
+            with self._lock:
+                for client in self._clients:
+                    client.closing = True
+            self._reap()
+            self._clients_closed.set()
+        self._reap()
+
+    def _fault(self, text):
+        """Log one line about a fault, but not the same one again and again."""
+        now = time.monotonic()
+        last, when = self._last_fault
+        if text != last or now - when > 10:
+            self._last_fault = (text, now)
+            _log("error", "QMP monitor: %s", text)
+
+    def _ready(self, key, mask):
+        if key.data == "listener":
+            self._accept()
+        elif key.data == "wake":
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except OSError:
+                pass
+        else:
+            client = key.data
+            if mask & selectors.EVENT_WRITE:
+                with self._lock:
+                    self._flush(client)
+            if mask & selectors.EVENT_READ and not (client.closing or client.eof):
+                self._read(client)
 
     def _accept(self):
         while True:
@@ -644,14 +714,48 @@ class Monitor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("QMP accept failed: %s", e)
+                if e.errno == errno.ECONNABORTED:
+                    continue   # that client gave up already
+                # EMFILE, ENFILE, ENOBUFS, ENOMEM: no fd or memory for it now.
+                # Stop watching the listener for a while (it would stay
+                # readable: a busy loop); the client waits in the backlog.
+                if not self._accept_failing:
+                    self._accept_failing = True   # said once, until an accept works
+                    _log("warning", "QMP: cannot accept a client: %s; retrying every %s s",
+                         e.strerror, ACCEPT_BACKOFF)
+                self._sel.unregister(self._listener)
+                self._accept_after = time.monotonic() + ACCEPT_BACKOFF
                 return
+            self._accept_failing = False
+            refusal = self._refusal(sock)
+            if refusal:
+                try:
+                    sock.setblocking(False)
+                    sock.send(self._encode({"error": {"class": "GenericError",
+                                                      "desc": refusal}}))
+                except OSError:
+                    pass
+                sock.close()
+                continue
             sock.setblocking(False)
             client = _Client(sock)
             with self._lock:
                 self._clients.append(client)
                 self._sel.register(sock, client.mask, client)
                 self._queue(client, self._encode(self._greeting()))
+
+    def _refusal(self, sock) -> str | None:
+        """Why a new connection is not served, or None."""
+        if len(self._clients) >= MAX_CLIENTS:
+            return (f"Too many QMP clients: at most {MAX_CLIENTS} are served at once; "
+                    "try again later")
+        # Fds are handed out lowest first: this one's number is how many are
+        # in use at least.
+        limit = os.sysconf("SC_OPEN_MAX")
+        if 0 < limit <= sock.fileno() + FD_HEADROOM:
+            return (f"Too few file descriptors left for another QMP client "
+                    f"(RLIMIT_NOFILE is {limit}); try again later")
+        return None
 
     def _read(self, client):
         try:
@@ -661,8 +765,10 @@ class Monitor:
         except OSError:
             data = b""
         if not data:
-            client.closing = True
+            client.eof = True   # _reap closes it once its replies are out
             return
+        # Every command received runs, in order, also when its reply cannot
+        # be delivered (as QEMU does for a client that closed without reading).
         for value, error in client.stream.feed(data):
             if error is not None:
                 self._reply(client, {"error": {"class": "GenericError", "desc": error}})
@@ -680,12 +786,15 @@ class Monitor:
         with self._lock:
             keep = []
             for client in self._clients:
+                if client.eof and not client.out:
+                    client.closing = True
                 if client.closing:
                     self._flush(client)
                     self._drop(client)
                     continue
                 keep.append(client)
-                mask = selectors.EVENT_READ
+                # After EOF only the rest of the output is waited for.
+                mask = 0 if client.eof else selectors.EVENT_READ
                 if client.out:
                     mask |= selectors.EVENT_WRITE
                 if mask != client.mask:
@@ -741,10 +850,10 @@ class Monitor:
     def _queue(self, client, line: bytes):
         """Append to a client's output and send what the socket takes now.
         Caller holds the lock."""
-        if client.closing:
+        if client.closing or client.deaf:
             return
         if len(client.out) + len(line) > MAX_OUTPUT:
-            log.warning("QMP client not reading its output; disconnecting it")
+            _log("warning", "QMP client not reading its output; disconnecting it")
             client.out.clear()
             client.closing = True
             return
@@ -758,8 +867,12 @@ class Monitor:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                # The peer cannot take replies any more (it closed, or shut
+                # its read side); its input is still read and run until EOF.
                 client.out.clear()
-                client.closing = True
+                client.deaf = True
+                if client.eof:
+                    client.closing = True
                 return
             del client.out[:sent]
 
@@ -767,7 +880,7 @@ class Monitor:
         try:
             line = self._encode(msg)
         except (TypeError, ValueError) as e:
-            log.error("QMP reply not serializable: %s", e)
+            _log("error", "QMP reply not serializable: %s", e)
             err = {"class": "GenericError", "desc": f"internal error: reply is not JSON: {e}"}
             line = self._encode({"error": err, **({"id": msg["id"]} if "id" in msg else {})})
         with self._lock:
@@ -788,7 +901,7 @@ class Monitor:
             reply = {"error": {"class": e.error_class, "desc": e.desc}}
         except Exception as e:  # a controller failed: report, keep serving
             if not isinstance(e, VmmError):
-                log.exception("QMP command failed")
+                _log("error", "QMP command failed", exc_info=True)
             desc = str(e) or type(e).__name__
             reply = {"error": {"class": getattr(e, "qmp_class", "GenericError"), "desc": desc}}
         if isinstance(request, dict) and "id" in request:
@@ -798,7 +911,7 @@ class Monitor:
             try:
                 after()
             except Exception:
-                log.exception("QMP command failed after its reply")
+                _log("error", "QMP command failed after its reply", exc_info=True)
 
     def _dispatch(self, client, request, reply):
         """Run one request; fill reply["return"], or raise CommandError."""
