@@ -158,6 +158,7 @@ class Incoming:
         self.machine.resume_devices()
         self.machine.resume()
         self.timeline.mark("resume", self.machine.wait_entered())
+        self.faults.delay("target-slow-running")
         self.channel.send({"msg": "running", "timeline": self.timeline.marks,
                            "steps": self.timeline.steps})
         self.channel.close()
