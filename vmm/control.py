@@ -7,11 +7,17 @@ how a live update is started, reported and cancelled.
 
 from __future__ import annotations
 
+import sys
 import threading
 
-from .cpr import resume_command
+from .cpr import DOWNTIME_LIMIT_MS, resume_command
 from .cpr.timeline import timeline_info
 from .errors import VmmError
+
+# After a failure past the point of no return the old VMM still answers QMP (query-migrate:
+# failed, with error-desc) until quit, or for this long, then exits with status 1.
+LOST_LINGER_S = 10.0
+MAX_DOWNTIME_LIMIT_MS = 2_000_000   # QEMU's range: 0 to 2000 seconds
 
 
 class Controller:
@@ -23,10 +29,12 @@ class Controller:
         self.emit = emit or (lambda name, data=None: None)
         self.on_exit = on_exit or (lambda code: None)
         self.params = {"mode": "normal", "cpr-exec-command": default_exec_command(),
-                       "downtime-limit": 300, "max-bandwidth": 134217728, "x-fault": []}
+                       "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 134217728,
+                       "x-fault": []}
         self.migration = None
         self.extra_fds: dict[str, int] = {}
         self.status = "running"
+        self.exit_code = 0   # 1 once a live update failed past its point of no return
         self._lock = threading.Lock()
 
     # -- run state --------------------------------------------------------------------------
@@ -50,7 +58,7 @@ class Controller:
 
     def quit(self) -> None:
         self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        self.on_exit(0)
+        self.on_exit(self.exit_code)
 
     # -- migration parameters -------------------------------------------------------------
     def set_migrate_parameters(self, params: dict) -> None:
@@ -67,9 +75,14 @@ class Controller:
             self.params["cpr-exec-command"] = list(cmd)
         if "x-fault" in params:
             self.params["x-fault"] = sorted(parse(params["x-fault"]))
-        for key in ("downtime-limit", "max-bandwidth"):   # accepted; CPR copies no RAM
-            if key in params:
-                self.params[key] = params[key]
+        if "downtime-limit" in params:   # the longest pause before a rollback (CPR.md)
+            limit = params["downtime-limit"]
+            if not 0 <= limit <= MAX_DOWNTIME_LIMIT_MS:
+                raise VmmError("Parameter 'downtime_limit' expects an integer in the range "
+                               "of 0 to 2000 seconds")
+            self.params["downtime-limit"] = limit
+        if "max-bandwidth" in params:    # accepted; CPR copies no RAM
+            self.params["max-bandwidth"] = params["max-bandwidth"]
 
     def query_migrate_parameters(self) -> dict:
         return dict(self.params)
@@ -82,6 +95,8 @@ class Controller:
         with self._lock:
             if self.migration is not None and not self.migration.done.is_set():
                 raise VmmError("a migration is already in progress")
+            if self.status == "postmigrate":   # its state is stale: it must never run again
+                raise VmmError("the guest has left this pyvmm (postmigrate): nothing to migrate")
             mode = self.params["mode"]
             faults, self.params["x-fault"] = self.params["x-fault"], []   # for one update only
             if mode == "normal":
@@ -98,7 +113,8 @@ class Controller:
                 self.machine, mode, cpr_path=path,
                 exec_command=self.params["cpr-exec-command"],
                 faults=faults, emit=self._migration_event,
-                extra_fds=self.extra_fds, config=self.config)
+                extra_fds=self.extra_fds, config=self.config,
+                downtime_limit_ms=self.params["downtime-limit"])
         return threading.Thread(target=self._run_migration, name="migration", daemon=True).start
 
     def _migration_event(self, name: str, data=None) -> None:
@@ -106,6 +122,8 @@ class Controller:
             status = data["status"]
             if status == "active":
                 self.status = "finish-migrate"
+            elif status in ("failed", "cancelled") and self.migration.committed:
+                self.status = "postmigrate"     # failed past "go": never resumed here
             elif status in ("failed", "cancelled"):
                 self.status = "running" if self.machine.running else "paused"
             elif status == "completed":
@@ -114,7 +132,18 @@ class Controller:
 
     def _run_migration(self) -> None:
         if self.migration.run():
-            self.on_exit(0)     # the new VMM runs the guest: this one is done
+            if self.migration.status != "completed":
+                self._failed_after_go()
+            self.on_exit(self.exit_code)  # the guest left this process: this one is done
+
+    def _failed_after_go(self) -> None:
+        """The guest left with "go", and the new VMM never said it runs it: a failure an
+        orchestrator must see (status 1, one line on stderr, query-migrate failed while
+        this process still answers, until quit or LOST_LINGER_S)."""
+        self.exit_code = 1
+        print(f"pyvmm: error: live update failed {self.migration.error}", file=sys.stderr,
+              flush=True)
+        self.machine.wait(LOST_LINGER_S)
 
     def query_migrate(self) -> dict:
         if self.migration is not None:
