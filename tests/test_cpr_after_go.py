@@ -200,3 +200,31 @@ def test_stall_before_go_rolls_back_at_downtime_limit(guests, vmm_procs, tmp_pat
     assert new.wait(15) != 0
     assert "tick" not in new.text()
     assert re.search(r"pyvmm: error: .*closed the connection|went away", new.stderr), new.stderr
+
+
+def test_pyvmm_cpr_says_the_guest_left_when_the_new_vmm_dies_after_go(guests, vmm_procs,
+                                                                     tmp_path):
+    """`pyvmm cpr` (what a user or a script runs) fails, and does not claim the guest goes
+    on in the old pyvmm, when the new one is killed past "go"."""
+    import subprocess
+    import sys
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 3 ")
+    tool = subprocess.Popen([sys.executable, "-m", "vmm", "cpr", "--mode", "transfer",
+                             "--socket", str(old_qmp), "--uri", str(sock), "--new-qmp",
+                             str(new_qmp), "--fault", "target-slow-running"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    resumed_in_new(new)
+    os.kill(new.pid, signal.SIGKILL)
+    out, err = tool.communicate(timeout=30)
+    assert tool.returncode == 1, (out, err)
+    assert "the guest is no longer in the old pyvmm" in err and "goes on" not in err, err
+    q = qmp_connect(old_qmp)
+    try:
+        assert qmp(q, "query-migrate")["status"] == "failed"
+        qmp(q, "quit")
+    finally:
+        close(q)
+    assert old.wait(15) == 1
