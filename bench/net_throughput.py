@@ -73,7 +73,9 @@ def window_sender(host: str, size: int, seconds: float, window: int,
     An echo releases one more datagram.  If nothing comes back for 50 ms the datagrams
     in flight are written off and a fresh window is sent (counted as a stall).  After
     the measurement it stops sending and drains echoes for up to 0.5 s; loss counts
-    the measured datagrams that never came back.
+    the measured datagrams that never came back, `dup` the echoes of a measured
+    datagram beyond its first, `unsent` echoes of a number never sent (both are bugs:
+    the guest echoes each datagram once).
     """
     size = max(size, HDR.size)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -114,6 +116,7 @@ def window_sender(host: str, size: int, seconds: float, window: int,
     bad = 0
     stalls = 0
     got = set()
+    dup = unsent = 0
     t_warm = time.monotonic()
     t0 = t_warm + warmup
     t_end = t0 + seconds
@@ -149,7 +152,10 @@ def window_sender(host: str, size: int, seconds: float, window: int,
                 k = HDR.unpack_from(rbuf)[0]
                 inflight -= 1
                 echoes += 1
-                if first is not None and k >= first:
+                if k >= seq:
+                    unsent += 1
+                elif first is not None and k >= first:
+                    dup += k in got
                     got.add(k)
         except BlockingIOError:
             pass
@@ -166,7 +172,10 @@ def window_sender(host: str, size: int, seconds: float, window: int,
                 n = recv_into(rbuf)
                 if n == size:
                     k = HDR.unpack_from(rbuf)[0]
-                    if first <= k < last:
+                    if k >= last:
+                        unsent += 1
+                    elif k >= first:
+                        dup += k in got
                         got.add(k)
         except BlockingIOError:
             pass
@@ -176,7 +185,8 @@ def window_sender(host: str, size: int, seconds: float, window: int,
     elapsed = t_stop - t0
     return {"size": size, "window": window, "seconds": elapsed, "sent": sent,
             "echoes": echoes, "rate": echoes / elapsed, "lost": sent - returned,
-            "loss": (sent - returned) / sent if sent else 1.0, "stalls": stalls, "bad": bad}
+            "loss": (sent - returned) / sent if sent else 1.0, "stalls": stalls, "bad": bad,
+            "dup": dup, "unsent": unsent}
 
 
 # ---------------------------------------------------------------- namespaces and VMMs
@@ -328,6 +338,8 @@ def table(rows: list[dict]) -> str:
                 else f"no echo at all ({r['error']})")
         if r.get("stalls"):
             loss += f", {r['stalls']} stalls of 50 ms"
+        if r.get("dup") or r.get("unsent"):
+            loss += f", {r.get('dup', 0)} duplicated, {r.get('unsent', 0)} never sent"
         out.append(f"| {NAMES[r['vmm']]} | {r['size']} B | {r['rate']:,.0f} | {mbit:,.1f} | "
                    f"{loss} |")
     return "\n".join(out)

@@ -221,10 +221,4 @@ def test_pyvmm_cpr_says_the_guest_left_when_the_new_vmm_dies_after_go(guests, vm
     out, err = tool.communicate(timeout=30)
     assert tool.returncode == 1, (out, err)
     assert "the guest is no longer in the old pyvmm" in err and "goes on" not in err, err
-    q = qmp_connect(old_qmp)
-    try:
-        assert qmp(q, "query-migrate")["status"] == "failed"
-        qmp(q, "quit")
-    finally:
-        close(q)
-    assert old.wait(15) == 1
+    assert old.wait(15) == 1                 # its last client gone, it exits: a failure

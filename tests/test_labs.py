@@ -9,20 +9,25 @@ appear in that command's output, with every number and absolute path in it
 ending in `  # exact` must appear verbatim. A command followed by `echo $?` may
 fail (the student looks at its status); any other command must succeed.
 
-The script runs in bash from the repository root, with a `pyvmm` that runs this
+The script runs the way a student runs a lab: an interactive bash (`bash -i`, job
+control on) on a pseudo-terminal of its own, from the repository root, with a `pyvmm` that runs this
 interpreter's `-m vmm` (and a `python3` that is this interpreter) first in PATH and TMPDIR pointing at a fresh directory
-(labs take their work directory from `mktemp -d`). It runs in its own session;
+(labs take their work directory from `mktemp -d`). It runs in its own session, whose
+controlling terminal is that pty;
 whatever is left in that session at the end (a VMM a lab started with `&`, a
 holder) is killed, and every lab must leave no process behind by itself.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
 import subprocess
 import sys
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +148,31 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def _drain(fd: int, chunks: list[bytes]) -> None:
+    """Read the terminal's output until every process has closed it (EIO)."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            return
+        if not data:
+            return
+        chunks.append(data)
+
+
+def stopped_in_session(sid: int) -> list[int]:
+    """Processes of the session stopped by job control (state T): a frozen VMM."""
+    out = []
+    for pid in session_pids(sid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                    out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
 def kill_session(sid: int) -> list[int]:
     left = session_pids(sid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -175,19 +205,31 @@ def run_lab(name: str, tmp_path: Path):
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", TMPDIR=str(work),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     log = tmp_path / "out.txt"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(script)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=ROOT, env=env,
-                                start_new_session=True)
-        try:
-            proc.wait(TIMEOUT)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        leftover = kill_session(proc.pid)
-        proc.wait()
+    # As a student runs it: an interactive bash with job control on a terminal of
+    # its own, so `cmd &` makes a background job that the terminal would stop if it
+    # read from it (SIGTTIN), and stdin is that terminal, not /dev/null.
+    master, slave = os.openpty()
+    proc = subprocess.Popen(["bash", "--norc", "--noprofile", "-i", str(script)],
+                            stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env,
+                            start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    chunks: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(master, chunks), daemon=True)
+    reader.start()
+    try:
+        proc.wait(TIMEOUT)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    stopped = stopped_in_session(proc.pid)
+    leftover = kill_session(proc.pid)
+    proc.wait()
+    reader.join(5)
+    os.close(master)
+    log.write_bytes(b"".join(chunks))
     text = log.read_text(errors="replace")
-    return steps, text, timed_out, leftover, work
+    return steps, text, timed_out, leftover, work, stopped
 
 
 def leftovers(work: Path) -> list[str]:
@@ -197,7 +239,8 @@ def leftovers(work: Path) -> list[str]:
 @pytest.mark.parametrize("name", LAB_FILES)
 def test_lab(name, guests, tmp_path):
     need_kvm()
-    steps, text, timed_out, leftover, work = run_lab(name, tmp_path)
+    steps, text, timed_out, leftover, work, stopped = run_lab(name, tmp_path)
+    assert not stopped, f"{name}: processes stopped by the terminal (SIGTTIN?): {stopped}"
     assert not timed_out, f"{name} took more than {TIMEOUT}s; output:\n{text[-4000:]}"
     chunks, rcs = split_output(text, len(steps))
     assert len(rcs) == len(steps), f"{name}: the script stopped early; output:\n{text[-4000:]}"

@@ -16,46 +16,111 @@ from .errors import VmmError
 from .runner import EXIT_VMM_ERROR, _start_monitor, open_console, serve
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with pyvmm's convention: a usage error is one line and exit status 1
+    (argparse's own 2 is what pyvmm reserves for a guest crash)."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+        sys.exit(EXIT_VMM_ERROR)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
+def version_text() -> str:
+    """The version, and the git commit when run from a checkout."""
+    from . import __version__
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = ""
+    try:
+        import subprocess
+        r = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True, timeout=5)
+        if r.returncode == 0:
+            commit = f" (commit {r.stdout.strip()})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"pyvmm {__version__}{commit}"
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+RUN_EPILOG = """exit status: the value the guest writes to the debug-exit port (0xf4); 0 when
+it halts or is quit; 1 for an error you can fix (one line on stderr); 2 when the
+guest crashes (the reason and a register dump on stderr); 128+N on signal N."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyvmm", description="A small KVM VMM with CPR live update.")
+    from .cpr.faults import POINTS
+    p = _Parser(prog="pyvmm", description="A small KVM VMM with CPR live update.")
+    p.add_argument("--version", action=_Version)
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="boot a guest kernel (or receive one: --incoming)")
+    run = sub.add_parser("run", help="boot a guest kernel (or receive one: --incoming)",
+                         epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--kernel", help="PVH ELF kernel image")
     run.add_argument("--memory", "-m", default="256M", help="guest RAM, e.g. 256M, 1G (default 256M)")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--hugetlb", action="store_true", help="back RAM with 2 MiB huge pages")
     run.add_argument("--console", metavar="FILE", help="append serial output to FILE, not stdout")
-    run.add_argument("--net", action="append", default=[], metavar="tap,ifname=NAME[,mac=M]",
-                     help="a virtio-net device on a tap (tap,ifname=N | tap,fd=N)")
+    run.add_argument("--net", action="append", default=[], metavar="tap[,ifname=NAME|fd=N][,mac=M][,backend=B]",
+                     help="a virtio-net device on a tap: an existing tap by name (or a new one "
+                          "pyvmm creates, bare `tap`), or an open tap fd; backend=c (the C "
+                          "data path, default), python, or vhost (/dev/vhost-net)")
     run.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on unix socket PATH")
     run.add_argument("--incoming", metavar="cpr-transfer:PATH",
                      help="wait for a live update from another pyvmm on unix socket PATH")
 
     cpr = sub.add_parser("cpr", help="live-update a running pyvmm through its QMP socket")
-    cpr.add_argument("--mode", choices=["exec", "transfer"], required=True)
+    cpr.add_argument("--mode", choices=["exec", "transfer"], required=True,
+                     help="exec: the VMM execs a new image of itself (same PID); "
+                          "transfer: hand the guest to a pyvmm waiting with --incoming")
     cpr.add_argument("--socket", required=True, metavar="QMP", help="the running pyvmm's QMP socket")
     cpr.add_argument("--uri", metavar="PATH",
                      help="transfer: the new pyvmm's --incoming socket path")
     cpr.add_argument("--new-qmp", metavar="PATH",
                      help="transfer: the new pyvmm's QMP socket (to read its timeline)")
-    cpr.add_argument("--fault", default="", help="inject a fault (see docs/CPR.md)")
+    cpr.add_argument("--fault", default="",
+                     help="inject a fault to watch the rollback, one of: "
+                          + ", ".join(sorted(POINTS)) + " (see docs/CPR.md)")
     cpr.add_argument("--trace", action="store_true", help="print each step with its time")
-    cpr.add_argument("--timeout", type=float, default=60.0)
+    cpr.add_argument("--timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
+                     help="how long to wait for the update to finish (default 60 s)")
 
     sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
 
     bench = sub.add_parser("bench", help="benchmarks: `pyvmm bench downtime --help`")
-    bench.add_argument("suite", choices=["downtime"])
+    bench.add_argument("suite", choices=["downtime", "soak"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own options")
 
     state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
-    state.add_argument("--socket", required=True, metavar="QMP")
+    state.add_argument("--socket", required=True, metavar="QMP",
+                       help="the running pyvmm's QMP socket (its --qmp PATH)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .runner import exec_entry   # a cpr-exec's new image resumes the guest, whatever argv says
+    code = exec_entry(sys.argv[1:] if argv is None else argv)
+    if code is not None:
+        return code
     import faulthandler
     faulthandler.register(signal.SIGUSR2, all_threads=True)   # `kill -USR2 PID`: stacks
     args = _parser().parse_args(argv)
@@ -65,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cpr":
             from .cpr.tool import cmd_cpr
             return cmd_cpr(args)
+        if args.command == "bench" and args.suite == "soak":
+            from .bench.soak import main as soak_main
+            return soak_main(args.args)
         if args.command == "bench":
             from .bench.downtime import main as downtime_main
             return downtime_main(args.args)
@@ -93,22 +161,36 @@ def cmd_run(args) -> int:
     config = {"console": os.path.abspath(args.console) if args.console else None,
               "qmp": os.path.abspath(args.qmp) if args.qmp else None,
               "nets": args.net}
+    created = bool(config["console"]) and not os.path.exists(config["console"])
     console = open_console(config["console"])
-    if args.incoming:
-        return _run_incoming(args, config, console)
-    if not args.kernel:
-        raise VmmError("give the guest kernel with --kernel PATH (or --incoming to receive one)")
-    mconf = MachineConfig(kernel=args.kernel, memory=parse_size(args.memory),
-                          cmdline=args.cmdline, vcpus=args.vcpus, hugetlb=args.hugetlb,
-                          console=console, nets=args.net)
-    machine = Machine(mconf)
     try:
-        machine.create()
-        machine.boot()
+        if args.incoming:
+            return _run_incoming(args, config, console)
+        if not args.kernel:
+            raise VmmError("give the guest kernel with --kernel PATH (or --incoming to receive one)")
+        mconf = MachineConfig(kernel=args.kernel, memory=parse_size(args.memory),
+                              cmdline=args.cmdline, vcpus=args.vcpus, hugetlb=args.hugetlb,
+                              console=console, nets=args.net)
+        machine = Machine(mconf)
+        try:
+            machine.create()
+            machine.boot()
+        except BaseException:
+            machine.close()
+            raise
     except BaseException:
-        machine.close()
+        if created:     # a start-up error leaves no empty console file behind
+            _remove_if_empty(config["console"])
         raise
     return serve(machine, config, start=True)
+
+
+def _remove_if_empty(path: str) -> None:
+    try:
+        if os.path.getsize(path) == 0:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def _run_incoming(args, config, console) -> int:

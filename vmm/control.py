@@ -7,16 +7,15 @@ how a live update is started, reported and cancelled.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
+import time
 
 from .cpr import DOWNTIME_LIMIT_MS, resume_command
 from .cpr.timeline import timeline_info
 from .errors import VmmError
 
-# After a failure past the point of no return the old VMM still answers QMP (query-migrate:
-# failed, with error-desc) until quit, or for this long, then exits with status 1.
-LOST_LINGER_S = 10.0
 MAX_DOWNTIME_LIMIT_MS = 2_000_000   # QEMU's range: 0 to 2000 seconds
 
 
@@ -28,9 +27,12 @@ class Controller:
         self.config = config or {}
         self.emit = emit or (lambda name, data=None: None)
         self.on_exit = on_exit or (lambda code: None)
+        self.clients = lambda: 0   # how many QMP clients are connected (the monitor's count)
         self.params = {"mode": "normal", "cpr-exec-command": default_exec_command(),
                        "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 134217728,
                        "x-fault": []}
+        from .monitor import MIGRATION_CAPABILITY_NAMES   # (one list: QEMU 10's names)
+        self.capabilities = {name: False for name in MIGRATION_CAPABILITY_NAMES}
         self.migration = None
         self.extra_fds: dict[str, int] = {}
         self.status = "running"
@@ -60,6 +62,35 @@ class Controller:
         self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         self.on_exit(self.exit_code)
 
+    # -- the machine, in QEMU's shapes (qapi/machine.json, qapi/misc.json) ---------------------
+    def query_cpus_fast(self) -> list[dict]:
+        tids = vcpu_thread_ids()
+        return [{"cpu-index": i, "qom-path": f"/machine/unattached/device[{i}]",
+                 "thread-id": tids.get(i, os.getpid()), "target": "x86_64",
+                 "props": {"socket-id": 0, "die-id": 0, "module-id": 0, "core-id": i,
+                           "thread-id": 0}}
+                for i in range(len(self.machine.vcpus))]
+
+    def query_name(self) -> dict:
+        name = self.config.get("name")
+        return {"name": name} if name else {}
+
+    def query_kvm(self) -> dict:
+        return {"enabled": True, "present": True}
+
+    def query_memory_size_summary(self) -> dict:
+        return {"base-memory": self.machine.memory.size, "plugged-memory": 0}
+
+    def system_reset(self) -> None:
+        raise VmmError("pyvmm cannot reset a guest in place (the toy guests' PVH entry state, "
+                       "LAPIC, PIC and PIT would all have to be put back): quit it and start "
+                       "it again")
+
+    def system_powerdown(self) -> None:
+        """QEMU presses the ACPI power button; pyvmm's machine has no ACPI, so, as for a
+        QEMU guest without ACPI support, the request is made and the guest does not react."""
+        self.emit("POWERDOWN")
+
     # -- migration parameters -------------------------------------------------------------
     def set_migrate_parameters(self, params: dict) -> None:
         from .cpr.faults import parse
@@ -87,6 +118,22 @@ class Controller:
     def query_migrate_parameters(self) -> dict:
         return dict(self.params)
 
+    # -- migration capabilities (QEMU's MigrationCapabilityStatus list) ---------------------
+    def set_migrate_capabilities(self, caps: list[dict]) -> None:
+        """Only `events` does anything in pyvmm; turning another one on is refused
+        (a tool relying on it must not be told it is on), turning it off is a no-op."""
+        for cap in caps:
+            name, state = cap["capability"], cap["state"]
+            if state and name not in ("events",):
+                raise VmmError(f"pyvmm does not support the migration capability '{name}'")
+        if self.migration is not None and not self.migration.done.is_set():
+            raise VmmError("There's a migration process in progress")
+        for cap in caps:
+            self.capabilities[cap["capability"]] = cap["state"]
+
+    def query_migrate_capabilities(self) -> list[dict]:
+        return [{"capability": k, "state": v} for k, v in self.capabilities.items()]
+
     # -- live update --------------------------------------------------------------------------
     def migrate(self, main_addr: dict | None, cpr_addr: dict | None, detach: bool = True):
         """Check and set up the live update; returns the callable that starts it, which
@@ -103,6 +150,8 @@ class Controller:
                 raise VmmError("pyvmm only does CPR: first set the mode with "
                                "migrate-set-parameters mode=cpr-transfer or mode=cpr-exec")
             path = None
+            if mode == "cpr-exec":
+                check_exec_channel(main_addr)
             if mode == "cpr-transfer":
                 addr = cpr_addr or main_addr
                 if not addr or addr.get("transport") != "socket" or addr.get("type") != "unix":
@@ -112,7 +161,7 @@ class Controller:
             self.migration = Migration(
                 self.machine, mode, cpr_path=path,
                 exec_command=self.params["cpr-exec-command"],
-                faults=faults, emit=self._migration_event,
+                faults=faults, emit=self._migration_event, main_addr=main_addr,
                 extra_fds=self.extra_fds, config=self.config,
                 downtime_limit_ms=self.params["downtime-limit"])
         return threading.Thread(target=self._run_migration, name="migration", daemon=True).start
@@ -128,22 +177,28 @@ class Controller:
                 self.status = "running" if self.machine.running else "paused"
             elif status == "completed":
                 self.status = "postmigrate"
+            if not self.capabilities["events"]:   # QEMU: MIGRATION only with events on
+                return
         self.emit(name, data)
 
     def _run_migration(self) -> None:
         if self.migration.run():
+            # The guest left this process.  As QEMU's after cpr-transfer, this one stays
+            # in postmigrate (query-migrate says completed, or failed past "go"; cont is
+            # refused) while a QMP client is connected, until it sends quit; with nobody
+            # connected it exits (pyvmm's own tools and a shell's `wait` see the old VMM end).
             if self.migration.status != "completed":
                 self._failed_after_go()
-            self.on_exit(self.exit_code)  # the guest left this process: this one is done
+            while self.clients() > 0 and not self.machine.done:
+                time.sleep(0.05)
+            self.on_exit(self.exit_code)
 
     def _failed_after_go(self) -> None:
         """The guest left with "go", and the new VMM never said it runs it: a failure an
-        orchestrator must see (status 1, one line on stderr, query-migrate failed while
-        this process still answers, until quit or LOST_LINGER_S)."""
+        orchestrator must see (exit status 1, one line on stderr, query-migrate failed)."""
         self.exit_code = 1
         print(f"pyvmm: error: live update failed {self.migration.error}", file=sys.stderr,
               flush=True)
-        self.machine.wait(LOST_LINGER_S)
 
     def query_migrate(self) -> dict:
         if self.migration is not None:
@@ -165,6 +220,38 @@ class Controller:
     def query_state(self) -> dict:
         from .inspect import machine_summary
         return machine_summary(self.machine)
+
+
+def vcpu_thread_ids() -> dict[int, int]:
+    """{vCPU index: host thread id}, from the vCPU threads' names (vcpuN)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if comm.startswith("vcpu") and comm[4:].isdigit():
+            out[int(comm[4:])] = int(tid)
+    return out
+
+
+def check_exec_channel(addr: dict | None) -> None:
+    """cpr-exec's main channel: `exec:` (pyvmm's own: the state crosses the exec in a
+    memfd) or QEMU's recipe, `file:PATH` (the state crosses in the memfd too, and the
+    new image writes it to PATH once the guest runs: pyvmm's blob, not QEMU's stream).
+    Anything else would be silently ignored, so it is refused."""
+    if addr is None:
+        return
+    if addr.get("transport") == "file":
+        if addr.get("offset", 0) < 0:
+            raise VmmError("file: offset must not be negative")
+        return
+    if addr.get("transport") == "exec" and addr.get("args") in ([], ["/bin/sh", "-c", ""]):
+        return
+    raise VmmError("cpr-exec takes the state across the exec: give the migration URI "
+                   "'file:PATH' (written once the new image runs) or 'exec:', not "
+                   f"{addr.get('transport')}")
 
 
 def default_exec_command() -> list[str]:

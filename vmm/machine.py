@@ -18,6 +18,7 @@ from .state import StateError, require
 COM1_PORT, COM1_IRQ = 0x3F8, 4
 MSR_IA32_TSC = 0x10
 DEBUG_EXIT_PORT = 0xF4
+MAX_VCPUS = 64
 
 
 class MachineConfig:
@@ -83,8 +84,8 @@ class Machine:
     """A guest and everything that runs it."""
 
     def __init__(self, config: MachineConfig):
-        if config.vcpus < 1 or config.vcpus > 64:
-            raise VmmError(f"--vcpus {config.vcpus}: give between 1 and 64")
+        if config.vcpus < 1 or config.vcpus > MAX_VCPUS:
+            raise VmmError(f"--vcpus {config.vcpus}: give between 1 and {MAX_VCPUS}")
         self.config = config
         self.kvm = None
         self.vm = None

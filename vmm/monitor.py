@@ -358,6 +358,23 @@ def _check_faults(value, name):
     return _check_str_list(value, name)
 
 
+MIGRATION_CAPABILITY_NAMES = (
+    "xbzrle", "rdma-pin-all", "auto-converge", "events", "postcopy-ram", "x-colo",
+    "release-ram", "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps",
+    "postcopy-blocktime", "late-block-activate", "x-ignore-shared", "validate-uuid",
+    "background-snapshot", "zero-copy-send", "postcopy-preempt", "switchover-ack",
+    "dirty-limit", "mapped-ram")
+
+
+def _check_capabilities(value, name):
+    """migrate-set-capabilities: a list of MigrationCapabilityStatus."""
+    _check_type(value, list, name)
+    return [check_args(_check_type(cap, dict, f"{name}[{i}]"),
+                       {"capability": (MIGRATION_CAPABILITY_NAMES, True),
+                        "state": (bool, True)}, f"{name}[{i}].")
+            for i, cap in enumerate(value)]
+
+
 def _check_channels(value, name):
     _check_type(value, list, name)
     found = {}
@@ -465,9 +482,10 @@ class Monitor:
             if _someone_listens(path):
                 raise VmmError(f"monitor socket {path} is in use by a running process")
             os.unlink(path)
+        from .unix import bind_owner_only
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(path)
+            bind_owner_only(sock, path)   # 0600: QMP can run anything as us (docs/QMP.md)
             sock.listen(16)
         except OSError as e:
             sock.close()
@@ -487,6 +505,11 @@ class Monitor:
         if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
             sock.listen(16)
         return sock
+
+    def client_count(self) -> int:
+        """How many clients are connected now."""
+        with self._lock:
+            return sum(1 for c in self._clients if not c.closing)
 
     @property
     def listen_fd(self) -> int:
@@ -834,6 +857,13 @@ class Monitor:
                      needs="set_migrate_parameters"),
             _Command("query-migrate-parameters", lambda c, a: ctl().query_migrate_parameters(),
                      needs="query_migrate_parameters"),
+            _Command("migrate-set-capabilities",
+                     lambda c, a: ctl().set_migrate_capabilities(a["capabilities"]),
+                     {"capabilities": (_check_capabilities, True)},
+                     needs="set_migrate_capabilities"),
+            _Command("query-migrate-capabilities",
+                     lambda c, a: ctl().query_migrate_capabilities(),
+                     needs="query_migrate_capabilities"),
             _Command("migrate", self._migrate,
                      {"uri": (str, False), "channels": (_check_channels, False),
                       "detach": (bool, False), "resume": (bool, False)},
@@ -842,6 +872,16 @@ class Monitor:
             _Command("migrate_cancel", lambda c, a: ctl().migrate_cancel(),
                      needs="migrate_cancel"),
             _Command("x-query-state", lambda c, a: ctl().query_state(), needs="query_state"),
+            _Command("query-cpus-fast", lambda c, a: ctl().query_cpus_fast(),
+                     needs="query_cpus_fast"),
+            _Command("query-name", lambda c, a: ctl().query_name(), needs="query_name"),
+            _Command("query-kvm", lambda c, a: ctl().query_kvm(), needs="query_kvm"),
+            _Command("query-memory-size-summary",
+                     lambda c, a: ctl().query_memory_size_summary(),
+                     needs="query_memory_size_summary"),
+            _Command("system_reset", lambda c, a: ctl().system_reset(), needs="system_reset"),
+            _Command("system_powerdown", lambda c, a: ctl().system_powerdown(),
+                     needs="system_powerdown"),
         ]
         return {c.name: c for c in cmds}
 

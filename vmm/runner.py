@@ -7,8 +7,10 @@ after the guest runs.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+import time
 
 from .errors import VmmError
 
@@ -28,9 +30,73 @@ def open_console(path: str | None):
     return FdConsole(fd)
 
 
-def resume_after_exec(t_python: int | None = None) -> int:
+#: What a cpr-exec's new image takes from its command line; the rest (--kernel,
+#: --memory, --vcpus, --incoming ...) describes the machine, which comes from the state.
+EXEC_OPTIONS = ("--console", "--qmp")
+#: In a cpr-exec-command's dry run (before the stop), the entry point answers with this.
+CHECK_ENV = "PYVMM_CPR_EXEC_CHECK"
+CHECK_ANSWER = "pyvmm-cpr-exec-check:"
+
+
+def exec_overrides(argv: list[str]) -> dict:
+    """--console/--qmp from a cpr-exec image's command line (without argparse: this
+    runs inside the downtime), as absolute paths: {"console": ..., "qmp": ...}."""
+    out = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if name in EXEC_OPTIONS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise VmmError(f"{name} needs a value")
+                value = argv[i]
+            out[name[2:]] = os.path.abspath(value)
+        i += 1
+    return out
+
+
+def exec_entry(argv: list[str], t_python: int | None = None) -> int | None:
+    """The first thing every pyvmm entry point does (`pyvmm`, `python -m vmm`): in the
+    image a cpr-exec started (PYVMM_CPR_EXEC_STATE set) resume the guest, whatever
+    the rest of the command line says; in a cpr-exec-command's dry run, answer.
+    None: a plain start, go on to the CLI."""
+    if CHECK_ENV in os.environ:
+        return _answer_check(argv)
+    from .cpr import EXEC_STATE_ENV
+    if EXEC_STATE_ENV in os.environ:
+        return resume_after_exec(t_python, argv)
+    return None
+
+
+def _answer_check(argv: list[str]) -> int:
+    """The dry run of a cpr-exec-command: say who we are and what we would take over
+    with, or why we could not (the old VMM refuses the update before the stop)."""
+    try:
+        over = exec_overrides(argv)
+        if over.get("console"):
+            directory = os.path.dirname(over["console"])
+            if not os.access(directory, os.W_OK | os.X_OK) or (
+                    os.path.exists(over["console"]) and not os.access(over["console"], os.W_OK)):
+                raise VmmError(f"cannot open console file {over['console']}: not writable")
+        if over.get("qmp") and over["qmp"] != os.environ.get(CHECK_ENV):
+            from .monitor import _someone_listens
+            if os.path.exists(over["qmp"]) and _someone_listens(over["qmp"]):
+                raise VmmError(f"monitor socket {over['qmp']} is in use by a running process")
+    except VmmError as e:
+        print(f"{CHECK_ANSWER} error {e}")
+        return EXIT_VMM_ERROR
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fields = {"root": root, "python": os.path.realpath(sys.executable), **over}
+    print(CHECK_ANSWER, "ok", *(f"{k}={v}" for k, v in fields.items()))
+    return 0
+
+
+def resume_after_exec(t_python: int | None = None, argv: list[str] | None = None) -> int:
     """Entry point of the new image in cpr-exec (PYVMM_CPR_EXEC_STATE is set);
-    t_python: when the image ran its first line (CLOCK_MONOTONIC ns), for the trace."""
+    t_python: when the image ran its first line (CLOCK_MONOTONIC ns), for the trace;
+    argv: the image's command line, for a new --console or --qmp."""
     from .cpr.target import exec_resume
     # The guest runs again before this image has imported its monitor (~25 ms of
     # imports here, under the GIL): hand the GIL to the vCPU thread's exits every
@@ -38,14 +104,43 @@ def resume_after_exec(t_python: int | None = None) -> int:
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0002)
     try:
-        machine, config, fds = exec_resume(lambda cfg: open_console(cfg.get("console")),
-                                           t_python)
-        monitor = _start_monitor(config, machine, listen_fd=fds.pop("qmp", None))
+        try:
+            overrides = exec_overrides(argv or [])
+        except VmmError as e:   # (checked before the stop; never lose the guest over it)
+            print(f"pyvmm: live update: ignoring the command line: {e}", file=sys.stderr)
+            overrides = {}
+        machine, config, fds, old_qmp = exec_resume(
+            lambda cfg: open_console(cfg.get("console")), t_python, overrides)
+        monitor = _start_exec_monitor(config, machine, fds.pop("qmp", None), old_qmp)
         sys.setswitchinterval(interval)
+        from .cpr.target import write_state_file
+        write_state_file(machine)
         return serve(machine, config, monitor=monitor)
     except VmmError as e:
         print(f"pyvmm: error: live update failed in the new process: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
+
+
+def _start_exec_monitor(config, machine, listen_fd, old_path):
+    """After a cpr-exec: serve the inherited listening socket, or, when the command
+    line named another --qmp path, bind that one and let the old one go (if the new
+    path cannot be bound, keep serving the old one rather than lose the monitor)."""
+    if listen_fd is None or not old_path or config.get("qmp") == old_path:
+        return _start_monitor(config, machine, listen_fd=listen_fd)
+    try:
+        monitor = _start_monitor(config, machine)
+    except VmmError as e:
+        print(f"pyvmm: live update: {e}; the monitor stays on {old_path}", file=sys.stderr)
+        config["qmp"] = old_path
+        return _start_monitor(config, machine, listen_fd=listen_fd)
+    os.close(listen_fd)
+    from .monitor import _someone_listens
+    try:
+        if not _someone_listens(old_path):
+            os.unlink(old_path)
+    except OSError:
+        pass
+    return monitor
 
 
 def _start_monitor(config, machine, *, listen_fd=None, status="running"):
@@ -58,6 +153,7 @@ def _start_monitor(config, machine, *, listen_fd=None, status="running"):
     controller.status = status
     monitor = Monitor(config["qmp"], controller, listen_fd=listen_fd)
     controller.emit = monitor.emit
+    controller.clients = monitor.client_count
     monitor.start()
     return monitor, controller
 
@@ -87,6 +183,13 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
     import signal   # here, not at the top: the cpr-exec image resumes the guest first
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A background job (`pyvmm run ... &` in a shell with job control) must never be
+    # stopped by the terminal: reading it would raise SIGTTIN, writing it under
+    # `stty tostop` SIGTTOU, and a stopped VMM freezes its guest.  Ignored, a read
+    # fails with EIO and a write goes through; the stdin reader below reads the
+    # terminal only while pyvmm is in its foreground.
+    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
     start_stdin_reader(machine)
     try:
         if start:
@@ -111,14 +214,43 @@ def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
 
 
 def start_stdin_reader(machine) -> None:
-    """Feed pyvmm's stdin to the guest's serial port (the UART's receive side)."""
+    """Feed pyvmm's stdin to the guest's serial port (the UART's receive side).
+
+    From a terminal, input is read only while pyvmm's process group is the
+    terminal's foreground group: a VMM sent to the background (`&`, Ctrl-Z then
+    `bg`) leaves what the user types to the shell, and takes it again after `fg`.
+    """
     from .sync import Thread
+    try:
+        tty = os.isatty(0)
+    except OSError:
+        return
+
+    def in_foreground() -> bool:
+        try:
+            return os.tcgetpgrp(0) == os.getpgrp()
+        except OSError:
+            return False
 
     def pump():
+        import select
         while True:
+            if tty:
+                try:
+                    ready, _, _ = select.select([0], [], [], 0.25)
+                except (OSError, ValueError):
+                    return
+                if not ready:
+                    continue
+                if not in_foreground():
+                    time.sleep(0.25)     # the data is the shell's; look again later
+                    continue
             try:
                 data = os.read(0, 4096)
-            except OSError:
+            except OSError as e:
+                if tty and e.errno == errno.EIO:   # moved to the background meanwhile
+                    time.sleep(0.25)
+                    continue
                 return
             if not data:
                 return

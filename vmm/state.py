@@ -174,8 +174,12 @@ def _decode(buf: bytes):
     return value(0, 0)
 
 
-def loads(blob: bytes) -> dict:
-    """Check and decode a blob; raise StateError saying exactly what is wrong."""
+def loads(blob: bytes, schema: str | None = None) -> dict:
+    """Check and decode a blob; raise StateError saying exactly what is wrong.
+
+    With `schema` ("state": a live update's blob, "saved": a machine's own
+    save_state(); see vmm/schema.py), the decoded tree must also have every field
+    the restore code reads, of the type it expects, or it is refused naming it."""
     if len(blob) < HEADER.size:
         raise StateError(f"state blob is truncated ({len(blob)} bytes, the header alone is "
                          f"{HEADER.size})")
@@ -201,6 +205,9 @@ def loads(blob: bytes) -> dict:
         raise StateError("state blob is corrupt: bytes left over after the body")
     if not isinstance(state, dict):
         raise StateError("state blob is corrupt: the body is not a map")
+    if schema is not None:
+        from .schema import check
+        check(schema, state)
     return state
 
 
@@ -235,18 +242,20 @@ def encode_tree(obj):
     raise StateError(f"cannot send a {type(obj).__name__}")
 
 
-def decode_tree(obj):
+def decode_tree(obj, depth: int = 0):
     """The inverse of encode_tree, for a tree that json already parsed."""
     import binascii
+    if depth > MAX_DEPTH:
+        raise StateError("corrupt tree: it nests too deeply")
     if isinstance(obj, dict):
         if len(obj) == 1 and "__bytes__" in obj:
             try:
                 return binascii.a2b_base64(obj["__bytes__"], strict_mode=True)
             except (ValueError, TypeError, binascii.Error) as e:
                 raise StateError(f"corrupt bytes field ({e})") from None
-        return {k: decode_tree(v) for k, v in obj.items()}
+        return {k: decode_tree(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [decode_tree(v) for v in obj]
+        return [decode_tree(v, depth + 1) for v in obj]
     return obj
 
 

@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 
 from ..lab import WatchedProcess
+from ..errors import VmmError
+from ..memory import parse_size
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BUILD = ROOT / "guest" / "build"
@@ -669,11 +671,11 @@ def plots(records, out: Path) -> list[Path]:
         ax.set_xlabel("guest RAM")
         ax.set_title(f"pyvmm cpr-{mode}: downtime vs RAM (host view)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))   # beside the bars, never over them
     axes[0].set_ylabel("downtime, ms (log)")
     fig.tight_layout()
     p1 = out / "downtime_vs_ram.png"
-    fig.savefig(p1, dpi=110)
+    fig.savefig(p1, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     # One panel per mode, each on its own scale (cpr-exec's bars are ten times taller).
@@ -696,10 +698,10 @@ def plots(records, out: Path) -> list[Path]:
                       fontsize=8)
         ax.set_ylabel("ms (median of each phase)")
         ax.set_title(f"pyvmm cpr-{mode}: phases (host view, idle)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))   # beside the bars, never over them
     fig.tight_layout()
     p2 = out / "phases.png"
-    fig.savefig(p2, dpi=110)
+    fig.savefig(p2, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return [p1, p2]
 
@@ -725,7 +727,6 @@ def host_description() -> str:
 
 # -- the sweep ------------------------------------------------------------------------------
 def plan(args) -> tuple[list[tuple], list[str]]:
-    from ..memory import parse_size
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
     rams = args.ram.split(",")
@@ -762,22 +763,36 @@ def plan(args) -> tuple[list[tuple], list[str]]:
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="pyvmm bench downtime",
                                  description="CPR live-update downtime benchmark suite")
-    ap.add_argument("--sizes", default="256M,1G,4G,16G")
-    ap.add_argument("--modes", default="exec,transfer")
+    ap.add_argument("--sizes", default="256M,1G,4G,16G",
+                    help="guest RAM sizes, comma-separated (default 256M,1G,4G,16G)")
+    ap.add_argument("--modes", default="exec,transfer",
+                    help="exec and/or transfer, comma-separated (default both)")
     ap.add_argument("--ram", default="untouched,touched",
                     help="untouched (ticker) and/or touched (pattern guest, after pass 1)")
     ap.add_argument("--loads", default="idle,udp", help="idle and/or udp (netecho + 1 ms stream)")
     ap.add_argument("--baselines", default="naive,qemu", help="naive,qemu or none")
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--udp-reps", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=5, help="updates per configuration (default 5)")
+    ap.add_argument("--udp-reps", type=int, default=None,
+                    help="updates per UDP-load configuration (default: --reps)")
     ap.add_argument("--touched-max", default="4G", help="largest RAM size run touched")
     ap.add_argument("--naive-max", default="4G", help="largest RAM size for the naive baseline")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"), metavar="DIR",
+                    help="where results.json, the Markdown table and the plots go "
+                         "(default bench/results)")
     ap.add_argument("--quick", action="store_true",
                     help="256M and 1G, 2 reps, idle, one UDP-load run (< 2 minutes)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.udp_sizes = None
+    for size in args.sizes.split(","):
+        try:
+            parse_size(size)
+        except VmmError as e:
+            ap.exit(1, f"{ap.prog}: error: --sizes: {e}\n")
+    if not set(args.modes.split(",")) <= {"exec", "transfer"}:
+        ap.exit(1, f"{ap.prog}: error: --modes {args.modes!r}: use exec, transfer or both\n")
+    if args.reps < 1 or (args.udp_reps is not None and args.udp_reps < 1):
+        ap.exit(1, f"{ap.prog}: error: --reps and --udp-reps take a whole number above 0\n")
     if args.quick:
         args.sizes, args.reps = "256M,1G", 2
         args.udp_sizes, args.udp_reps = [256 * MiB], 1

@@ -35,9 +35,10 @@ def resume_command() -> list[str]:
     """What a cpr-exec runs by default: this interpreter, isolated (-I: no PYTHON*
     variables, no user site) and without site (-S: its .pth files cost ~40 ms here),
     straight into the resume path (no runpy), with this process's module search path
-    written into the command itself."""
+    written into the command itself.  Arguments after it (--console, --qmp) are the new
+    image's (vmm.runner.exec_overrides)."""
     import sys
     snippet = ("import time, sys; t = time.clock_gettime_ns(time.CLOCK_MONOTONIC); "
                f"sys.path[:0] = {search_path()!r}; "
-               "import vmm.runner as r; raise SystemExit(r.resume_after_exec(t))")
+               "import vmm.runner as r; raise SystemExit(r.resume_after_exec(t, sys.argv[1:]))")
     return [sys.executable, "-I", "-S", "-c", snippet]

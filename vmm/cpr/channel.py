@@ -17,6 +17,7 @@ PROTOCOL = "pyvmm-cpr"
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 64
+HELLO_TIMEOUT = 10.0   # a peer that connects says hello at once (the new VMM waits for it)
 
 
 class ChannelError(VmmError):
@@ -69,23 +70,14 @@ class Channel:
             for fd in fds:
                 os.close(fd)
             raise ChannelError("the other pyvmm closed the connection")
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            for fd in fds:
-                os.close(fd)
-            raise ChannelError("cpr message truncated")
         try:
-            msg = json.loads(data)
-        except ValueError:
-            msg = None
-        if not isinstance(msg, dict) or not isinstance(msg.get("msg"), str):
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise ChannelError("cpr message truncated")
+            return parse(data), fds
+        except ChannelError:
             for fd in fds:
                 os.close(fd)
-            raise ChannelError("garbage on the cpr channel: not a pyvmm live update peer")
-        if msg["msg"] == "error":
-            for fd in fds:
-                os.close(fd)
-            raise ChannelError(f"the other pyvmm failed: {msg.get('desc', 'unknown error')}")
-        return msg, fds
+            raise
 
     def expect(self, name: str, timeout: float | None = None) -> tuple[dict, list[int]]:
         msg, fds = self.recv(timeout)
@@ -102,15 +94,92 @@ class Channel:
             pass
 
 
+def parse(data: bytes) -> dict:
+    """One message as received: a JSON map with a string "msg"; an "error" from the
+    other side becomes a ChannelError with its description."""
+    try:
+        msg = json.loads(data)
+    except (ValueError, RecursionError):
+        msg = None
+    if not isinstance(msg, dict) or not isinstance(msg.get("msg"), str):
+        raise ChannelError("garbage on the cpr channel: not a pyvmm live update peer")
+    if msg["msg"] == "error":
+        desc = str(msg.get("desc", "unknown error"))[:500]
+        raise ChannelError(f"the other pyvmm failed: {desc}")
+    return msg
+
+
+def check_hello(msg: dict, fds: list[int]) -> dict:
+    """The machine shape a `hello` (and its one fd, the RAM memfd) asks for, checked
+    whole against vmm/schema.py; ChannelError/StateError saying what is wrong."""
+    from .. import state as state_format
+    from ..schema import check
+    if msg.get("protocol") != PROTOCOL:
+        raise ChannelError("the peer is not a pyvmm live update")
+    if msg.get("version") != PROTOCOL_VERSION:
+        raise ChannelError(f"the old pyvmm speaks live-update protocol "
+                           f"{str(msg.get('version'))[:20]}, this one {PROTOCOL_VERSION}")
+    check("hello", msg)
+    if len(fds) != 1:
+        raise ChannelError(f"expected the RAM memfd, got {len(fds)} fds")
+    return check("shape", state_format.decode_tree(msg["shape"]))
+
+
+def accept(listener: socket.socket, check, *, timeout: float = HELLO_TIMEOUT, log=None):
+    """Wait for the old VMM: (channel, hello, its fds, check(hello, fds)).
+
+    A peer of another user (SO_PEERCRED: not ours, not root) is closed on before
+    anything is read from it (its fds never enter this process); one of ours that
+    closes, sends nothing within `timeout`, sends garbage or a `hello` that `check`
+    refuses is told why.  Each costs one line to `log` and we go on listening."""
+    from .. import unix
+    log = log or _log_stderr
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError as e:
+            raise ChannelError(f"cannot accept on the cpr socket: {e.strerror}") from None
+        channel = Channel(conn)
+        pid, uid, _ = unix.peer_cred(conn)
+        who = f"process {pid} (uid {uid})"
+        why = unix.stranger(pid, uid)
+        if why:
+            channel.close()
+            log(f"pyvmm: cpr socket: refused {who}: not this pyvmm's user ({why}); "
+                "still waiting")
+            continue
+        try:
+            msg, fds = channel.expect("hello", timeout)
+            try:
+                return channel, msg, fds, check(msg, fds)
+            except Exception:
+                for fd in fds:
+                    os.close(fd)
+                raise
+        except VmmError as e:
+            try:
+                channel.send({"msg": "error", "desc": str(e)})
+            except VmmError:
+                pass
+            channel.close()
+            log(f"pyvmm: cpr socket: refused {who}: {e}; still waiting")
+
+
+def _log_stderr(line: str) -> None:
+    import sys
+    print(line, file=sys.stderr, flush=True)
+
+
 def listen(path: str) -> socket.socket:
-    """The new VMM's end: a listening SEQPACKET socket at path."""
+    """The new VMM's end: a listening SEQPACKET socket at path, mode 0600."""
+    from ..unix import bind_owner_only
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        s.bind(path)
+        bind_owner_only(s, path)
     except OSError as e:
         s.close()
         raise ChannelError(f"cannot listen on {path}: {e.strerror}") from None

@@ -75,6 +75,64 @@ def _byte_compile() -> None:
                 pass
 
 
+CHECK_TIMEOUT = 30.0
+
+
+def find_program(name: str) -> str:
+    """What execve will run for argv[0] (searched in PATH if it has no slash, as
+    QEMU's execvp would), or a VmmError saying why nothing would run."""
+    import shutil
+    path = name if "/" in name else shutil.which(name)
+    if not path or not os.path.exists(path):
+        raise VmmError(f"cpr-exec-command: {name!r} not found" +
+                       ("" if "/" in name else " in PATH"))
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise VmmError(f"cpr-exec-command: {path} is not an executable file")
+    return path
+
+
+def check_exec_command(command: list[str], env: dict, qmp_path: str | None) -> list[str]:
+    """Before the stop: will this command take the guest over after the exec?
+
+    After an exec there is no old image to return to, so a command that is not
+    a pyvmm (or a wrapper that execs one) would lose the guest.  Dry-run it with
+    PYVMM_CPR_EXEC_CHECK set: every pyvmm entry point (vmm.runner.exec_entry)
+    answers with its package root, its interpreter and the --console/--qmp it
+    would take, or why it could not; anything else is refused here, with the
+    guest still running.  When the answer is this very installation, what is
+    exec'd is pyvmm's lean resume command with those arguments (the same code,
+    without `site` and with the VM prebuilt: every millisecond there is downtime);
+    otherwise (another pyvmm: an upgrade) the command as given."""
+    import subprocess
+    from ..runner import CHECK_ANSWER, CHECK_ENV
+    program = find_program(command[0])
+    try:
+        r = subprocess.run([program] + command[1:], env=dict(env, **{CHECK_ENV: qmp_path or "-"}),
+                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=CHECK_TIMEOUT, errors="replace")
+    except subprocess.TimeoutExpired:
+        raise VmmError(f"cpr-exec-command {command[0]!r} is not a pyvmm: its dry run did not "
+                       f"answer within {CHECK_TIMEOUT:.0f} s; the guest was not stopped") from None
+    except OSError as e:
+        raise VmmError(f"cannot run cpr-exec-command {program}: {e.strerror}") from None
+    answer = [line.split() for line in r.stdout.splitlines() if line.startswith(CHECK_ANSWER)]
+    if not answer:
+        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise VmmError(f"cpr-exec-command {command[0]!r} is not a pyvmm that can take the guest "
+                       f"over (its dry run gave no answer; {why[:200]}); the guest was not "
+                       "stopped")
+    words = answer[-1]
+    if words[1] != "ok":
+        raise VmmError(f"cpr-exec-command {command[0]!r} cannot take the guest over: "
+                       f"{' '.join(words[2:])}; the guest was not stopped")
+    fields = dict(w.partition("=")[::2] for w in words[2:])
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if fields.get("root") == here and fields.get("python") == os.path.realpath(sys.executable):
+        args = [a for k in ("console", "qmp") if k in fields for a in (f"--{k}", fields[k])]
+        return resume_command() + args
+    return [program] + command[1:]
+
+
 class Cancelled(VmmError):
     """migrate_cancel arrived before the point of no return."""
 
@@ -85,7 +143,8 @@ class Migration:
     def __init__(self, machine, mode: str, *, cpr_path: str | None = None,
                  exec_command: list[str] | None = None, faults=(), emit=None,
                  extra_fds: dict[str, int] | None = None, config: dict | None = None,
-                 trace=None, downtime_limit_ms: int = DOWNTIME_LIMIT_MS):
+                 trace=None, main_addr: dict | None = None,
+                 downtime_limit_ms: int = DOWNTIME_LIMIT_MS):
         if mode not in ("cpr-transfer", "cpr-exec"):
             raise VmmError(f"migration mode {mode!r} is not supported: use cpr-transfer or "
                            "cpr-exec")
@@ -108,6 +167,12 @@ class Migration:
         except ValueError:
             raise VmmError(f"{RUNNING_TIMEOUT_ENV} must be a number of seconds") from None
         self.committed = False   # "go" sent: the guest is the new VMM's, whatever happens
+        # cpr-exec with QEMU's `file:PATH`: the new image writes the state there (off
+        # the downtime; the state itself crosses the exec in a memfd)
+        self.state_file = None
+        if mode == "cpr-exec" and main_addr and main_addr.get("transport") == "file":
+            self.state_file = [os.path.abspath(main_addr["filename"]),
+                               main_addr.get("offset", 0)]
         self.timeline = Timeline()
         self.status = "none"
         self.error: str | None = None
@@ -179,11 +244,12 @@ class Migration:
                 return self._failed(e, stopped=False)
 
         # (1) stop: from here on, any failure resumes the guest.
-        was_running = m.running
+        was_running = self.was_running = m.running   # a paused guest stays paused (QEMU)
         self._set_status("active")
         self._mark("stop")
         m.pause()
-        self.emit("STOP")
+        if was_running:
+            self.emit("STOP")
         try:
             self._mark("quiesce")
             m.quiesce_devices()
@@ -222,16 +288,23 @@ class Migration:
         os.close(state_format.to_memfd(state_format.dumps(fake)))
 
     def _prepare_exec(self) -> None:
-        """Before the stop: the holder that keeps the old VM and mm out of execve, the new
-        image's environment and (when exec'ing our own resume command) its prebuild request."""
+        """Before the stop: check the command, the holder that keeps the old VM and mm out
+        of execve, the new image's environment and (when exec'ing our own resume
+        command) its prebuild request."""
         from .holder import Holder
         m = self.machine
+        # The new image's environment, all but the state memfd's number and the time
+        # (PYTHONPATH: for a command on this interpreter like `python -S -m vmm`).
+        self.exec_env = dict(os.environ)
+        if os.path.realpath(find_program(self.exec_command[0])) == \
+                os.path.realpath(sys.executable):
+            self.exec_env["PYTHONPATH"] = os.pathsep.join(search_path())
+        if self.exec_command != resume_command():
+            self.exec_command = check_exec_command(self.exec_command, self.exec_env,
+                                                   self.config.get("qmp"))
         _byte_compile()
         self.holder = Holder(m.kvm_fds())
-        # The new image's environment, all but the state memfd's number and the time
-        # (PYTHONPATH: for a cpr-exec-command like `python -S -m vmm`).
-        self.exec_env = dict(os.environ, PYTHONPATH=os.pathsep.join(search_path()))
-        if self.exec_command == resume_command():
+        if self.exec_command[:len(resume_command())] == resume_command():
             from . import prebuild
             self.prebuild_fd = prebuild.request(m.memory, len(m.vcpus))
             if self.prebuild_fd >= 0:
@@ -253,7 +326,10 @@ class Migration:
         state["cpr"] = {"mode": self.mode, "timeline": self.timeline.marks,
                         "steps": self.timeline.steps,
                         "fds": fds, "config": self.config,
-                        "faults": self.faults.for_target()}
+                        "faults": self.faults.for_target(),
+                        "running": self.was_running}
+        if self.state_file:
+            state["cpr"]["file"] = self.state_file
         return state_format.dumps(state)
 
     def _transfer(self, blob: bytes, fds: dict[str, int]) -> None:

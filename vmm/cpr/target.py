@@ -79,28 +79,20 @@ class Incoming:
         self.faults = Faults()
 
     def prepare(self) -> None:
-        """Accept the old VMM and build the VM on its RAM (before it stops the guest)."""
-        from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError
-        conn, _ = self.listener.accept()
+        """Accept the old VMM and build the VM on its RAM (before it stops the guest).
+        Peers refused before that (another user, garbage, a bad hello) cost a line on
+        stderr each, and we go on listening (channel.accept)."""
+        from .channel import accept, check_hello
+        self.channel, msg, fds, shape = accept(self.listener, check_hello)
         self.listener.close()
         try:
             os.unlink(self.path)
         except OSError:
             pass
-        self.channel = Channel(conn)
-        msg, fds = self.channel.expect("hello")
         try:
-            if msg.get("protocol") != PROTOCOL:
-                raise ChannelError("the peer is not a pyvmm live update")
-            if msg.get("version") != PROTOCOL_VERSION:
-                raise ChannelError(f"the old pyvmm speaks live-update protocol "
-                                   f"{msg.get('version')}, this one {PROTOCOL_VERSION}")
             self.faults = Faults(msg.get("faults", ()))
             self.faults.check("target-prepare")
             self.faults.delay("target-slow-prepare")
-            if len(fds) != 1:
-                raise ChannelError(f"expected the RAM memfd, got {len(fds)} fds")
-            shape = state_format.decode_tree(msg["shape"])
             self.config = msg.get("config", {})
             self.machine = build_machine(shape, fds[0], self.config, self.console)
             # Run the blob decoder and the state writers once now, on the empty VM (its
@@ -120,12 +112,17 @@ class Incoming:
         self.faults.crash("target-crash-before-fds")
         msg, fds = self.channel.expect("state", timeout=None)
         self.timeline.mark("restore")
-        names = msg.get("fds", [])
-        if len(names) != len(fds) or not names or names[0] != "state":
+        try:
+            from ..schema import check
+            names = check("state-msg", msg)["fds"]
+            if len(names) != len(fds) or not names or names[0] != "state" or \
+                    len(set(names)) != len(names):
+                raise ChannelError("fd list does not match the fds received")
+        except VmmError as e:
             for fd in fds:
                 _close(fd)
-            self._refuse(ChannelError("fd list does not match the fds received"))
-            raise ChannelError("fd list does not match the fds received")
+            self._refuse(e)
+            raise
         by_name = dict(zip(names, fds))
         # What the old VMM still runs at the moment its fds reach us (the order test
         # checks that no device data-path thread is among them).  Reading /proc costs
@@ -136,7 +133,7 @@ class Incoming:
         try:
             state_fd = by_name.pop("state")
             try:
-                state = state_format.loads(read_memfd(state_fd))
+                state = state_format.loads(read_memfd(state_fd), "state")
             finally:
                 os.close(state_fd)
             self.timeline.step("new: state blob loaded")
@@ -156,8 +153,11 @@ class Incoming:
         self.timeline.steps += [list(s) for s in go.get("steps", [])
                                 if isinstance(s, list) and len(s) == 2]
         self.machine.resume_devices()
-        self.machine.resume()
-        self.timeline.mark("resume", self.machine.wait_entered())
+        if state["cpr"].get("running", True):   # a guest paused in the old VMM stays paused
+            self.machine.resume()
+            self.timeline.mark("resume", self.machine.wait_entered())
+        else:
+            self.timeline.mark("resume")
         self.faults.delay("target-slow-running")
         # Past "go" this process owns the guest, whatever became of the old one (killed,
         # or gave up waiting while we were stopped): a broken channel is worth a line,
@@ -185,11 +185,9 @@ class Incoming:
 
 def peer_threads(sock) -> list[str]:
     """Thread names of the process at the other end of a unix socket (SO_PEERCRED)."""
-    import socket
-    import struct
+    from ..unix import peer_cred
     try:
-        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid = struct.unpack("3i", cred)[0]
+        pid = peer_cred(sock)[0]
         names = []
         for tid in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
@@ -199,8 +197,12 @@ def peer_threads(sock) -> list[str]:
         return []
 
 
-def exec_resume(console_factory=None, t_python: int | None = None):
+def exec_resume(console_factory=None, t_python: int | None = None,
+                overrides: dict | None = None):
     """cpr-exec target: rebuild the machine from the state memfd named in the environment.
+
+    overrides: what this image's command line changes in the saved config
+    (--console, --qmp).  Returns (machine, config, kept fds, the old QMP path).
 
     There is no old process to fall back to after an exec, so if the restore
     fails here (before any device was started) we exec once more, with the
@@ -217,13 +219,14 @@ def exec_resume(console_factory=None, t_python: int | None = None):
     timeline.step("new image: resume path imported", t_start)
     os.set_inheritable(fd, False)
     blob = read_memfd(fd)
-    state = state_format.loads(blob)
+    state = state_format.loads(blob, "state")
     cpr = state["cpr"]
     all_fds = {name: int(n) for name, n in cpr["fds"].items()}
     for n in all_fds.values():
         os.set_inheritable(n, False)   # received fds never leak into a later exec
     fds = dict(all_fds)
-    config = cpr.get("config", {})
+    old_qmp = cpr.get("config", {}).get("qmp")
+    config = dict(cpr.get("config", {}), **(overrides or {}))
     console = console_factory(config) if console_factory else None
     faults = Faults(() if fallback else cpr.get("faults", ()))
     timeline.step("state blob loaded")
@@ -246,20 +249,44 @@ def exec_resume(console_factory=None, t_python: int | None = None):
             os.set_inheritable(n, True)
         env = dict(os.environ, **{EXEC_STATE_ENV: str(fd), EXEC_T_ENV: str(t_transfer),
                                   FALLBACK_ENV: "1"})
-        cmd = resume_command()
+        cmd = resume_command() + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
         os.execve(cmd[0], cmd, env)
     os.close(fd)
     machine.start(paused=True)
     machine.resume_devices()
-    machine.resume()
+    running = cpr.get("running", True)   # a guest paused in the old image stays paused
+    if running:
+        machine.resume()
     timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
     timeline.steps = cpr.get("steps", []) + timeline.steps
-    timeline.mark("resume", machine.wait_entered())
+    timeline.mark("resume", machine.wait_entered() if running else None)
     from .holder import release
     release(os.environ.pop(HOLDER_ENV, None))
     machine.cpr_timeline = timeline
     machine.cpr_mode = "cpr-exec"
-    return machine, config, kept
+    if cpr.get("file"):
+        machine.cpr_state_file = (cpr["file"][0], cpr["file"][1], blob)
+    return machine, config, kept, old_qmp
+
+
+def write_state_file(machine) -> None:
+    """QEMU's `migrate uri=file:PATH` recipe: the state the update carried, written to
+    PATH once the guest runs (pyvmm's blob; `python -m vmm.state PATH` prints it)."""
+    path, offset, blob = getattr(machine, "cpr_state_file", None) or (None, 0, b"")
+    if path is None:
+        return
+    machine.cpr_state_file = None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, blob, offset)
+            os.ftruncate(fd, offset + len(blob))
+        finally:
+            os.close(fd)
+    except OSError as e:
+        import sys
+        print(f"pyvmm: live update: cannot write the state to {path}: {e.strerror}",
+              file=sys.stderr)
 
 
 def _take_prebuilt(shape: dict, ram_fd: int, timeline):

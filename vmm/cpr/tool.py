@@ -25,8 +25,10 @@ def cmd_cpr(args) -> int:
     if args.fault:
         params["x-fault"] = args.fault.split(",")
     client = QmpClient(args.socket, timeout=args.timeout)
+    started = False
     try:
         client.execute("migrate-set-parameters", **params)
+        started = True   # (from here on the VMM may have begun: Ctrl-C does not stop it)
         if mode == "cpr-transfer":
             addr = {"transport": "socket", "type": "unix", "path": args.uri}
             client.execute("migrate", channels=[{"channel-type": "main", "addr": addr},
@@ -36,6 +38,13 @@ def cmd_cpr(args) -> int:
         info = _wait_for_result(client, args.timeout)
     except QmpError as e:
         raise VmmError(f"the VMM refused: {e}") from None
+    except KeyboardInterrupt:
+        if started:
+            where = args.socket if mode == "cpr-exec" else f"{args.socket} (or the new VMM's)"
+            print(f"pyvmm: interrupted; the live update goes on in the VMM: see its outcome "
+                  f"with `pyvmm state --socket {where}` or QMP query-migrate "
+                  "(migrate_cancel stops it before the point of no return)", file=sys.stderr)
+        raise
     finally:
         client.close()
 

@@ -14,6 +14,7 @@ import os
 
 from ..errors import KvmError
 from .ffi import SharedMapping, ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
+from .system import MAX_CPUID_ENTRIES
 
 # Timing leaf (as QEMU and VMware expose it): EAX = TSC kHz, EBX = APIC bus kHz.
 CPUID_TIMING_LEAF = 0x4000_0010
@@ -50,6 +51,24 @@ def advance_msr(raw: bytes, index: int, delta: int) -> bytes:
             value = (int.from_bytes(out[off + 8:off + 16], "little") + delta) % (1 << 64)
             out[off + 8:off + 16] = value.to_bytes(8, "little")
     return bytes(out)
+
+
+CPUID_HEADER_SIZE = ffi.sizeof("struct kvm_cpuid2")
+CPUID_ENTRY_SIZE = ffi.sizeof("struct kvm_cpuid_entry2")
+
+
+def cpuid_bytes_problem(data) -> str | None:
+    """Why `data` is not a struct kvm_cpuid2 with its entries, exactly (None if it is).
+    It sizes a C allocation: its length must be the one its `nent` implies."""
+    if not isinstance(data, bytes) or len(data) < CPUID_HEADER_SIZE:
+        return "not a struct kvm_cpuid2"
+    nent = int.from_bytes(data[:4], "little")
+    if nent > MAX_CPUID_ENTRIES:
+        return f"{nent} entries, at most {MAX_CPUID_ENTRIES}"
+    if len(data) != CPUID_HEADER_SIZE + nent * CPUID_ENTRY_SIZE:
+        return (f"{len(data)} bytes for {nent} entries (expected "
+                f"{CPUID_HEADER_SIZE + nent * CPUID_ENTRY_SIZE})")
+    return None
 
 
 class Vcpu:
@@ -109,9 +128,12 @@ class Vcpu:
 
     def set_cpuid_bytes(self, data: bytes) -> None:
         """Set CPUID from bytes saved by setup_cpuid (a live update keeps the CPU model)."""
+        problem = cpuid_bytes_problem(data)
+        if problem:
+            raise KvmError(f"saved CPUID of vCPU {self.index}: {problem}")
         nent = int.from_bytes(data[:4], "little")
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
-        ffi.buffer(cpuid, len(data))[:] = data
+        ffi.buffer(cpuid, len(data))[:] = data   # exactly the allocation's size (checked)
         ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid, what="SET_CPUID2")
         self.cpuid_bytes = data
 

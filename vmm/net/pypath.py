@@ -16,9 +16,21 @@ the rings are left alone, and a config interrupt tells the transport to show
 DEVICE_NEEDS_RESET.
 
 It is several times slower than the C path (the GIL, an interpreter loop per
-frame) and is kept for comparison benchmarks and for reading.  Ordering of
-ring updates relies on x86's store ordering plus the GIL, like a C path would
-rely on explicit barriers.
+frame) and is kept for comparison benchmarks and for reading.
+
+Memory ordering, as vnet.c does it with atomics:
+- Every field the guest reads while we write it (used->idx, used->flags,
+  avail_event, a used element) is written with ONE store, through typed
+  memoryviews (`mv16[i] = v` is a single 16-bit store).  Not struct.pack_into:
+  it zero-fills its destination before writing the value, so a guest polling
+  used->idx sees 0 for an instant, takes (0 - last_used) mod 65536 stale
+  entries for new frames, echoes them again and reposts buffers it does not
+  own (that was the "TX ahead of RX" bug under load; see docs/BENCHMARKS.md).
+- x86 keeps stores in order and loads in order, but lets a load pass an older
+  store: after arming a notification (avail_event) and before re-reading
+  avail->idx, and after publishing used->idx and before reading used_event,
+  a full barrier is needed (_fence) or the device and the driver can each
+  miss the other's update and both wait (a stall).
 """
 
 from __future__ import annotations
@@ -35,12 +47,6 @@ RX, TX = 0, 1
 NQUEUES = 2
 
 DESC = struct.Struct("<QIHH")
-# Ring indices are shared with the guest while it runs: read and write them in one
-# 16-bit access.  struct's "<H" goes byte by byte, so the guest (or we) could see a
-# torn index (0x00ff -> 0x01ff) and walk the whole ring again; native "@H" is a
-# single load/store on x86, whose byte order is the ring's (little-endian).
-U16 = struct.Struct("@H")
-USED_ELEM = struct.Struct("<II")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
@@ -55,6 +61,16 @@ SCRATCH = 1 << 17              # catches the tail of a frame larger than the buf
 
 class ChainError(Exception):
     """The guest handed over something the device must not touch."""
+
+
+_barrier = threading.Lock()
+
+
+def _fence() -> None:
+    """A full memory barrier: taking and dropping a lock is a locked instruction on x86
+    (what __atomic_thread_fence(__ATOMIC_SEQ_CST) gives vnet.c)."""
+    _barrier.acquire()
+    _barrier.release()
 
 
 class _MemTable:
@@ -80,23 +96,26 @@ class Ring:
         self.view = view
         self.num = num
         self.desc = view(desc, 16 * num)
-        self.avail = view(avail, 6 + 2 * num)
-        self.used = view(used, 6 + 8 * num)
+        # u16/u32 views: one load or store per field (little-endian x86 = the ring's order).
+        # avail: flags, idx, ring[num], used_event; used: flags, idx, {id, len}[num], avail_event
+        self.avail = view(avail, 6 + 2 * num).cast("H")
+        self.used = view(used, 6 + 8 * num).cast("H")
+        self.elems = view(used + 4, 8 * num).cast("I")
         self.event_idx = bool(features >> F_EVENT_IDX & 1)
         self.indirect = bool(features >> F_INDIRECT_DESC & 1)
         self.last_avail = base
-        self.used_idx = U16.unpack_from(self.used, 2)[0]  # the used ring lives in guest RAM
+        self.used_idx = self.used[1]  # the used ring lives in guest RAM
         self.signalled_used = self.used_idx
 
     # -- the available ring ------------------------------------------------------------
     def pending(self) -> int:
-        n = (U16.unpack_from(self.avail, 2)[0] - self.last_avail) & 0xFFFF
+        n = (self.avail[1] - self.last_avail) & 0xFFFF
         if n > self.num:
             raise ChainError(f"avail index ran {n} entries ahead of a {self.num}-entry ring")
         return n
 
     def pop(self) -> int:
-        head = U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0]
+        head = self.avail[2 + self.last_avail % self.num]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return head
 
@@ -146,29 +165,36 @@ class Ring:
 
     # -- the used ring ------------------------------------------------------------------
     def push(self, head: int, length: int) -> None:
-        USED_ELEM.pack_into(self.used, 4 + 8 * (self.used_idx % self.num), head, length)
+        slot = 2 * (self.used_idx % self.num)
+        self.elems[slot] = head
+        self.elems[slot + 1] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
     def publish(self) -> None:
-        U16.pack_into(self.used, 2, self.used_idx)
+        self.used[1] = self.used_idx   # after the elements (x86 keeps stores in order)
 
     def notifications(self, on: bool) -> None:
-        """Ask the driver to kick (on) or not; with EVENT_IDX, kick at the next new entry."""
+        """Ask the driver to kick (on) or not; with EVENT_IDX, kick at the next new entry.
+        Turning them on is followed by a barrier: the caller re-reads avail->idx next."""
         if self.event_idx:
             if on:
-                U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
+                self.used[2 + 4 * self.num] = self.last_avail
+                _fence()
         else:
-            U16.pack_into(self.used, 0, 0 if on else USED_F_NO_NOTIFY)
+            self.used[0] = 0 if on else USED_F_NO_NOTIFY
+            if on:
+                _fence()
 
     def needs_interrupt(self) -> bool:
         old, new = self.signalled_used, self.used_idx
         if old == new:
             return False
         self.signalled_used = new
+        _fence()                       # used->idx out before used_event / flags are read
         if self.event_idx:
-            event = U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
+            event = self.avail[2 + self.num]
             return (new - event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT
+        return not self.avail[0] & AVAIL_F_NO_INTERRUPT
 
 
 class _Vring:
@@ -261,6 +287,7 @@ class PyNetBackend:
         self._need_owner()
         if hdr_len != 12:
             raise DeviceError(f"vnet header of {hdr_len} bytes: pyvmm uses 12 (VERSION_1)")
+        os.set_blocking(tap_fd, False)   # as vnet.c: the thread must never sleep in readv
         self._tap, self._hdr_len = tap_fd, hdr_len
 
     def start(self) -> None:
@@ -466,7 +493,7 @@ class PyNetBackend:
             left -= used[-1][2]
         ring.unpop(len(chains) - len(used))
         # num_buffers (header bytes 10-11): the tap leaves them alone, so always write them.
-        _scatter([s for _, segs, _ in used for s in segs], U16.pack(len(used)), offset=10)
+        _scatter([s for _, segs, _ in used for s in segs], len(used).to_bytes(2, "little"), offset=10)
         for head, _, length in used:
             ring.push(head, length)
         self._stats["rx_packets"] += 1

@@ -1,0 +1,41 @@
+"""Unix sockets only their owner can reach: the QMP and cpr-transfer sockets.
+
+Whoever can connect to the QMP socket can run any command as this VMM's user
+(`cpr-exec-command`, as in QEMU), and whoever can connect to a waiting cpr
+socket can hand it a guest.  So both are created mode 0600, whatever the
+umask, with no moment where they are more open, and the cpr socket also checks
+its peer's credentials (a socket moved, re-moded or inherited elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+OWNER_ONLY = 0o600
+
+
+def bind_owner_only(sock: socket.socket, path: str) -> None:
+    """bind() `sock` at `path` as a node of mode 0600.
+
+    On Linux the node takes the mode of the socket's own inode (masked by the
+    umask), so fchmod'ing the still unbound socket makes the node 0600 from the
+    instant it exists: no window where another user could connect."""
+    os.fchmod(sock.fileno(), OWNER_ONLY)
+    sock.bind(path)
+    if os.stat(path).st_mode & 0o077:   # (another kernel that ignores the inode's mode)
+        os.chmod(path, OWNER_ONLY)      # still before listen(): nobody can connect yet
+
+
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED: as it was at connect)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def stranger(pid: int, uid: int) -> str | None:
+    """Why a peer (peer_cred) may not use this VMM (another user, not root), or None."""
+    if uid in (os.geteuid(), 0):
+        return None
+    return f"process {pid} runs as uid {uid}, this pyvmm as uid {os.geteuid()}"
