@@ -85,8 +85,9 @@ def _parser() -> argparse.ArgumentParser:
                           "pyvmm creates, bare `tap`), or an open tap fd; backend=c (the C "
                           "data path, default), python, or vhost (/dev/vhost-net)")
     run.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on unix socket PATH")
-    run.add_argument("--incoming", metavar="cpr-transfer:PATH",
-                     help="wait for a live update from another pyvmm on unix socket PATH")
+    run.add_argument("--incoming", action="append", metavar="cpr-transfer:PATH",
+                     help="wait for a live update from another pyvmm on unix socket PATH "
+                          "(or QEMU's forms: a JSON channel, unix:PATH, defer; docs/CPR.md)")
 
     cpr = sub.add_parser("cpr", help="live-update a running pyvmm through its QMP socket")
     cpr.add_argument("--mode", choices=["exec", "transfer"], required=True,
@@ -194,20 +195,61 @@ def _remove_if_empty(path: str) -> None:
 
 
 def _run_incoming(args, config, console) -> int:
-    from .cpr.target import Incoming
+    """Wait for a live update (cpr-transfer), then run the guest it brings."""
+    import signal
+    from .cpr.target import Incoming, IncomingAborted, parse_incoming
 
-    kind, _, path = args.incoming.partition(":")
-    if kind != "cpr-transfer" or not path:
-        raise VmmError(f"--incoming {args.incoming!r}: use --incoming cpr-transfer:PATH")
-    incoming = Incoming(path, console=console)
-    monitor = _start_monitor(config, None, status="inmigrate")
+    for given, what in ((args.kernel, "--kernel"), (args.net, "--net")):
+        if given:
+            raise VmmError(f"{what} cannot be given with --incoming: the guest's kernel, RAM "
+                           "and NICs (with their taps) come from the old VMM in the update")
+    path, deferred = parse_incoming(args.incoming)
+    exit_code: list[int] = []   # set by a signal (128+signo) or by QMP quit
+
+    def on_signal(signo, frame):   # SIGTERM, Ctrl-C: clean up, exit 128+signo quietly
+        exit_code.append(128 + signo)
+        raise IncomingAborted(f"signal {signo}")
+
+    def on_quit(code):
+        exit_code.append(code)
+        incoming.abort()
+
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signo, on_signal)
+    incoming = monitor = None
     try:
+        # A signal while the sockets are being made is held until both are known,
+        # so the cleanup below removes each one that exists.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            incoming = Incoming(path, console=console, deferred=deferred)
+            monitor = _start_monitor(config, None, status="inmigrate", incoming=incoming,
+                                     on_exit=on_quit)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         incoming.prepare()
         machine = incoming.complete()
+        incoming.status = "completed"
     except BaseException:
+        for signo in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signo, signal.SIG_IGN)
         if monitor:
             monitor[0].close()
-        if incoming.machine is not None:
-            incoming.machine.close()
+        if incoming is not None:
+            incoming.close()
+            if incoming.machine is not None:
+                incoming.machine.close()
+        if exit_code:
+            return exit_code[0]
         raise
+    for signo in (signal.SIGTERM, signal.SIGINT):   # serve() sets its own at once
+        signal.signal(signo, lambda signo, frame: exit_code.append(128 + signo))
+    incoming.close()
+    if exit_code:   # quit or a signal as the guest arrived: stop, as asked
+        if monitor:
+            monitor[0].close()
+        machine.close()
+        return exit_code[0]
+    if monitor:
+        monitor[1].emit("MIGRATION", {"status": "completed"})
     return serve(machine, config, monitor=monitor)

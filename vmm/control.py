@@ -37,6 +37,7 @@ class Controller:
         self.extra_fds: dict[str, int] = {}
         self.status = "running"
         self.exit_code = 0   # 1 once a live update failed past its point of no return
+        self.incoming = None   # the Incoming a `pyvmm run --incoming` waits on
         self._lock = threading.Lock()
 
     # -- run state --------------------------------------------------------------------------
@@ -46,7 +47,13 @@ class Controller:
             status = "running" if self.machine.running else "paused"
         return {"status": status, "running": status == "running"}
 
+    def _waiting(self) -> None:
+        """QEMU's refusal for what needs a guest while none has arrived yet."""
+        if self.machine is None:
+            raise VmmError("Guest is waiting for an incoming migration")
+
     def stop(self) -> None:
+        self._waiting()
         if self.machine.running:
             self.machine.pause()
             self.emit("STOP")
@@ -139,6 +146,7 @@ class Controller:
         """Check and set up the live update; returns the callable that starts it, which
         the monitor runs after its reply has been sent."""
         from .cpr.source import Migration
+        self._waiting()
         with self._lock:
             if self.migration is not None and not self.migration.done.is_set():
                 raise VmmError("a migration is already in progress")
@@ -200,12 +208,19 @@ class Controller:
         print(f"pyvmm: error: live update failed {self.migration.error}", file=sys.stderr,
               flush=True)
 
+    def migrate_incoming(self, main_addr: dict) -> None:
+        """QMP migrate-incoming on a `--incoming defer` VMM: start receiving."""
+        if self.incoming is None or self.status != "inmigrate":
+            raise VmmError("'-incoming' was not specified on the command line")
+        self.incoming.start(main_addr)
+
     def query_migrate(self) -> dict:
         if self.migration is not None:
             return self.migration.info()
         tl = self.machine.cpr_timeline if self.machine is not None else None
         if tl is None:
-            return {}
+            status = self.incoming.status if self.incoming is not None else "none"
+            return {} if status == "none" else {"status": status}
         info = timeline_info(tl, self.machine.cpr_mode)
         peer = getattr(self.machine, "cpr_peer_threads", None)
         if peer is not None:
@@ -219,6 +234,7 @@ class Controller:
     # -- teaching view -----------------------------------------------------------------------
     def query_state(self) -> dict:
         from .inspect import machine_summary
+        self._waiting()
         return machine_summary(self.machine)
 
 

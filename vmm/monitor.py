@@ -23,6 +23,7 @@ instead of finding the path gone.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -401,11 +402,27 @@ def _someone_listens(path: str) -> bool:
         probe.connect(path)
     except socket.timeout:
         return True
-    except OSError:
-        return False
+    except OSError as e:
+        # EPROTOTYPE: a live socket of another type (a waiting pyvmm's cpr socket)
+        return e.errno == errno.EPROTOTYPE
     finally:
         probe.close()
     return True
+
+
+def claim_socket_path(path: str, what: str) -> None:
+    """Make way for a new listening socket at path: remove a stale socket left by a
+    dead process, but refuse (VmmError) to replace anything else: a file that is
+    not a socket, or a socket a live process (another pyvmm, a QEMU) serves."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise VmmError(f"{what} path {path} exists and is not a socket")
+    if _someone_listens(path):
+        raise VmmError(f"{what} socket {path} is in use by a running process")
+    os.unlink(path)
 
 
 class _Command:
@@ -470,18 +487,7 @@ class Monitor:
 
     @staticmethod
     def _bind(path):
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise VmmError(f"monitor path {path} exists and is not a socket")
-            # A live server behind it (another pyvmm, a QEMU) must not be
-            # silently cut off; a dead one leaves a stale path to remove.
-            if _someone_listens(path):
-                raise VmmError(f"monitor socket {path} is in use by a running process")
-            os.unlink(path)
+        claim_socket_path(path, "monitor")
         from .unix import bind_owner_only
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -868,6 +874,10 @@ class Monitor:
                      {"uri": (str, False), "channels": (_check_channels, False),
                       "detach": (bool, False), "resume": (bool, False)},
                      needs="migrate"),
+            _Command("migrate-incoming", self._migrate_incoming,
+                     {"uri": (str, False), "channels": (_check_channels, False),
+                      "exit-on-error": (bool, False)},
+                     needs="migrate_incoming"),
             _Command("query-migrate", lambda c, a: ctl().query_migrate(), needs="query_migrate"),
             _Command("migrate_cancel", lambda c, a: ctl().migrate_cancel(),
                      needs="migrate_cancel"),
@@ -914,3 +924,18 @@ class Monitor:
                                "'migrate' qmp command")
         started = self.controller.migrate(main, cpr, args.get("detach", True))
         return started if callable(started) else {}
+
+    def _migrate_incoming(self, client, args):
+        uri, channels = args.get("uri"), args.get("channels")
+        if (uri is None) == (channels is None):
+            raise CommandError("need either 'uri' or 'channels' argument")
+        if channels is not None:
+            if list(channels) != ["main"]:
+                raise CommandError("Channel list must have only one entry, for type 'main'")
+            main = channels["main"]
+        else:
+            main = parse_migration_uri(uri)
+        if args.get("exit-on-error") is False:
+            raise CommandError("pyvmm always exits when an incoming live update fails "
+                               "(exit-on-error must be true)")
+        self.controller.migrate_incoming(main)

@@ -143,17 +143,23 @@ def _start_exec_monitor(config, machine, listen_fd, old_path):
     return monitor
 
 
-def _start_monitor(config, machine, *, listen_fd=None, status="running"):
-    """A QMP monitor with its controller, or None without --qmp."""
+def _start_monitor(config, machine, *, listen_fd=None, status="running", incoming=None,
+                   on_exit=None):
+    """A QMP monitor with its controller, or None without --qmp.  Waiting for a live
+    update, `incoming` is what the controller reports and starts (migrate-incoming),
+    and on_exit(code) is how quit ends the wait."""
     if not config.get("qmp"):
         return None
     from .control import Controller
     from .monitor import Monitor
-    controller = Controller(machine, config=config)
+    controller = Controller(machine, config=config, on_exit=on_exit)
     controller.status = status
+    controller.incoming = incoming
     monitor = Monitor(config["qmp"], controller, listen_fd=listen_fd)
     controller.emit = monitor.emit
     controller.clients = monitor.client_count
+    if incoming is not None:
+        incoming.on_status = lambda status: monitor.emit("MIGRATION", {"status": status})
     monitor.start()
     return monitor, controller
 

@@ -64,31 +64,193 @@ def restore(machine, state: dict, fds: dict[str, int]) -> None:
     machine.restore_devices(state, fds)
 
 
-class Incoming:
-    """cpr-transfer target: wait for the old VMM, prepare, restore, resume on "go"."""
+class IncomingAborted(VmmError):
+    """The wait for the old VMM was ended here (quit, or a signal) before "go"."""
 
-    def __init__(self, path: str, console=None):
-        from .channel import listen
-        self.path = path
+
+_FILE_HELP = ("pyvmm keeps no migration stream in files: a cpr-exec's new image finds its "
+              "state in the environment (PYVMM_CPR_EXEC_STATE), and there is none here. "
+              "To receive a live update from another pyvmm use --incoming cpr-transfer:PATH "
+              "or QEMU's cpr channel")
+
+
+def parse_incoming(values: list[str]) -> tuple[str | None, bool]:
+    """QEMU's -incoming, given once or twice: (the path to listen on now, deferred).
+
+    Each value is a channel in QEMU's JSON form (`{"channel-type": "main"|"cpr",
+    "addr": MigrationAddress}`), `defer` (the main channel comes later, from QMP
+    migrate-incoming), a URI (QEMU's main channel: unix:PATH, file:PATH, tcp:...)
+    or pyvmm's own cpr-transfer:PATH (a cpr channel on a unix socket).  The
+    monitor's address checks do the validating, so the CLI and QMP agree.
+
+    pyvmm carries everything (fds and device state) over one socket: the cpr
+    channel's if there is one (a main channel beside it is checked, not used:
+    the old pyvmm never connects to it), else the main channel's.  With defer
+    and no cpr channel the path comes from migrate-incoming.
+    """
+    from ..monitor import CommandError, _check_channels, parse_json, parse_migration_uri
+    channels, defer = [], False
+    try:
+        for value in values:
+            if value == "defer":
+                if defer:
+                    raise CommandError("Channel list has more than one main entry")
+                defer = True
+            elif value.startswith("{"):
+                try:
+                    channels.append(parse_json(value.encode()))
+                except ValueError as e:
+                    raise CommandError(f"{value!r} is not a JSON channel ({e})") from None
+            elif value.startswith("cpr-transfer:") and len(value) > len("cpr-transfer:"):
+                channels.append({"channel-type": "cpr", "addr": parse_migration_uri(
+                    "unix:" + value.partition(":")[2])})
+            else:
+                channels.append({"channel-type": "main", "addr": parse_migration_uri(value)})
+        found = _check_channels(channels, "incoming")
+        if defer and "main" in found:
+            raise CommandError("Channel list has more than one main entry")
+    except CommandError as e:
+        raise VmmError(f"--incoming: {e.desc}") from None
+    if "cpr" in found:
+        return listen_path(found["cpr"], "--incoming: the cpr channel"), defer
+    if defer:
+        return None, True
+    return listen_path(found["main"], "--incoming"), False
+
+
+def listen_path(addr: dict, what: str) -> str:
+    """The unix socket path to receive a live update on, from a MigrationAddress."""
+    if addr["transport"] == "socket" and addr["type"] == "unix" and not addr.get("abstract"):
+        return addr["path"]
+    if addr["transport"] == "file":
+        raise VmmError(f"{what} file:{addr['filename']}: {_FILE_HELP}")
+    kind = addr.get("type", addr["transport"])
+    if addr.get("abstract"):
+        kind = "abstract unix"
+    raise VmmError(f"{what}: pyvmm receives a live update over a unix socket in the "
+                   f"file system (unix:PATH or a cpr channel), not over {kind}")
+
+
+class Incoming:
+    """cpr-transfer target: wait for the old VMM, prepare, restore, resume on "go".
+
+    `path` is where to listen now; with `deferred`, nothing is accepted until
+    start() (QMP migrate-incoming), which may also name the path.  `status` is
+    the incoming side's MigrationStatus for query-migrate ("none" while deferred,
+    "setup" while listening, "active" once the old VMM is in, then "completed");
+    `on_status` is called with each change.  abort() (quit, from the monitor
+    thread) ends the wait before "go".
+    """
+
+    def __init__(self, path: str | None, console=None, *, deferred: bool = False):
+        self.path = None
         self.console = console
-        self.listener = listen(path)
+        self.listener = None
         self.channel = None
         self.machine = None
         self.timeline = Timeline()
         self.config: dict = {}
         self.faults = Faults()
+        self.status = "none"
+        self.on_status = lambda status: None
+        self.deferred = deferred      # started with defer: accept only after start()
+        self.started = not deferred
+        self.aborted = False
+        self._inode = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        if path is not None:
+            self._listen(path)
+
+    def _listen(self, path: str) -> None:
+        from .channel import listen
+        self.listener = listen(path)
+        self.path = path
+        self._inode = os.stat(path).st_ino
+        if self.started:
+            self._set_status("setup")
+
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        self.on_status(status)
+
+    def start(self, main_addr: dict) -> None:
+        """migrate-incoming: begin accepting (listening on main_addr if nothing is yet)."""
+        if not self.deferred:
+            raise VmmError("For use with '-incoming defer'")
+        if self.started:
+            raise VmmError("The incoming migration has already been started")
+        if self.listener is None:   # else a cpr channel carries everything: main is not used
+            self._listen(listen_path(main_addr, "migrate-incoming"))
+        self.started = True
+        self._set_status("setup")
+        os.write(self._wake_w, b"\0")
+
+    def abort(self) -> None:
+        """End the wait (any thread): prepare()/complete() raise IncomingAborted."""
+        self.aborted = True
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+        if self.channel is not None:
+            import socket
+            try:
+                self.channel.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _wait_for_peer(self) -> None:
+        """Until a peer is at the listener (and, with defer, after start()); abortable."""
+        import select
+        while True:
+            waiting = [self._wake_r]
+            if self.listener is not None and self.started:
+                waiting.append(self.listener)
+            ready, _, _ = select.select(waiting, [], [])
+            if self.aborted:
+                raise IncomingAborted("quit while waiting for the live update")
+            if self._wake_r in ready:
+                try:
+                    os.read(self._wake_r, 64)
+                except BlockingIOError:
+                    pass
+            elif self.listener in ready:
+                return
+
+    def close(self) -> None:
+        """Stop listening and remove our socket path (if it is still ours)."""
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            self._unlink()
+        if self.channel is not None:
+            self.channel.close()
+        for fd in (self._wake_r, self._wake_w):
+            _close(fd)
+        self._wake_r = self._wake_w = -1
+
+    def _unlink(self) -> None:
+        try:
+            if self.path and os.lstat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+        except OSError:
+            pass
 
     def prepare(self) -> None:
         """Accept the old VMM and build the VM on its RAM (before it stops the guest).
         Peers refused before that (another user, garbage, a bad hello) cost a line on
         stderr each, and we go on listening (channel.accept)."""
         from .channel import accept, check_hello
+        self._wait_for_peer()
+        self._set_status("active")
         self.channel, msg, fds, shape = accept(self.listener, check_hello)
         self.listener.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self.listener = None
+        self._unlink()
+        if self.aborted:
+            for fd in fds:
+                _close(fd)
+            raise IncomingAborted("quit while waiting for the live update")
         try:
             self.faults = Faults(msg.get("faults", ()))
             self.faults.check("target-prepare")
