@@ -8,12 +8,15 @@ how a live update is started, reported and cancelled.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
-from .cpr import resume_command
+from .cpr import DOWNTIME_LIMIT_MS, resume_command
 from .cpr.timeline import timeline_info
 from .errors import VmmError
+
+MAX_DOWNTIME_LIMIT_MS = 2_000_000   # QEMU's range: 0 to 2000 seconds
 
 
 class Controller:
@@ -26,12 +29,14 @@ class Controller:
         self.on_exit = on_exit or (lambda code: None)
         self.clients = lambda: 0   # how many QMP clients are connected (the monitor's count)
         self.params = {"mode": "normal", "cpr-exec-command": default_exec_command(),
-                       "downtime-limit": 300, "max-bandwidth": 134217728, "x-fault": []}
+                       "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 134217728,
+                       "x-fault": []}
         from .monitor import MIGRATION_CAPABILITY_NAMES   # (one list: QEMU 10's names)
         self.capabilities = {name: False for name in MIGRATION_CAPABILITY_NAMES}
         self.migration = None
         self.extra_fds: dict[str, int] = {}
         self.status = "running"
+        self.exit_code = 0   # 1 once a live update failed past its point of no return
         self.incoming = None   # the Incoming a `pyvmm run --incoming` waits on
         self._lock = threading.Lock()
 
@@ -62,7 +67,7 @@ class Controller:
 
     def quit(self) -> None:
         self.emit("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
-        self.on_exit(0)
+        self.on_exit(self.exit_code)
 
     # -- the machine, in QEMU's shapes (qapi/machine.json, qapi/misc.json) ---------------------
     def query_cpus_fast(self) -> list[dict]:
@@ -108,9 +113,14 @@ class Controller:
             self.params["cpr-exec-command"] = list(cmd)
         if "x-fault" in params:
             self.params["x-fault"] = sorted(parse(params["x-fault"]))
-        for key in ("downtime-limit", "max-bandwidth"):   # accepted; CPR copies no RAM
-            if key in params:
-                self.params[key] = params[key]
+        if "downtime-limit" in params:   # the longest pause before a rollback (CPR.md)
+            limit = params["downtime-limit"]
+            if not 0 <= limit <= MAX_DOWNTIME_LIMIT_MS:
+                raise VmmError("Parameter 'downtime_limit' expects an integer in the range "
+                               "of 0 to 2000 seconds")
+            self.params["downtime-limit"] = limit
+        if "max-bandwidth" in params:    # accepted; CPR copies no RAM
+            self.params["max-bandwidth"] = params["max-bandwidth"]
 
     def query_migrate_parameters(self) -> dict:
         return dict(self.params)
@@ -140,6 +150,8 @@ class Controller:
         with self._lock:
             if self.migration is not None and not self.migration.done.is_set():
                 raise VmmError("a migration is already in progress")
+            if self.status == "postmigrate":   # its state is stale: it must never run again
+                raise VmmError("the guest has left this pyvmm (postmigrate): nothing to migrate")
             mode = self.params["mode"]
             faults, self.params["x-fault"] = self.params["x-fault"], []   # for one update only
             if mode == "normal":
@@ -158,7 +170,8 @@ class Controller:
                 self.machine, mode, cpr_path=path,
                 exec_command=self.params["cpr-exec-command"],
                 faults=faults, emit=self._migration_event, main_addr=main_addr,
-                extra_fds=self.extra_fds, config=self.config)
+                extra_fds=self.extra_fds, config=self.config,
+                downtime_limit_ms=self.params["downtime-limit"])
         return threading.Thread(target=self._run_migration, name="migration", daemon=True).start
 
     def _migration_event(self, name: str, data=None) -> None:
@@ -166,6 +179,8 @@ class Controller:
             status = data["status"]
             if status == "active":
                 self.status = "finish-migrate"
+            elif status in ("failed", "cancelled") and self.migration.committed:
+                self.status = "postmigrate"     # failed past "go": never resumed here
             elif status in ("failed", "cancelled"):
                 self.status = "running" if self.machine.running else "paused"
             elif status == "completed":
@@ -176,13 +191,22 @@ class Controller:
 
     def _run_migration(self) -> None:
         if self.migration.run():
-            # The new VMM runs the guest.  As QEMU's after cpr-transfer, this one stays
-            # in postmigrate (query-migrate says completed, cont is refused) while a QMP
-            # client is connected, until it sends quit; with nobody connected it exits
-            # (pyvmm's own tools and a shell's `wait` see the old VMM end).
+            # The guest left this process.  As QEMU's after cpr-transfer, this one stays
+            # in postmigrate (query-migrate says completed, or failed past "go"; cont is
+            # refused) while a QMP client is connected, until it sends quit; with nobody
+            # connected it exits (pyvmm's own tools and a shell's `wait` see the old VMM end).
+            if self.migration.status != "completed":
+                self._failed_after_go()
             while self.clients() > 0 and not self.machine.done:
                 time.sleep(0.05)
-            self.on_exit(0)
+            self.on_exit(self.exit_code)
+
+    def _failed_after_go(self) -> None:
+        """The guest left with "go", and the new VMM never said it runs it: a failure an
+        orchestrator must see (exit status 1, one line on stderr, query-migrate failed)."""
+        self.exit_code = 1
+        print(f"pyvmm: error: live update failed {self.migration.error}", file=sys.stderr,
+              flush=True)
 
     def migrate_incoming(self, main_addr: dict) -> None:
         """QMP migrate-incoming on a `--incoming defer` VMM: start receiving."""

@@ -13,6 +13,11 @@ EXEC_T_ENV = "PYVMM_CPR_T_TRANSFER"
 FALLBACK_ENV = "PYVMM_CPR_FALLBACK"
 RECORD_PEER_ENV = "PYVMM_CPR_RECORD_PEER"   # new VMM: list the old one's threads at fd receipt
 HOLDER_ENV = "PYVMM_CPR_HOLDER"   # "pid,fd": the old image's holder (cpr/holder.py), for the new image to release
+# cpr-transfer: the longest the guest may stay stopped before the new VMM has restored
+# it (ms; QMP's downtime-limit), then the old VMM rolls back.  A cpr-transfer takes ~2 ms
+# here; QEMU's 300 ms default would leave little room on a loaded host, and 1 s is what a
+# tap's default queue (1000 packets) holds of a 1 packet/ms stream.
+DOWNTIME_LIMIT_MS = 1000
 
 
 

@@ -24,6 +24,10 @@ class ChannelError(VmmError):
     """The other side of a live update went away or sent nonsense."""
 
 
+class ChannelTimeout(ChannelError):
+    """Nothing arrived from the other side in time (it may still be alive)."""
+
+
 class Channel:
     """One end of the cpr-transfer socket."""
 
@@ -59,7 +63,7 @@ class Channel:
             data, fds, flags, _ = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS,
                                                   socket.MSG_CMSG_CLOEXEC)
         except socket.timeout:
-            raise ChannelError("timed out waiting for the other pyvmm") from None
+            raise ChannelTimeout("timed out waiting for the other pyvmm") from None
         except OSError as e:
             raise ChannelError(f"the other pyvmm went away: {e.strerror}") from None
         if not data:

@@ -27,6 +27,8 @@ POINTS = {
     "target-restore": "the new pyvmm cannot restore the state",
     "target-slow-prepare": "the new pyvmm takes a second to prepare (time to cancel)",
     "target-slow-restore": "the new pyvmm takes a second to restore (time to cancel)",
+    "target-slow-running": "the new pyvmm waits a second after resuming the guest before it "
+                           "says \"running\" (time to kill or stop either side past \"go\")",
 }
 DELAY_S = 1.0
 
@@ -48,7 +50,8 @@ def parse(value) -> set[str]:
 
 
 TRANSFER_ONLY = {"prepare", "transfer", "target-prepare", "target-crash-before-fds",
-                 "target-crash-after-fds", "target-slow-prepare", "target-slow-restore"}
+                 "target-crash-after-fds", "target-slow-prepare", "target-slow-restore",
+                 "target-slow-running"}
 EXEC_ONLY = {"exec"}
 
 

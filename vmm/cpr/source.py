@@ -7,7 +7,10 @@ was: the guest sees a pause and nothing else.
 
 The point of no return is the "go" message in cpr-transfer (sent only after
 the new VMM has restored everything and is one step from resuming) and the
-execve itself in cpr-exec.
+execve itself in cpr-exec.  Before it, the guest stays stopped at most
+`downtime-limit` ms waiting for the new VMM: past that we roll back.  After it,
+this process never resumes the guest (both would run on the same RAM); without
+"running" from the new VMM the update is reported as failed, never completed.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ import threading
 
 from .. import state as state_format
 from ..errors import VmmError
-from . import EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume_command, search_path
-from .channel import PROTOCOL, PROTOCOL_VERSION, Channel
+from . import (DOWNTIME_LIMIT_MS, EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume_command,
+               search_path)
+from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelTimeout
 from .faults import Faults
-from .timeline import Timeline, timeline_info
+from .timeline import Timeline, now_ns, timeline_info
 
 PREPARE_TIMEOUT = 60.0
-RESTORE_TIMEOUT = 30.0
+# After "go": how long to wait for the new VMM's "running" (s).  It only matters when the
+# new VMM is alive but not running (SIGSTOP, a freezer, a debugger): one that dies closes
+# the channel at once.  PYVMM_CPR_RUNNING_TIMEOUT overrides it (the tests use 1 s).
+RUNNING_TIMEOUT = 30.0
+RUNNING_TIMEOUT_ENV = "PYVMM_CPR_RUNNING_TIMEOUT"
 
 
 def _byte_compile() -> None:
@@ -135,7 +143,8 @@ class Migration:
     def __init__(self, machine, mode: str, *, cpr_path: str | None = None,
                  exec_command: list[str] | None = None, faults=(), emit=None,
                  extra_fds: dict[str, int] | None = None, config: dict | None = None,
-                 trace=None, main_addr: dict | None = None):
+                 trace=None, main_addr: dict | None = None,
+                 downtime_limit_ms: int = DOWNTIME_LIMIT_MS):
         if mode not in ("cpr-transfer", "cpr-exec"):
             raise VmmError(f"migration mode {mode!r} is not supported: use cpr-transfer or "
                            "cpr-exec")
@@ -152,6 +161,12 @@ class Migration:
         self.extra_fds = extra_fds or {}
         self.config = config or {}
         self.trace = trace
+        self.downtime_limit_ms = downtime_limit_ms
+        try:
+            self.running_timeout = float(os.environ.get(RUNNING_TIMEOUT_ENV, RUNNING_TIMEOUT))
+        except ValueError:
+            raise VmmError(f"{RUNNING_TIMEOUT_ENV} must be a number of seconds") from None
+        self.committed = False   # "go" sent: the guest is the new VMM's, whatever happens
         # cpr-exec with QEMU's `file:PATH`: the new image writes the state there (off
         # the downtime; the state itself crosses the exec in a memfd)
         self.state_file = None
@@ -180,6 +195,8 @@ class Migration:
         info["status"] = self.status
         if self.error:
             info["error-desc"] = self.error
+        if self.committed:   # past the point of no return: the guest is not here any more
+            info["x-after-go"] = True
         return info
 
     def cancel(self) -> None:
@@ -191,7 +208,8 @@ class Migration:
 
     # -- the sequence --------------------------------------------------------------------
     def run(self) -> bool:
-        """Run the live update; True if the new VMM now runs the guest.
+        """Run the live update; True once the guest has left this process ("go" sent or
+        exec'd: `status` is then completed, or failed if the new VMM never said it runs it).
 
         While it runs, this thread (preparing, saving) and the vCPU threads (still
         running the guest until the stop, or again after a rollback) share the GIL:
@@ -327,12 +345,31 @@ class Migration:
                               [state_fd] + [fds[n] for n in names])
         finally:
             os.close(state_fd)
-        self.channel.expect("restored", timeout=RESTORE_TIMEOUT)
+        self._wait_restored()
         self._check_cancel()
         # The point of no return: the new VMM resumes the guest on "go".
         self.timeline.step("old: \"restored\" received, sending \"go\"")
-        # (with the old VMM's steps since the save, so that the new one's trace has them)
+        # (with the old VMM's steps since the save, so that the new one's trace has them;
+        # a send that fails delivered nothing: SOCK_SEQPACKET, so we can still roll back)
         self.channel.send({"msg": "go", "steps": self.timeline.steps[-2:]})
+        self.committed = True
+
+    def _wait_restored(self) -> None:
+        """"restored" from the new VMM before the guest has been stopped downtime-limit ms;
+        a cancel meanwhile is seen within 50 ms."""
+        deadline = self.timeline.get("stop") + self.downtime_limit_ms * 1_000_000
+        while True:
+            left = (deadline - now_ns()) / 1e9
+            if left <= 0:
+                raise VmmError(
+                    f"the new pyvmm had not restored the guest within downtime-limit "
+                    f"({self.downtime_limit_ms} ms) of the stop; rolled back (raise it with "
+                    "migrate-set-parameters downtime-limit=MS)")
+            try:
+                self.channel.expect("restored", timeout=min(left, 0.05))
+                return
+            except ChannelTimeout:
+                self._check_cancel()
 
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
         state_fd = state_format.to_memfd(blob)
@@ -358,15 +395,23 @@ class Migration:
             os.close(state_fd)
 
     def _committed(self) -> bool:
+        """Past "go": the guest is the new VMM's and is never resumed here.  Only its
+        "running" makes this update completed; without it the update failed (the guest
+        went with a new VMM that died, or is frozen with one that does not answer)."""
         try:
-            msg, _ = self.channel.expect("running", timeout=RESTORE_TIMEOUT)
+            msg, _ = self.channel.expect("running", timeout=self.running_timeout)
             self.timeline.marks = [list(x) for x in msg.get("timeline", self.timeline.marks)]
             self.timeline.steps = [list(x) for x in msg.get("steps", self.timeline.steps)]
+        except ChannelTimeout:
+            self.error = (f"after \"go\", the new pyvmm did not report running within "
+                          f"{self.running_timeout:g} s (stopped or hung?): it may still run the "
+                          "guest; this pyvmm cannot take it back")
         except VmmError as e:
-            self.error = f"the new pyvmm took over but did not report running: {e}"
+            self.error = (f"after \"go\", the new pyvmm went away before it reported running "
+                          f"({e}): the guest went with it")
         self.channel.close()
         self.machine.notify_devices("done")
-        self._set_status("completed")
+        self._set_status("failed" if self.error else "completed")
         return True
 
     def _failed(self, error: Exception, *, stopped: bool, was_running: bool = True) -> bool:

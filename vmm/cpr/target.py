@@ -320,8 +320,17 @@ class Incoming:
             self.timeline.mark("resume", self.machine.wait_entered())
         else:
             self.timeline.mark("resume")
-        self.channel.send({"msg": "running", "timeline": self.timeline.marks,
-                           "steps": self.timeline.steps})
+        self.faults.delay("target-slow-running")
+        # Past "go" this process owns the guest, whatever became of the old one (killed,
+        # or gave up waiting while we were stopped): a broken channel is worth a line,
+        # never the guest.
+        try:
+            self.channel.send({"msg": "running", "timeline": self.timeline.marks,
+                               "steps": self.timeline.steps})
+        except ChannelError as e:
+            import sys
+            print(f"pyvmm: live update: the old pyvmm went away after \"go\" ({e}); "
+                  "this pyvmm runs the guest", file=sys.stderr)
         self.channel.close()
         self.machine.cpr_timeline = self.timeline
         self.machine.cpr_mode = "cpr-transfer"

@@ -58,8 +58,10 @@ def cmd_cpr(args) -> int:
     if status != "completed" and args.trace:
         print_trace(info)
     if status != "completed":
+        where = ("the guest is no longer in the old pyvmm" if info.get("x-after-go")
+                 else "the guest goes on in the old pyvmm")
         print(f"pyvmm: live update {status}: {info.get('error-desc', 'no reason given')}; "
-              "the guest goes on in the old pyvmm", file=sys.stderr)
+              f"{where}", file=sys.stderr)
         return 1
     if args.trace:
         print_trace(info)
