@@ -4,7 +4,7 @@
                                     [--payload 64,1400]
 
 Must run as root on a host with /dev/kvm.  For each VMM and payload size it makes a
-fresh private network namespace with a tap (vmm/lab.py: 10.0.0.1 on the tap, the guest is 10.0.0.2), boots
+fresh private network namespace with a tap (bench/lab.py: 10.0.0.1 on the tap, the guest is 10.0.0.2), boots
 guest/build/netecho.elf in it and runs a closed-loop, windowed UDP sender inside the
 namespace: W datagrams are kept in flight (every echo that comes back releases the
 next datagram); echoes are counted over a fixed time.  All traffic stays between
@@ -230,7 +230,7 @@ def make_ns(cleanup: Cleanup, tag: str) -> tuple[str, str]:
 
 
 def stop(p: subprocess.Popen) -> None:
-    from vmm.lab import stop_process
+    from bench.lab import stop_process
     stop_process(p)
 
 
@@ -280,7 +280,7 @@ class Vmm:
     def stats(self) -> dict | None:
         if not self.qmp:
             return None
-        from vmm.qmp_client import QmpClient
+        from vmm.client import QmpClient
         with QmpClient(self.qmp, timeout=10) as q:
             st = q.execute("x-query-state")
         for d in st.get("devices", []):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vmm.lab import WatchedProcess
+from bench.lab import WatchedProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = ROOT / "guest"
@@ -37,7 +37,7 @@ def need_kvm():
 
 
 class VmmProcess(WatchedProcess):
-    """A pyvmm process; its stdout lines are timestamped on arrival (vmm.lab.WatchedProcess)."""
+    """A pyvmm process; its stdout lines are timestamped on arrival (bench.lab.WatchedProcess)."""
 
     def __init__(self, args: list[str], env: dict | None = None, stdin=subprocess.DEVNULL,
                  ns: str | None = None):

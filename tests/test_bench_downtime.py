@@ -20,7 +20,7 @@ def test_tiny_sweep_writes_table_and_plots(guests, tmp_path):
     need_kvm()
     out = tmp_path / "results"
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "vmm.bench.downtime", "--sizes", "256M",
+    r = subprocess.run([sys.executable, "-m", "bench.downtime", "--sizes", "256M",
                         "--reps", "1", "--modes", "exec,transfer", "--ram", "untouched",
                         "--loads", "idle", "--baselines", "none", "--no-progress",
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT,

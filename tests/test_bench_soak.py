@@ -43,7 +43,7 @@ def test_soak_refuses_bad_arguments_in_one_line():
 
 
 def test_verdict_names_each_leak_and_loss():
-    from vmm.bench.soak import verdict
+    from bench.soak import verdict
     rec = {"lost": 0, "dup": 0, "fds": 17, "threads": 5}
     recs = [dict(rec, update=1, mode="exec"), dict(rec, update=2, mode="transfer"),
             dict(rec, update=3, mode="exec", fds=18),

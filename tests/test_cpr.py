@@ -20,7 +20,8 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from conftest import ROOT, need_kvm, pyvmm_cmd
-from vmm.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
+from bench.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
+from vmm.client.cpr import wait_migration as wait_settled
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -84,17 +85,9 @@ def assert_ticks_continuous(text):
 
 
 def wait_migration(q, timeout=30.0):
-    """Poll query-migrate on the old VMM until it settles; None if it went away (success)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            info = qmp(q, "query-migrate")
-        except Exception:
-            return None
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        time.sleep(0.01)
-    raise AssertionError("migration did not finish")
+    """Poll query-migrate on the old VMM until it settles; None if it went away (success).
+    pyvmm's own wait (vmm.client.cpr), asking through qemu.qmp."""
+    return wait_settled(lambda: qmp(q, "query-migrate"), timeout, gone=(Exception,))
 
 
 def cpr_exec(qmp_path, faults=()):
@@ -472,7 +465,7 @@ def test_netecho_loses_no_datagram_during_cpr(guests, vmm_procs, tmp_path, mode)
         old, old_qmp = start_netecho(vmm_procs, tmp_path, ns, tap)
         if mode == "transfer":
             new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns)
-        stream = subprocess.Popen(in_ns(ns, sys.executable, "-m", "vmm.traffic",
+        stream = subprocess.Popen(in_ns(ns, sys.executable, "-m", "bench.traffic",
                                         GUEST_IP, str(count), str(interval)),
                                   stdout=subprocess.PIPE, text=True)
         ping = subprocess.Popen(in_ns(ns, "ping", "-q", "-c", "250", "-i", "0.01", "-W", "2",

@@ -19,7 +19,7 @@ import pytest
 
 from vmm.errors import VmmError
 from vmm.monitor import MAX_INPUT, JsonStream, Monitor
-from vmm.qmp_client import QmpClient, QmpError
+from vmm.client import QmpClient, QmpError
 
 qmp = pytest.importorskip("qemu.qmp")
 from qemu.qmp import ExecuteError, QMPClient  # noqa: E402

@@ -26,7 +26,7 @@ import pytest
 from conftest import ROOT, need_kvm, pyvmm_cmd
 from test_monitor import Raw, Recorder
 from vmm.monitor import MAX_CLIENTS, MAX_NESTING, MAX_OUTPUT, JsonStream, Monitor
-from vmm.qmp_client import QmpClient
+from vmm.client import QmpClient
 
 NESTING_ERROR = {"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}
 

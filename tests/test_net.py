@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import ROOT, need_kvm
-from vmm.lab import GUEST_IP, in_ns, netns_with_tap
+from bench.lab import GUEST_IP, in_ns, netns_with_tap
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -30,7 +30,7 @@ def start(vmm_procs, ns, tap, backend="c", cmdline=""):
 
 
 def stream(ns, count, interval, size=64):
-    out = subprocess.run(in_ns(ns, sys.executable, "-m", "vmm.traffic", GUEST_IP,
+    out = subprocess.run(in_ns(ns, sys.executable, "-m", "bench.traffic", GUEST_IP,
                                str(count), str(interval), str(size)),
                          capture_output=True, text=True, timeout=60, check=True).stdout
     return json.loads(out)
@@ -58,7 +58,7 @@ def test_both_directions_at_once(guests, vmm_procs):
     """Two streams at once (each both ways: to the guest and back) plus a ping flood."""
     with netns_with_tap() as (ns, tap):
         start(vmm_procs, ns, tap)
-        cmd = in_ns(ns, sys.executable, "-m", "vmm.traffic", GUEST_IP, "1500",
+        cmd = in_ns(ns, sys.executable, "-m", "bench.traffic", GUEST_IP, "1500",
                     "0.001", "800")
         a = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         b = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

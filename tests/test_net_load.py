@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from conftest import ROOT, need_kvm
-from vmm.lab import GUEST_IP, in_ns, netns_with_tap
-from vmm.qmp_client import QmpClient
+from bench.lab import GUEST_IP, in_ns, netns_with_tap
+from vmm.client import QmpClient
 
 SENDER = ROOT / "bench" / "net_throughput.py"
 SECONDS, WINDOW = 3, 32

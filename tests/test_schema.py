@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT, need_kvm
-from vmm.lab import netns_with_tap
+from bench.lab import netns_with_tap
 
 SAVE_AND_CHECK = """
 import json, sys

@@ -129,19 +129,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return cmd_run(args)
         if args.command == "cpr":
-            from .cpr.tool import cmd_cpr
+            from .client.cpr import cmd_cpr
             return cmd_cpr(args)
         if args.command == "bench" and args.suite == "soak":
-            from .bench.soak import main as soak_main
+            from bench.soak import main as soak_main
             return soak_main(args.args)
         if args.command == "bench":
-            from .bench.downtime import main as downtime_main
+            from bench.downtime import main as downtime_main
             return downtime_main(args.args)
         if args.command == "demo":
-            from .demo import main as demo_main
+            from bench.demo import main as demo_main
             return demo_main()
         if args.command == "state":
-            from .inspect import cmd_state
+            from .client.view import cmd_state
             return cmd_state(args)
     except VmmError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)

@@ -233,7 +233,7 @@ class Controller:
 
     # -- teaching view -----------------------------------------------------------------------
     def query_state(self) -> dict:
-        from .inspect import machine_summary
+        from .summary import machine_summary
         self._waiting()
         return machine_summary(self.machine)
 

@@ -1,4 +1,5 @@
-"""A readable view of a machine's state, for `pyvmm state` and QMP x-query-state.
+"""A readable view of a machine's state: what QMP x-query-state returns (and
+`pyvmm state`, vmm/client/view.py, prints).
 
 Reading vCPU registers needs the vCPU out of KVM_RUN, so a running machine is
 paused while they are read and resumed at once: a short pause (around a
@@ -6,9 +7,6 @@ millisecond or more here), which the guest can see.
 """
 
 from __future__ import annotations
-
-import json
-import sys
 
 from .kvm.ffi import to_dict
 
@@ -53,11 +51,3 @@ def device_summary(machine) -> list[dict]:
         out.append(d.summary() if hasattr(d, "summary") else {"name": getattr(d, "name", "?")})
     return out
 
-
-def cmd_state(args) -> int:
-    from .qmp_client import QmpClient
-    with QmpClient(args.socket) as client:
-        state = client.execute("x-query-state")
-    json.dump(state, sys.stdout, indent=2)
-    print()
-    return 0

@@ -2,7 +2,8 @@
 
 With --trace it prints the sequence as a timeline, each step with its time,
 so a student can read stop -> notify -> save -> transfer -> restore -> resume
-against what each step does.
+against what each step does.  wait_migration() is the one wait on
+`query-migrate` until a live update settles: the benchmarks and the tests use it too.
 """
 
 from __future__ import annotations
@@ -10,13 +11,34 @@ from __future__ import annotations
 import sys
 import time
 
+from ..cpr.timeline import PHASES
 from ..errors import VmmError
-from .timeline import PHASES
+from .qmp import QmpClient, QmpError
+
+SETTLED = ("completed", "failed", "cancelled")
+
+
+def wait_migration(query, timeout: float, *, gone=(QmpError, OSError, EOFError),
+                   poll: float = 0.01) -> dict | None:
+    """Poll `query()` (a `query-migrate` on the VMM the guest is leaving) until the
+    live update settles: completed, failed or cancelled; that answer.  None if the
+    VMM went away first (`query` raised one of `gone`): after a cpr-transfer the old
+    VMM exits, after a cpr-exec its socket is the new image's.  VmmError after
+    `timeout` seconds.  `query` is any callable, so any QMP client can ask (the
+    tests use qemu.qmp's, as an independent client)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            info = query()
+        except gone:
+            return None
+        if info.get("status") in SETTLED:
+            return info
+        time.sleep(poll)
+    raise VmmError("timed out waiting for the live update to finish")
 
 
 def cmd_cpr(args) -> int:
-    from ..qmp_client import QmpClient, QmpError
-
     mode = "cpr-" + args.mode
     if mode == "cpr-transfer" and not args.uri:
         raise VmmError("--mode transfer needs --uri PATH: the socket the new pyvmm was started "
@@ -75,23 +97,13 @@ def cmd_cpr(args) -> int:
 
 def _wait_for_result(client, timeout: float):
     """The final MIGRATION status from the old VMM, or None if it exited/exec'd first."""
-    from ..qmp_client import QmpError
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            info = client.execute("query-migrate")
-        except (QmpError, OSError, EOFError):
-            return None
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            if info["status"] == "completed":
-                return None if "x-downtime-us" not in info else info
-            return info
-        time.sleep(0.01)
-    raise VmmError("timed out waiting for the live update to finish")
+    info = wait_migration(lambda: client.execute("query-migrate"), timeout)
+    if info is not None and info["status"] == "completed" and "x-downtime-us" not in info:
+        return None
+    return info
 
 
 def _query_new(path: str, timeout: float) -> dict:
-    from ..qmp_client import QmpClient
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -114,7 +126,7 @@ def print_trace(info: dict) -> None:
     time order is causal order: a receipt never precedes its send.  Steps of the
     cpr-exec prebuilder (a thread beside the new image's main thread) are caused
     by nothing around them: they are marked `‖` and only ordered by the clock."""
-    from .timeline import CONCURRENT, lane
+    from ..cpr.timeline import CONCURRENT, lane
     marks = info.get("x-timeline", [])
     if not marks:
         return

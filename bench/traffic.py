@@ -3,7 +3,7 @@
 Used by the tests, the demo and the benchmarks, run inside the network
 namespace that holds the tap (never towards any other address).
 
-Usage: python -m vmm.traffic HOST COUNT INTERVAL_S [PAYLOAD]
+Usage: python -m bench.traffic HOST COUNT INTERVAL_S [PAYLOAD]
 Sends COUNT datagrams "seq:<n>:" + padding, one every INTERVAL_S, receives the
 echoes, and prints one JSON line: the sequence numbers received in order, the
 largest gap between two consecutive echoes (the network's view of downtime),

@@ -1,4 +1,4 @@
-"""`python -m vmm demo`: the main demo — live-update a guest with traffic flowing.
+"""`pyvmm demo` (`make demo`, `python -m bench.demo`): the main demo — live-update a guest with traffic flowing.
 
 1. make a network namespace with a tap (10.0.0.1 on the host side),
 2. boot the netecho toy guest on it (10.0.0.2), with a QMP monitor,
@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import VmmError
-from .lab import GUEST_IP, in_ns, netns_with_tap, stop_process
+from bench.lab import GUEST_IP, in_ns, netns_with_tap, stop_process
+from vmm.errors import VmmError
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL = ROOT / "guest" / "build" / "netecho.elf"
@@ -64,7 +64,7 @@ def main() -> int:
             time.sleep(0.5)
             print(f"[demo] pyvmm runs the guest as PID {vmm.pid}; starting traffic: 3000 "
                   "numbered UDP datagrams (one per ms) and ping -i 0.01", flush=True)
-            stream = subprocess.Popen(in_ns(ns, sys.executable, "-m", "vmm.traffic", GUEST_IP,
+            stream = subprocess.Popen(in_ns(ns, sys.executable, "-m", "bench.traffic", GUEST_IP,
                                             "3000", "0.001"), stdout=subprocess.PIPE, text=True)
             ping = subprocess.Popen(in_ns(ns, "ping", "-q", "-c", "300", "-i", "0.01", "-W", "2",
                                           GUEST_IP), stdout=subprocess.PIPE, text=True)

@@ -4,7 +4,7 @@
 
 Boots the netecho guest on a tap in a network namespace made for the run, keeps
 `ping -i 0.01` going for the whole soak and, for every update, sends a numbered
-UDP stream (1 datagram/ms, `vmm.traffic`) across it while it live-updates the
+UDP stream (1 datagram/ms, `bench.traffic`) across it while it live-updates the
 VMM, alternating cpr-exec and cpr-transfer.  Per update it reports the datagrams
 lost, duplicated and reordered, the downtime (`x-downtime-us`), and the VMM's
 fd count (/proc/PID/fd), thread count (/proc/PID/task) and RSS once it settled.
@@ -26,9 +26,10 @@ import subprocess
 import sys
 import time
 
-from ..lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
-from .downtime import (BUILD, MiB, ROOT, BenchError, Cleanup, Guest, _sigterm, do_update,
-                       start_incoming, start_vmm)
+from bench.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
+from bench.vmms import (BUILD, ROOT, BenchError, Cleanup, Guest, do_update, on_sigterm,
+                        start_incoming, start_vmm)
+from vmm.memory import MiB
 
 MODES = ("exec", "transfer")
 
@@ -70,7 +71,7 @@ def soak(args, on_update) -> tuple[list[dict], dict]:
             if mode == "transfer":
                 new, sock, new_qmp = start_incoming(reg, f"new{i}", ns)
             stream = subprocess.Popen(
-                in_ns(ns, sys.executable, "-m", "vmm.traffic", GUEST_IP,
+                in_ns(ns, sys.executable, "-m", "bench.traffic", GUEST_IP,
                       str(args.datagrams), "0.001"), stdout=subprocess.PIPE, text=True, cwd=ROOT)
             time.sleep(args.datagrams / 1000 / 3)       # the update lands inside the stream
             try:
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
                   f"threads {rec['threads']} rss {rec['rss_kib'] / 1024:.1f} MiB", flush=True)
         else:
             live.update(_table(records))
-    old_term = signal.signal(signal.SIGTERM, _sigterm)
+    old_term = signal.signal(signal.SIGTERM, on_sigterm)
     extra: dict = {}
     failed = None
     try:

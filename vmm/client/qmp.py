@@ -1,9 +1,9 @@
-"""A small synchronous QMP client for pyvmm's own CLI.
+"""A small synchronous QMP client for pyvmm's client side.
 
-The CLI (pyvmm stop/cont/migrate/...) needs a few blocking calls and an
-event wait; qemu.qmp is asyncio-based and a heavier import than the CLI's
-exec path should pay for.  This client speaks plain QMP, so it works against
-QEMU as well as against vmm.monitor.
+`pyvmm cpr` and `pyvmm state` (and the benchmarks, the labs, the tests) need a
+few blocking calls and an event wait; qemu.qmp is asyncio-based and a heavier
+import than the CLI should pay for.  This client speaks plain QMP, so it works
+against QEMU as well as against pyvmm's monitor.
 """
 
 from __future__ import annotations

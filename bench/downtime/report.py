@@ -1,0 +1,122 @@
+"""The sweep's Markdown report: the downtime table, the phases, the ratios, the host."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import subprocess
+
+from bench.downtime.baselines import QEMU
+from bench.downtime.stats import PHASES, group, summary
+from vmm.memory import GiB, MiB
+
+
+def fmt_triplet(s):
+    return "–" if not s else f"{s['median'] / 1000:.2f} / {s['p95'] / 1000:.2f} / " \
+                             f"{s['max'] / 1000:.2f}"
+
+
+def size_name(size: int) -> str:
+    return f"{size // GiB}G" if size % GiB == 0 else f"{size // MiB}M"
+
+
+MODE_NAME = {"exec": "pyvmm cpr-exec", "transfer": "pyvmm cpr-transfer",
+             "naive": "naive snapshot (pyvmm, RAM→file→RAM)",
+             "qemu": "QEMU 7.2 migrate, x-ignore-shared"}
+
+
+def table(records, skipped: list[str]) -> str:
+    order = {"exec": 0, "transfer": 1, "naive": 2, "qemu": 3}
+    rows = ["| what | RAM | RAM state | load | n | host ms (median / p95 / max) | "
+            "guest maxgap ms (median / p95 / max) | guest t_us tick gap ms (median / p95 / max) | "
+            "heartbeat gap ms (median / p95 / max) | "
+            "UDP echo gap ms (median / p95 / max) | UDP lost / dup |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = group(records)
+    for key in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2], k[3])):
+        rs = groups[key]
+        mode, size, ram, load = key
+        gg = [r.get("guest_gap_us") for r in rs]
+        nvis = sum(1 for x in gg if x is not None)
+        guest = fmt_triplet(summary(gg))
+        if any("guest_maxgap_after_us" in r for r in rs) and nvis < len(rs):
+            guest += f" ({nvis}/{len(rs)} above the prior max)"
+        loss = "–"
+        if any("udp_sent" in r for r in rs):
+            loss = f"{sum(r['udp_lost'] for r in rs)} / {sum(r['udp_dup'] for r in rs)} " \
+                   f"of {sum(r['udp_sent'] for r in rs)}"
+        rows.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {ram} | {load} | {len(rs)} | "
+                    f"{fmt_triplet(summary([r['host_us'] for r in rs]))} | {guest} | "
+                    f"{fmt_triplet(summary([r.get('guest_tick_gap_us') for r in rs]))} | "
+                    f"{fmt_triplet(summary([r.get('heartbeat_gap_us') for r in rs]))} | "
+                    f"{fmt_triplet(summary([r.get('net_gap_us') for r in rs]))} | {loss} |")
+    out = ["## Downtime", "", *rows, "",
+           "host: pyvmm's `x-downtime-us` (stop -> last vCPU back in KVM_RUN in the new VMM); "
+           "naive: pause -> resume in-process; QEMU: source STOP event -> destination RESUME "
+           "event (QMP timestamps). guest maxgap: ticker's `maxgap_us` after the update, "
+           "counted only when it rose above its value before (a pause that catches the guest "
+           "inside its write syscall is not in maxgap). guest t_us tick gap: the largest "
+           "difference of the guest's own `t_us` between two consecutive ticks across the "
+           "update (period 1 ms). heartbeat gap: the largest gap between two tick lines as "
+           "they arrived on the host (pipe included). UDP echo gap: the largest gap between "
+           "two echoes of a 1 ms stream through netecho. Guest and heartbeat views exist only "
+           "for the ticker guest (untouched RAM, idle).", ""]
+
+    out += ["## Phases (median µs, host view, idle)", "",
+            "| mode | RAM | RAM state | " + " | ".join(PHASES) + " |",
+            "|---|---|---|" + "---|" * len(PHASES)]
+    for key in sorted(groups, key=lambda k: (order[k[0]], k[1], k[2], k[3])):
+        mode, size, ram, load = key
+        if mode not in ("exec", "transfer", "naive") or load != "idle":
+            continue
+        cells = []
+        for ph in PHASES:
+            s = summary([r["phases_us"].get(ph) for r in groups[key]])
+            cells.append("–" if not s else f"{s['median']:.0f}")
+        out.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {ram} | " + " | ".join(cells)
+                   + " |")
+    out += ["", "pyvmm's timeline ends at the `resume` mark (last vCPU back in KVM_RUN), so "
+            "`restore` runs up to it and `resume` has no length of its own. Naive: stop = "
+            "pause, save = state + RAM -> file, restore = file -> RAM, resume = restore_state + "
+            "resume.", ""]
+
+    ratios = []
+    for size in sorted({k[1] for k in groups}):
+        for mode in ("exec", "transfer"):
+            mine = groups.get((mode, size, "untouched", "idle"))
+            if not mine:
+                continue
+            m = statistics.median(r["host_us"] for r in mine)
+            for base in ("naive", "qemu"):
+                b = groups.get((base, size, "untouched", "idle"))
+                if b:
+                    bm = statistics.median(r["host_us"] for r in b)
+                    ratios.append(f"| {size_name(size)} | cpr-{mode} | {MODE_NAME[base]} | "
+                                  f"{m / 1000:.2f} | {bm / 1000:.2f} | {m / bm:.3g} |")
+    if ratios:
+        out += ["## pyvmm / baseline (median host downtime, untouched RAM, idle)", "",
+                "| RAM | pyvmm | baseline | pyvmm ms | baseline ms | ratio |",
+                "|---|---|---|---|---|---|", *ratios, ""]
+    if skipped:
+        out += ["## Not run", "", *[f"- {s}" for s in skipped], ""]
+    return "\n".join(out)
+
+
+def host_description() -> str:
+    def run(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return "?"
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = run("free", "-g").splitlines()
+    return (f"kernel {run('uname', '-r')}, {run('nproc')} CPUs ({cpu}), "
+            f"RAM: {' '.join(mem[1].split()[:2]) if len(mem) > 1 else '?'} GiB total (free -g), "
+            f"Python {platform.python_version()}, "
+            f"{run(QEMU, '--version').splitlines()[0] if QEMU else 'no QEMU'}")

@@ -1,0 +1,33 @@
+"""Statistics over the sweep's records (one dict per live update)."""
+
+from __future__ import annotations
+
+import statistics
+
+from vmm.cpr.timeline import PHASES as TIMELINE
+
+# The phases a record's `phases_us` holds: the timeline's from the stop on (the downtime).
+PHASES = [name for name, _ in TIMELINE if name != "setup"]
+
+
+def pct(values, q):
+    v = sorted(values)
+    if not v:
+        return None
+    k = (len(v) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def summary(values):
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    return {"n": len(v), "median": statistics.median(v), "p95": pct(v, 0.95), "max": max(v)}
+
+
+def group(records):
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault((r["mode"], r["size"], r["ram"], r["load"]), []).append(r)
+    return groups

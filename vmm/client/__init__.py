@@ -1,0 +1,12 @@
+"""pyvmm's client side: what talks to a running pyvmm over its QMP socket.
+
+It is a separate layer from the VMM: nothing under vmm/ outside this package
+imports it, and it imports from the VMM only what describes the wire (the
+live-update phases it prints).  `qmp.py` is the QMP client (also used by the
+tests, the benchmarks and the labs), `cpr.py` drives `pyvmm cpr` and holds the
+one wait on `query-migrate`, `view.py` prints `pyvmm state`.
+"""
+
+from .qmp import QmpClient, QmpError
+
+__all__ = ["QmpClient", "QmpError"]
