@@ -19,7 +19,7 @@ Baselines on the same guest image: (a) a naive snapshot done with pyvmm's own
 API in-process (pause, save state, copy guest RAM to a file and back, restore,
 resume); (b) Debian's QEMU doing a local live migration with RAM in a shared
 /dev/shm file and `x-ignore-shared` (RAM not copied), downtime from the
-source's `query-migrate`.
+source's STOP event to the destination's RESUME event.
 
 Writes results.md, results.json, downtime_vs_ram.png, phases.png to --out.
 Everything started (processes, namespaces, /dev/shm files) is removed at the
