@@ -2,9 +2,11 @@
 
 It is a separate layer from the VMM: the VMM never imports it (vmm/cli.py only
 hands `pyvmm cpr` and `pyvmm state` to it), and it takes from the VMM only what
-describes the wire (the live-update phases it prints) and VmmError.  `qmp.py` is the QMP client (also used by the
-tests, the benchmarks and the labs), `cpr.py` drives `pyvmm cpr` and holds the
-one wait on `query-migrate`, `view.py` prints `pyvmm state`.
+describes the wire (the live-update phases it prints) and VmmError.
+
+`qmp.py` is the QMP client (also used by the tests, the benchmarks and the labs),
+`cpr.py` drives `pyvmm cpr` and holds the one wait on `query-migrate`,
+`trace_plot.py` draws its `--trace-plot`, `view.py` prints `pyvmm state`.
 """
 
 from .qmp import QmpClient, QmpError

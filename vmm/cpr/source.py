@@ -318,7 +318,9 @@ class Migration:
                            "shape": state_format.encode_tree(m.shape()), "config": self.config,
                            "faults": self.faults.for_target()},
                           [m.memory.fd])
+        self.timeline.step("old: hello and RAM memfd sent")
         self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
+        self.timeline.step("old: \"prepared\" received")
 
     def _save(self, fds: dict[str, int]) -> bytes:
         state = self.machine.save_state()
@@ -433,5 +435,6 @@ class Migration:
             if was_running:
                 m.resume()
                 self.emit("RESUME")
+            self.timeline.mark("rollback")
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")
         return False

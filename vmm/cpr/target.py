@@ -244,6 +244,7 @@ class Incoming:
         self._wait_for_peer()
         self._set_status("active")
         self.channel, msg, fds, shape = accept(self.listener, check_hello)
+        self.timeline.step("new: hello and RAM memfd received")
         self.listener.close()
         self.listener = None
         self._unlink()
@@ -266,6 +267,7 @@ class Incoming:
                 _close(fd)
             self._refuse(e)
             raise
+        self.timeline.step("new: VM built on the same RAM, \"prepared\" sent")
         self.channel.send({"msg": "prepared"})
 
     def complete(self):
