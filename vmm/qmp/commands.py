@@ -126,7 +126,8 @@ class Commands:
     def _make_table(self):
         ctl = lambda: self.controller  # noqa: E731  (looked up per call)
         return [
-            Command("qmp_capabilities", self._qmp_capabilities, {"enable": (_check_enable, False)}),
+            Command("qmp_capabilities", self._qmp_capabilities,
+                    {"enable": (_check_enable, False)}),
             Command("query-version", lambda s, a: greeting()["QMP"]["version"]),
             Command("query-commands", self._query_commands),
             Command("query-status", lambda s, a: ctl().query_status(), needs="query_status"),

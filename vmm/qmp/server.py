@@ -306,8 +306,9 @@ class Monitor:
                 # readable: a busy loop); the client waits in the backlog.
                 if not self._accept_failing:
                     self._accept_failing = True   # said once, until an accept works
-                    log_safely(log, "warning", "QMP: cannot accept a client: %s; retrying every %s s",
-                         e.strerror, ACCEPT_BACKOFF)
+                    log_safely(log, "warning",
+                               "QMP: cannot accept a client: %s; retrying every %s s",
+                               e.strerror, ACCEPT_BACKOFF)
                 self._sel.unregister(self._listener)
                 self._accept_after = time.monotonic() + ACCEPT_BACKOFF
                 return
