@@ -190,9 +190,18 @@ def test_migrate_capabilities_and_events(guests, vmm_procs, tmp_path):
             capabilities=[{"capability": "events", "state": True},
                           {"capability": "xbzrle", "state": False}])
         assert {"capability": "events", "state": True} in qmp(q, "query-migrate-capabilities")
+        # QEMU's four modes parse; pyvmm migrates in the two CPR modes that keep the RAM
+        assert qmp(q, "query-migrate-parameters")["mode"] == "normal"
+        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
+        with pytest.raises(QmpFailed, match="pyvmm only does CPR: first set the mode"):
+            qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr}])
+        with pytest.raises(QmpFailed, match="'cpr-reboot' is not supported by pyvmm"):
+            qmp(q, "migrate-set-parameters", mode="cpr-reboot")
+        with pytest.raises(QmpFailed, match="Parameter 'mode' does not accept value 'warp'"):
+            qmp(q, "migrate-set-parameters", mode="warp")
+        assert qmp(q, "query-migrate-parameters")["mode"] == "normal"
         # A failed update with events on: QEMU's MIGRATION events, in order
         qmp(q, "migrate-set-parameters", mode="cpr-transfer", **{"x-fault": ["after-stop"]})
-        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
         qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
                                     {"channel-type": "cpr", "addr": addr}])
         assert wait_migration(q)["status"] == "failed"
