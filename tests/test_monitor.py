@@ -18,8 +18,9 @@ import time
 import pytest
 
 from vmm.errors import VmmError
-from vmm.monitor import MAX_INPUT, JsonStream, Monitor
 from vmm.client import QmpClient, QmpError
+from vmm.qmp.framing import MAX_INPUT, JsonStream
+from vmm.qmp.server import Monitor
 
 qmp = pytest.importorskip("qemu.qmp")
 from qemu.qmp import ExecuteError, QMPClient  # noqa: E402

@@ -25,6 +25,7 @@ from . import (DOWNTIME_LIMIT_MS, EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume
                search_path)
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelTimeout
 from .faults import Faults
+from .modes import check_migrate_mode
 from .timeline import Timeline, now_ns, timeline_info
 
 PREPARE_TIMEOUT = 60.0
@@ -145,9 +146,7 @@ class Migration:
                  extra_fds: dict[str, int] | None = None, config: dict | None = None,
                  trace=None, main_addr: dict | None = None,
                  downtime_limit_ms: int = DOWNTIME_LIMIT_MS):
-        if mode not in ("cpr-transfer", "cpr-exec"):
-            raise VmmError(f"migration mode {mode!r} is not supported: use cpr-transfer or "
-                           "cpr-exec")
+        check_migrate_mode(mode)
         if mode == "cpr-transfer" and not cpr_path:
             raise VmmError("cpr-transfer needs the new pyvmm's cpr socket path")
         self.machine = machine
