@@ -80,6 +80,17 @@ def vmm_procs():
         p.stop()
 
 
+FUZZ_EXAMPLES = int(os.environ.get("PYVMM_FUZZ_EXAMPLES", "300"))
+
+
+def fuzz(test):
+    """Hypothesis settings for the suite's fuzzers: a few hundred examples each (more with
+    PYVMM_FUZZ_EXAMPLES=100000), no deadline (the machine is shared), no example database."""
+    from hypothesis import HealthCheck, settings
+    return settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck))(test)
+
+
 def run_pyvmm(*args: str, timeout: float = 60.0, env: dict | None = None):
     """Run pyvmm to completion; returns CompletedProcess with text output."""
     return subprocess.run(pyvmm_cmd(*args), capture_output=True, text=True, timeout=timeout,

@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,15 +18,12 @@ pytest.importorskip("rich")
 def test_tiny_sweep_writes_table_and_plots(guests, tmp_path):
     need_kvm()
     out = tmp_path / "results"
-    t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "bench.downtime", "--sizes", "256M",
                         "--reps", "1", "--modes", "exec,transfer", "--ram", "untouched",
                         "--loads", "idle", "--baselines", "none", "--no-progress",
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
-    took = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert took < 30, f"the tiny sweep took {took:.1f} s"
     table = (out / "results.md").read_text()
     for mode in ("cpr-exec", "cpr-transfer"):
         row = next(line for line in table.splitlines() if line.startswith(f"| pyvmm {mode} |"))

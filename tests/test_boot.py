@@ -200,27 +200,18 @@ def test_state_round_trip_into_fresh_vm_on_same_memfd(guests):
         m.close()
 
 
-def test_corrupt_state_is_refused(guests):
+def test_state_for_another_ram_size_is_refused(guests):
+    """A well-formed blob for another machine shape (RAM size) is refused on restore.
+    (Blobs refused before that, corrupt or of another version: test_state_blob.py.)"""
     m, console = boot(guests, "ticker", "period_us=20000")
     try:
         console.wait_for(r"tick 1 ")
         m.pause()
-        blob = bytearray(state_format.dumps(m.save_state()))
+        blob = state_format.dumps(m.save_state())
         m.resume()
     finally:
         m.close()
-    flipped = bytearray(blob)
-    flipped[100] ^= 0xFF
-    with pytest.raises(state_format.StateError, match="checksum"):
-        state_format.loads(bytes(flipped))
-    with pytest.raises(state_format.StateError, match="version"):
-        state_format.loads(bytes(blob[:8]) + (99).to_bytes(4, "little") + bytes(blob[12:]))
-    with pytest.raises(state_format.StateError, match="magic"):
-        state_format.loads(b"GARBAGE!" + bytes(blob[8:]))
-    with pytest.raises(state_format.StateError, match="truncated"):
-        state_format.loads(bytes(blob[:-10]))
-    # A well-formed blob for another machine shape (RAM size) is refused on restore.
-    state = state_format.loads(bytes(blob))
+    state = state_format.loads(blob)
     state["machine"]["memory"]["size"] *= 2
     other = Machine(MachineConfig(kernel=None, memory=64 << 20))
     other.create()
@@ -270,29 +261,6 @@ def test_dirty_log_sees_the_guest_write(guests):
         m.resume()
     finally:
         m.close()
-
-
-def test_state_decoder_refuses_garbage_with_valid_checksums():
-    """Corrupt bodies that still pass the CRC: the decoder itself must refuse them cleanly."""
-    import random
-    import zlib
-    good = state_format.dumps({"vcpus": [{"regs": bytes(144), "msrs": [[16, 2**63 + 1]]}],
-                               "name": "x", "n": -5, "f": 1.5, "z": None, "ok": True})
-    header, body = good[:24], bytearray(good[24:])
-    rng = random.Random(1234)
-    for _ in range(3000):
-        b = bytearray(body)
-        for _ in range(rng.randint(1, 4)):
-            b[rng.randrange(len(b))] = rng.randrange(256)
-        if rng.random() < 0.3:
-            b = b[:rng.randrange(len(b))]
-        blob = header[:12] + zlib.crc32(bytes(b)).to_bytes(4, "little") + \
-            len(b).to_bytes(8, "little") + bytes(b)
-        try:
-            out = state_format.loads(blob)
-        except state_format.StateError:
-            continue
-        assert isinstance(out, dict)
 
 
 def test_uart_fast_path_writes_the_same_bytes_in_order(guests, tmp_path):

@@ -488,8 +488,6 @@ def test_netecho_loses_no_datagram_during_cpr(guests, vmm_procs, tmp_path, mode)
     assert got == sorted(got), "datagrams out of order"
     assert got == list(range(count)), f"lost {sorted(set(range(count)) - set(got))[:20]}"
     assert "250 packets transmitted, 250 received" in ping_out, ping_out
-    # the network's view of the pause is at least the host's view of it
-    assert result["max_gap_ms"] * 1000 >= info["x-downtime-us"] * 0.5
 
 
 def test_fault_is_for_one_update_and_must_fit_the_mode(guests, vmm_procs, tmp_path):

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT, need_kvm
 from test_cpr import (assert_keeps_running, assert_ticks_continuous, assert_ticks_go_on, close,
-                      qmp, qmp_connect, start_incoming, start_ticker, ticks, QmpFailed)
+                      qmp, qmp_connect, start_incoming, start_ticker, QmpFailed)
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -169,7 +169,8 @@ def test_new_stopped_after_go_past_the_timeout(guests, vmm_procs, tmp_path):
 @pytest.mark.parametrize("limit_ms", [None, 300])
 def test_stall_before_go_rolls_back_at_downtime_limit(guests, vmm_procs, tmp_path, limit_ms):
     """A new VMM frozen after it got the state, before "restored": the old one rolls back
-    once the pause overruns downtime-limit (default or set), not after 30 s."""
+    because the pause overran downtime-limit (default or set), while the new one is still
+    frozen (not at the channel's 30 s timeout, nor because the new one moved)."""
     old, old_qmp = start_ticker(vmm_procs, tmp_path)
     new, sock, _ = start_incoming(vmm_procs, tmp_path)
     old.wait_for(r"tick 3 ")
@@ -194,9 +195,6 @@ def test_stall_before_go_rolls_back_at_downtime_limit(guests, vmm_procs, tmp_pat
     assert f"downtime-limit ({limit} ms)" in info["error-desc"], info
     assert "x-after-go" not in info
     assert_keeps_running(old, old_qmp)
-    # the guest's own clock: its longest pause is the bound plus a little, far from 30 s
-    t = [us for _, us in ticks(old.text())]
-    assert max(b - a for a, b in zip(t, t[1:])) < 10_000_000
     assert new.wait(15) != 0
     assert "tick" not in new.text()
     assert re.search(r"pyvmm: error: .*closed the connection|went away", new.stderr), new.stderr

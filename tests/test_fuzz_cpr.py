@@ -1,6 +1,6 @@
 """Fuzz what a live update reads from the other side: the cpr channel's messages
-(vmm/cpr/channel.py: parse, check_hello), the state blob's decoder (vmm/state.py)
-and the schema (vmm/schema.py), with Hypothesis.
+(vmm/cpr/channel.py: parse, check_hello) and the schema (vmm/schema.py), with
+Hypothesis.  (The state blob's decoder, vmm/state.py, is fuzzed in test_state_blob.py.)
 
 Whatever arrives, the only way out is a clean refusal (a VmmError, which the
 CLI prints as one line and the channel sends back); any other exception is a
@@ -16,21 +16,16 @@ from __future__ import annotations
 import copy
 import json
 import os
-import struct
-import zlib
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
+from conftest import fuzz
 from vmm import state as state_format
 from vmm.cpr.channel import check_hello, parse
 from vmm.errors import VmmError
 from vmm.schema import check
-
-EXAMPLES = int(os.environ.get("PYVMM_FUZZ_EXAMPLES", "300"))
-fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))
 
 # Any value a decoder can produce (JSON or the blob's tags), nested a little.
 leaf = (st.none() | st.booleans() | st.integers() | st.integers(-2**70, 2**70)
@@ -133,30 +128,6 @@ def test_fuzz_hello_shape(data):
     # the same, with the mutated shape as bytes the decoder could produce
     shape = data.draw(mutation(SHAPE))
     refused_cleanly(check, "shape", shape)
-
-
-@fuzz
-@given(st.binary(max_size=256))
-def test_fuzz_blob_body(body):
-    """Any body behind a header with the right length and checksum: the decoder
-    refuses cleanly (no struct.error, no RecursionError, no UnicodeDecodeError)."""
-    blob = struct.pack("<8sIIQ", state_format.MAGIC, state_format.VERSION,
-                       zlib.crc32(body), len(body)) + body
-    refused_cleanly(state_format.loads, blob, "state")
-
-
-@fuzz
-@given(st.binary(min_size=1, max_size=8), st.integers(0, 1 << 16))
-def test_fuzz_blob_bytes_flipped(junk, at):
-    """A real blob with bytes overwritten and the checksum fixed up."""
-    good = state_format.dumps({"machine": SHAPE, "x": [1, "a", b"b", {"c": None}]})
-    body = bytearray(good[state_format.HEADER.size:])
-    at %= len(body)
-    body[at:at + len(junk)] = junk
-    body = bytes(body)
-    blob = struct.pack("<8sIIQ", state_format.MAGIC, state_format.VERSION,
-                       zlib.crc32(body), len(body)) + body
-    refused_cleanly(state_format.loads, blob, "state")
 
 
 # -- a real machine's state, mutated, through the schema and into the restore code ----------

@@ -74,13 +74,18 @@ def _fence() -> None:
 
 
 class _MemTable:
-    """Bounds-checked views of guest RAM from a vhost-style memory table (host addresses)."""
+    """Bounds-checked views of guest RAM from a vhost-style memory table: the device reaches
+    what the table holds and nothing else (as vhost-net), through `mem` if given, else
+    through the table's host addresses."""
 
-    def __init__(self, regions):
+    def __init__(self, regions, mem=None):
         self.regions = []
         for gpa, size, host in regions:
-            buf = (ctypes.c_char * size).from_address(host)
-            self.regions.append((gpa, size, memoryview(buf).cast("B")))
+            if mem is not None:
+                mv = mem.view(gpa, size)
+            else:
+                mv = memoryview((ctypes.c_char * size).from_address(host)).cast("B")
+            self.regions.append((gpa, size, mv))
 
     def view(self, gpa: int, length: int) -> memoryview:
         for start, size, mv in self.regions:
@@ -121,6 +126,16 @@ class Ring:
 
     def unpop(self, count: int) -> None:
         self.last_avail = (self.last_avail - count) & 0xFFFF
+
+    def take(self, writable: bool) -> tuple[int, list[memoryview]]:
+        """Pop the next chain and walk it.  A malformed chain is not consumed (as in
+        vhost-net): get_vring_base() still points at it, so a restarted device sees it again."""
+        head = self.pop()
+        try:
+            return head, self.walk(head, writable)
+        except ChainError:
+            self.unpop(1)
+            raise
 
     def walk(self, head: int, writable: bool) -> list[memoryview]:
         """The buffers of the chain at `head`, all device-writable (RX) or all readable (TX)."""
@@ -172,6 +187,18 @@ class Ring:
 
     def publish(self) -> None:
         self.used[1] = self.used_idx   # after the elements (x86 keeps stores in order)
+
+    def wait_for_more(self) -> bool:
+        """Ask for a kick as soon as the driver adds any entry (not just one past last_avail:
+        the entries already there are too few); True if one came meanwhile (vnet.c's
+        rx_wait_buffers)."""
+        seen = self.avail[1]
+        if self.event_idx:
+            self.used[2 + 4 * self.num] = seen
+        else:
+            self.used[0] = 0
+        _fence()
+        return self.avail[1] != seen
 
     def notifications(self, on: bool) -> None:
         """Ask the driver to kick (on) or not; with EVENT_IDX, kick at the next new entry.
@@ -252,9 +279,7 @@ class PyNetBackend:
                 if not self.mem.contains(gpa, size) or self.mem.host_address(gpa, size) != host:
                     raise DeviceError(f"memory table entry {gpa:#x}+{size:#x} does not match "
                                       f"guest RAM")
-            self._view = self.mem.view
-        else:
-            self._view = _MemTable(regions).view
+        self._view = _MemTable(regions, self.mem).view
 
     def set_features(self, features: int) -> None:
         self._need_owner()
@@ -418,8 +443,7 @@ class PyNetBackend:
                 if not ring.pending():  # the guest may have added one meanwhile
                     break
                 ring.notifications(False)
-            head = ring.pop()
-            segs = ring.walk(head, writable=False)
+            head, segs = ring.take(writable=False)
             try:
                 os.writev(self._tap, segs)
                 self._stats["tx_packets"] += 1
@@ -447,22 +471,39 @@ class PyNetBackend:
                     has_buffers = False
                     break
             ring.notifications(False)
-            if not self._rx_one(ring, merge):
+            got = self._rx_one(ring, merge)
+            if got is None:          # too few buffers for a full-size frame: wait for more
+                if ring.wait_for_more():
+                    continue
+                has_buffers = False
+                break
+            if not got:
                 break
         ring.publish()
         if ring.needs_interrupt():
             self._signal(RX)
         return has_buffers
 
-    def _rx_one(self, ring: Ring, merge: bool) -> bool:
-        """Read one frame into the guest's buffers; False when the tap has nothing."""
+    def _rx_one(self, ring: Ring, merge: bool) -> bool | None:
+        """Read one frame into the guest's buffers; False when the tap has nothing, None
+        (nothing read) when with MRG_RXBUF the guest offers less than a full-size frame."""
         chains = []  # (head, segments, capacity)
+        try:
+            return self._rx_into(ring, merge, chains)
+        except ChainError:
+            ring.unpop(len(chains))   # give back this frame's chains: nothing was used
+            raise
+
+    def _rx_into(self, ring: Ring, merge: bool, chains: list) -> bool | None:
         room = 0
         while ring.pending() and (merge or not chains) and room < FRAME_GUESS:
-            head = ring.pop()
-            segs = ring.walk(head, writable=True)
+            head, segs = ring.take(writable=True)
             chains.append((head, segs, sum(map(len, segs))))
             room += chains[-1][2]
+        if merge and room < FRAME_GUESS:
+            ring.unpop(len(chains))
+            chains.clear()
+            return None
         scratch = self._scratch
         try:
             n = os.readv(self._tap, [s for _, segs, _ in chains for s in segs] + [scratch])
@@ -473,8 +514,7 @@ class PyNetBackend:
         if n > room:  # spill the tail into more buffers, if the guest has them
             spill = memoryview(scratch)[:n - room]
             while merge and spill and ring.pending():
-                head = ring.pop()
-                segs = ring.walk(head, writable=True)
+                head, segs = ring.take(writable=True)
                 cap = sum(map(len, segs))
                 _scatter(segs, spill[:cap])
                 spill = spill[cap:]
