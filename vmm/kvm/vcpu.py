@@ -74,11 +74,10 @@ def cpuid_bytes_problem(data) -> str | None:
 class Vcpu:
     """One vCPU fd and its shared kvm_run page."""
 
-    def __init__(self, vm, index: int, *, fd: int | None = None):
+    def __init__(self, vm, index: int, fd: int):
+        """Wrap vCPU `index`'s fd, made by vmm.kvm.vm.build or the cpr-exec prebuilder."""
         self.vm = vm
         self.index = index
-        if fd is None:   # (given: made by the cpr-exec prebuilder, csrc/cpr_exec.c)
-            fd = ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, index, what="CREATE_VCPU")
         self.fd = fd
         self._map = SharedMapping(self.fd, vm.kvm.vcpu_mmap_size)
         self.run = ffi.cast("struct kvm_run *", self._map.ptr)
