@@ -33,7 +33,7 @@ import errno
 import os
 
 from ..errors import KvmError
-from .ffi import SharedMapping, ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
+from .ffi import SharedMapping, ffi, from_bytes, ioctl, lib, to_bytes
 from .system import MAX_CPUID_ENTRIES
 
 # Timing leaf (as QEMU and VMware expose it): EAX = TSC kHz, EBX = APIC bus kHz.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from ..errors import KvmError
-from .ffi import ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
+from .ffi import ffi, from_bytes, ioctl, lib, to_bytes
 
 IRQCHIPS = {"pic_master": 0, "pic_slave": 1, "ioapic": 2}
 
