@@ -7,9 +7,10 @@
  *    cost ~0.35 ms per GiB here.  So the old image execs Python with this
  *    module in LD_PRELOAD and PYVMM_CPR_PREBUILD naming a memfd that holds a
  *    struct pyvmm_prebuild_spec.  The constructor below runs before Python's
- *    main(), starts a thread that opens /dev/kvm, creates the VM, maps RAM,
- *    sets the slots, the irqchip, the PIT and the vCPUs, while the main thread
- *    starts Python.  When pyvmm's resume path imports this module, the dynamic
+ *    main(), starts a thread that opens /dev/kvm, maps RAM and builds the VM
+ *    (pyvmm_build_vm, csrc/build_vm.c: the slots, the irqchip, the PIT and the
+ *    vCPUs, as the normal boot builds them), while the main thread starts
+ *    Python.  When pyvmm's resume path imports this module, the dynamic
  *    loader hands back the object already loaded, and pyvmm_prebuilt_wait()
  *    joins the thread and gives the fds to Python.  The constructor removes
  *    both variables from the environment, so nothing the new image starts
@@ -49,8 +50,6 @@
 
 #include "cpr_exec.h"
 
-#define PAGE 4096u
-
 static int64_t now_ns(void)
 {
     struct timespec ts;
@@ -61,127 +60,56 @@ static int64_t now_ns(void)
 static int fail(struct pyvmm_prebuilt *b, const char *step, int err)
 {
     b->status = -(err ? err : EINVAL);
-    snprintf(b->step, sizeof(b->step), "%s", step);
+    snprintf(b->vm.step, sizeof(b->vm.step), "%s", step);
     return b->status;
 }
 
-/* Whether a prebuild request is safe to act on: every region inside the memfd,
- * page-aligned, no overflow (csrc/fuzz/fuzz_prebuild.c checks this claim). */
+/* Whether a prebuild request is safe to act on: ours, and a layout
+ * pyvmm_build_vm accepts for its RAM (csrc/fuzz/fuzz_prebuild.c checks this claim). */
 int pyvmm_prebuild_spec_valid(const struct pyvmm_prebuild_spec *s)
 {
     if (s->magic != PYVMM_PREBUILD_MAGIC || s->version != PYVMM_PREBUILD_VERSION)
         return 0;
-    if (s->ram_fd < 0 || s->ram_size == 0 || s->ram_size % PAGE)
-        return 0;
-    if (s->nregions < 1 || s->nregions > PYVMM_PREBUILD_MAX_REGIONS)
-        return 0;
-    if (s->nvcpus < 1 || s->nvcpus > PYVMM_PREBUILD_MAX_VCPUS)
-        return 0;
-    for (uint32_t i = 0; i < s->nregions; i++) {
-        const struct pyvmm_prebuild_region *r = &s->regions[i];
-        if (r->size == 0 || (r->gpa | r->size | r->offset) % PAGE)
-            return 0;
-        if (r->offset > s->ram_size || r->size > s->ram_size - r->offset)
-            return 0;
-        if (r->gpa + r->size < r->gpa)
-            return 0;
-    }
-    return 1;
+    return s->ram_fd >= 0 && pyvmm_vm_layout_valid(&s->layout, s->ram_size);
 }
 
-static void undo(struct pyvmm_prebuilt *b)
-{
-    for (int i = 0; i < b->nvcpus; i++)
-        if (b->vcpu_fds[i] >= 0)
-            close(b->vcpu_fds[i]);
-    if (b->vm_fd >= 0)
-        close(b->vm_fd);
-    if (b->kvm_fd >= 0)
-        close(b->kvm_fd);
-    if (b->ram_addr)
-        munmap((void *)(uintptr_t)b->ram_addr, b->ram_size);
-    b->nvcpus = 0;
-    b->vm_fd = b->kvm_fd = -1;
-    b->ram_addr = 0;
-}
-
-/* Build the VM the spec describes, in the same order as vmm.machine.create_kvm_parts. */
+/* Open /dev/kvm, map the RAM memfd and build the VM on it with
+ * pyvmm_build_vm (csrc/build_vm.c), as vmm.machine.create_kvm_parts does. */
 int pyvmm_prebuild_run(const struct pyvmm_prebuild_spec *s, struct pyvmm_prebuilt *b)
 {
     struct stat st;
     int r;
 
     memset(b, 0, sizeof(*b));
-    b->kvm_fd = b->vm_fd = -1;
+    b->kvm_fd = b->vm.vm_fd = -1;
     b->t_start_ns = now_ns();
     if (!pyvmm_prebuild_spec_valid(s))
-        return fail(b, "check the prebuild request", EINVAL);
-    if (fstat(s->ram_fd, &st) < 0)
-        return fail(b, "fstat the RAM memfd", errno);
-    if ((uint64_t)st.st_size != s->ram_size)
-        return fail(b, "check the RAM memfd's size", EINVAL);
-
-    b->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-    if (b->kvm_fd < 0) {
+        fail(b, "check the prebuild request", EINVAL);
+    else if (fstat(s->ram_fd, &st) < 0)
+        fail(b, "fstat the RAM memfd", errno);
+    else if ((uint64_t)st.st_size != s->ram_size)
+        fail(b, "check the RAM memfd's size", EINVAL);
+    else if ((b->kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC)) < 0)
         fail(b, "open /dev/kvm", errno);
-        goto out;
-    }
-    b->vm_fd = ioctl(b->kvm_fd, KVM_CREATE_VM, 0);
-    if (b->vm_fd < 0) {
-        fail(b, "KVM_CREATE_VM", errno);
-        goto out;
-    }
-    void *ram = mmap(NULL, s->ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, s->ram_fd, 0);
-    if (ram == MAP_FAILED) {
-        fail(b, "mmap guest RAM", errno);
-        goto out;
-    }
-    b->ram_addr = (uintptr_t)ram;
-    b->ram_size = s->ram_size;
-    for (uint32_t i = 0; i < s->nregions; i++) {
-        struct kvm_userspace_memory_region region = {
-            .slot = i,
-            .guest_phys_addr = s->regions[i].gpa,
-            .memory_size = s->regions[i].size,
-            .userspace_addr = b->ram_addr + s->regions[i].offset,
-        };
-        if (ioctl(b->vm_fd, KVM_SET_USER_MEMORY_REGION, &region) < 0) {
-            fail(b, "KVM_SET_USER_MEMORY_REGION", errno);
-            goto out;
+    else {
+        void *ram = mmap(NULL, s->ram_size, PROT_READ | PROT_WRITE, MAP_SHARED, s->ram_fd, 0);
+        if (ram == MAP_FAILED) {
+            fail(b, "mmap guest RAM", errno);
+        } else {
+            b->ram_addr = (uintptr_t)ram;
+            b->ram_size = s->ram_size;
+            r = pyvmm_build_vm(b->kvm_fd, b->ram_addr, b->ram_size, &s->layout, &b->vm);
+            b->status = r < 0 ? r : 1;
         }
     }
-    if (ioctl(b->vm_fd, KVM_SET_TSS_ADDR, (unsigned long)s->tss_addr) < 0) {
-        fail(b, "KVM_SET_TSS_ADDR", errno);
-        goto out;
+    if (b->status != 1) {   /* pyvmm_build_vm closed what it made */
+        if (b->kvm_fd >= 0)
+            close(b->kvm_fd);
+        if (b->ram_addr)
+            munmap((void *)(uintptr_t)b->ram_addr, b->ram_size);
+        b->kvm_fd = -1;
+        b->ram_addr = 0;
     }
-    uint64_t ident = s->identity_map_addr;
-    if (ioctl(b->vm_fd, KVM_SET_IDENTITY_MAP_ADDR, &ident) < 0) {
-        fail(b, "KVM_SET_IDENTITY_MAP_ADDR", errno);
-        goto out;
-    }
-    if (ioctl(b->vm_fd, KVM_CREATE_IRQCHIP, 0) < 0) {
-        fail(b, "KVM_CREATE_IRQCHIP", errno);
-        goto out;
-    }
-    if (s->flags & PYVMM_PREBUILD_PIT) {
-        struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
-        if (ioctl(b->vm_fd, KVM_CREATE_PIT2, &pit) < 0) {
-            fail(b, "KVM_CREATE_PIT2", errno);
-            goto out;
-        }
-    }
-    for (uint32_t i = 0; i < s->nvcpus; i++) {
-        r = ioctl(b->vm_fd, KVM_CREATE_VCPU, (unsigned long)i);
-        if (r < 0) {
-            fail(b, "KVM_CREATE_VCPU", errno);
-            goto out;
-        }
-        b->vcpu_fds[b->nvcpus++] = r;
-    }
-    b->status = 1;
-out:
-    if (b->status != 1)
-        undo(b);
     b->t_done_ns = now_ns();
     return b->status;
 }
@@ -211,6 +139,7 @@ __attribute__((constructor)) static void pyvmm_prebuild_start(void)
 
     if (!v)
         return;
+    g_built.kvm_fd = g_built.vm.vm_fd = -1;   /* a failure below must not name fd 0 */
     snprintf(buf, sizeof(buf), "%s", v);
     w = getenv("PYVMM_CPR_PRELOAD_WAS");
     if (w)
@@ -260,7 +189,7 @@ int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out)
 /* -- the holder ------------------------------------------------------------- */
 
 #define HOLDER_STACK (64 * 1024)
-#define HOLDER_MAX_FDS (PYVMM_PREBUILD_MAX_VCPUS + 8)
+#define HOLDER_MAX_FDS (PYVMM_VM_MAX_VCPUS + 8)
 
 struct holder_arg {
     int rfd;

@@ -4,45 +4,33 @@
 
 #include <stdint.h>
 
+#include "build_vm.h"
+
 #define PYVMM_PREBUILD_MAGIC 0x42505650u   /* "PVPB" */
-#define PYVMM_PREBUILD_VERSION 1u
-#define PYVMM_PREBUILD_MAX_REGIONS 8
-#define PYVMM_PREBUILD_MAX_VCPUS 64
-#define PYVMM_PREBUILD_PIT 1u
+#define PYVMM_PREBUILD_VERSION 2u
 
 /* What the old image asks the new one to build before Python starts, written
- * into a memfd whose number is in PYVMM_CPR_PREBUILD. */
-struct pyvmm_prebuild_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint64_t offset;   /* in the RAM memfd */
-};
-
+ * into a memfd whose number is in PYVMM_CPR_PREBUILD: the RAM memfd and the
+ * layout pyvmm_build_vm (csrc/build_vm.h) takes. */
 struct pyvmm_prebuild_spec {
     uint32_t magic;
     uint32_t version;
     int32_t ram_fd;
-    uint32_t nregions;
-    uint32_t nvcpus;
-    uint32_t flags;
+    uint32_t pad;
     uint64_t ram_size;
-    uint64_t tss_addr;
-    uint64_t identity_map_addr;
-    struct pyvmm_prebuild_region regions[PYVMM_PREBUILD_MAX_REGIONS];
+    struct pyvmm_vm_layout layout;
 };
 
-/* What the builder made: fds the Python side adopts, or why it gave up. */
+/* What the builder made: fds the Python side adopts, or why it gave up
+ * (vm.step names the failed step). */
 struct pyvmm_prebuilt {
     int32_t status;        /* 0: nothing was asked; 1: built; < 0: -errno of the failed step */
-    char step[48];         /* the failed step, for the message */
     int32_t kvm_fd;
-    int32_t vm_fd;
-    int32_t nvcpus;
-    int32_t vcpu_fds[PYVMM_PREBUILD_MAX_VCPUS];
     uint64_t ram_addr;
     uint64_t ram_size;
     int64_t t_start_ns;    /* CLOCK_MONOTONIC: when the builder started and finished */
     int64_t t_done_ns;
+    struct pyvmm_vm_fds vm;
 };
 
 int pyvmm_prebuild_spec_valid(const struct pyvmm_prebuild_spec *spec);

@@ -49,6 +49,9 @@ CHILD = textwrap.dedent("""
             for v in vcpus:
                 v.close()
             vm.close(); kvm.close(); mem.close()
+        else:   # what the resume path does with it (vmm/cpr/target.py), then our stdin
+            built.discard()
+            out["stdin_open"] = os.path.exists("/proc/self/fd/0")
     out["fds"] = sorted(os.readlink("/proc/self/fd/" + f) for f in os.listdir("/proc/self/fd")
                         if os.path.exists("/proc/self/fd/" + f))
     print(json.dumps(out))
@@ -150,6 +153,7 @@ def test_prebuilder_refuses_a_bad_request_and_builds_nothing(ram_and_cpuid, spec
         os.close(spec)
     assert out["built"]["ok"] is False and out["built"]["error"].startswith(want)
     assert out["env"] == []
+    assert out["stdin_open"]   # discarding a failed build closes nothing it did not make
 
 
 def test_without_a_request_there_is_nothing_to_take(ram_and_cpuid):

@@ -39,23 +39,22 @@ def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None
                      prebuilt=None):
     """/dev/kvm, a VM with `memory` in its slots and the in-kernel irqchip, its vCPUs.
 
-    With `prebuilt` (vmm.cpr.prebuild.Prebuilt), the cpr-exec prebuilder already
-    made them before Python started: adopt its fds instead of creating them.
+    Both ways go through csrc/build_vm.c (vmm.kvm.vm.build): here, or, with
+    `prebuilt` (vmm.cpr.prebuild.Prebuilt), in the cpr-exec prebuilder before
+    Python started; then Python wraps the fds the same way.
     """
     from .kvm.system import Kvm
+    from .kvm.vcpu import Vcpu
+    from .kvm.vm import Vm, build
     if prebuilt is None:
         kvm = Kvm()
-        vm = kvm.create_vm()
-        vm.map_memory(memory)
-        vm.setup_x86()
-        cpus = [vm.create_vcpu(i) for i in range(vcpus)]
+        vm_fd, vcpu_fds = build(kvm, memory, vcpus)
     else:
-        from .kvm.vcpu import Vcpu
-        from .kvm.vm import Vm
         kvm = Kvm(fd=prebuilt.kvm_fd)
-        vm = Vm(kvm, fd=prebuilt.vm_fd)
-        vm.adopt(memory)
-        cpus = [Vcpu(vm, i, fd=fd) for i, fd in enumerate(prebuilt.vcpu_fds)]
+        vm_fd, vcpu_fds = prebuilt.vm_fd, prebuilt.vcpu_fds
+    vm = Vm(kvm, vm_fd)
+    vm.adopt(memory)
+    cpus = [Vcpu(vm, i, fd) for i, fd in enumerate(vcpu_fds)]
     for i, vcpu in enumerate(cpus):
         if cpuids is not None:
             vcpu.set_cpuid_bytes(cpuids[i])

@@ -1,4 +1,5 @@
-/* libFuzzer target: the cpr-exec prebuilder's request check (csrc/cpr_exec.c).
+/* libFuzzer target: the cpr-exec prebuilder's request check (csrc/cpr_exec.c,
+ * with the VM layout check of csrc/build_vm.c that the normal boot uses too).
  *
  * The request comes from a memfd the old image wrote; a corrupt one must be
  * refused before the builder maps or registers anything.  Every request the
@@ -22,14 +23,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     if (!pyvmm_prebuild_spec_valid(&s))
         return 0;
-    if (s.nregions < 1 || s.nregions > PYVMM_PREBUILD_MAX_REGIONS)
+    const struct pyvmm_vm_layout *l = &s.layout;
+    if (l->nregions < 1 || l->nregions > PYVMM_VM_MAX_REGIONS)
         abort();
-    if (s.nvcpus < 1 || s.nvcpus > PYVMM_PREBUILD_MAX_VCPUS || s.ram_fd < 0)
+    if (l->nvcpus < 1 || l->nvcpus > PYVMM_VM_MAX_VCPUS || s.ram_fd < 0)
         abort();
     if (s.ram_size == 0 || s.ram_size % 4096)
         abort();
-    for (uint32_t i = 0; i < s.nregions; i++) {
-        const struct pyvmm_prebuild_region *r = &s.regions[i];
+    for (uint32_t i = 0; i < l->nregions; i++) {
+        const struct pyvmm_vm_region *r = &l->regions[i];
         if (r->size == 0 || r->gpa % 4096 || r->size % 4096 || r->offset % 4096)
             abort();
         if ((unsigned __int128)r->offset + r->size > s.ram_size)

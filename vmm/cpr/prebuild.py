@@ -17,23 +17,13 @@ PRELOAD_WAS_ENV = "PYVMM_CPR_PRELOAD_WAS"    # LD_PRELOAD before ours, put back 
 def request(memory, vcpus: int) -> int:
     """A memfd holding the prebuild spec for a VM like ours (old image, before the stop)."""
     from ..kvm.ffi import ffi, lib
-    from ..kvm.vm import IDENTITY_MAP_ADDR, TSS_ADDR
-    if len(memory.regions) > lib.PYVMM_PREBUILD_MAX_REGIONS or \
-            vcpus > lib.PYVMM_PREBUILD_MAX_VCPUS:
-        return -1
+    from ..kvm.vm import layout
     spec = ffi.new("struct pyvmm_prebuild_spec *")
     spec.magic = lib.PYVMM_PREBUILD_MAGIC
     spec.version = lib.PYVMM_PREBUILD_VERSION
     spec.ram_fd = memory.fd
     spec.ram_size = memory.size
-    spec.nvcpus = vcpus
-    spec.flags = lib.PYVMM_PREBUILD_PIT
-    spec.tss_addr = TSS_ADDR
-    spec.identity_map_addr = IDENTITY_MAP_ADDR
-    spec.nregions = len(memory.regions)
-    for i, r in enumerate(memory.regions):
-        spec.regions[i].gpa, spec.regions[i].size, spec.regions[i].offset = \
-            r.gpa, r.size, r.offset
+    spec.layout = layout(memory, vcpus)[0]   # the layout vmm.kvm.vm.build gives C too
     fd = os.memfd_create("pyvmm-prebuild", os.MFD_CLOEXEC)
     os.write(fd, bytes(ffi.buffer(spec)))
     return fd
@@ -55,9 +45,9 @@ class Prebuilt:
     def __init__(self, built):
         from ..kvm.ffi import ffi
         self.status = built.status
-        self.step = ffi.string(built.step).decode(errors="replace")
-        self.kvm_fd, self.vm_fd = built.kvm_fd, built.vm_fd
-        self.vcpu_fds = [built.vcpu_fds[i] for i in range(built.nvcpus)]
+        self.step = ffi.string(built.vm.step).decode(errors="replace")
+        self.kvm_fd, self.vm_fd = built.kvm_fd, built.vm.vm_fd
+        self.vcpu_fds = [built.vm.vcpu_fds[i] for i in range(built.vm.nvcpus)]
         self.ram_addr, self.ram_size = built.ram_addr, built.ram_size
         self.t_start_ns, self.t_done_ns = built.t_start_ns, built.t_done_ns
 

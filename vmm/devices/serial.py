@@ -86,7 +86,7 @@ class Serial16550:
     def attach_fast_path(self, fast) -> None:
         """Let C handle LSR reads and THR writes while they have no side effect.
 
-        `fast` is a `struct pyvmm_uart_fast` (vmm/kvm/_build.py) with `base` and
+        `fast` is a `struct pyvmm_uart_fast` (csrc/vcpu_run.h) with `base` and
         `out_fd` set; the vCPU loop reads it on each port-IO exit.  Every change of
         the model below republishes what the C side may do (_publish), under the
         lock: enabled only with DLAB clear, no loopback, no THR-empty interrupt and

@@ -156,132 +156,31 @@ int munmap(void *addr, size_t length);
 #define PROT_WRITE ...
 #define MAP_SHARED ...
 
-int pyvmm_ioctl(int fd, unsigned long request, void *arg);
-int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
-int pyvmm_install_kick_handler(int signo);
-
-/* The UART fast path (vmm/devices/serial.py keeps it in step with the model). */
-struct pyvmm_uart_fast {
-    int enabled; int out_fd; unsigned short base; unsigned char lsr; unsigned long long handled;
-};
-int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart);
-int pyvmm_set_thread_name(const char *name);
-int pyvmm_kick_thread(unsigned long thread, int signo);
 #define SIGUSR1 ...
 
 """
 
 CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
-# csrc/cpr_exec.c: the cpr-exec prebuilder and holder, declared by their header
-CDEF += cdef_from_header(os.path.join(ROOT, "csrc", "cpr_exec.h"))
+# The C parts of this module, declared by their headers (the contract, one copy):
+# csrc/vcpu_run.c, the vCPU run loop with the UART fast path and the kick;
+# csrc/build_vm.c, the one way a VM is built (normal boot and cpr-exec prebuilder);
+# csrc/cpr_exec.c, the cpr-exec prebuilder and holder.
+for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h"):
+    CDEF += cdef_from_header(os.path.join(ROOT, "csrc", header))
 
 ffibuilder.cdef(CDEF)
 
 ffibuilder.set_source(
     "vmm.kvm._kvm",
     r"""
-#include <errno.h>
-#include <pthread.h>
 #include <signal.h>
-#include <string.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
-#include <unistd.h>
 #include <linux/kvm.h>
+#include "build_vm.h"
 #include "cpr_exec.h"
-
-/* ioctl wrappers that return -errno, so callers never race on a global errno. */
-static int pyvmm_ioctl(int fd, unsigned long request, void *arg)
-{
-    int r = ioctl(fd, request, arg);
-    return r < 0 ? -errno : r;
-}
-
-static int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg)
-{
-    int r = ioctl(fd, request, arg);
-    return r < 0 ? -errno : r;
-}
-
-/* The signal that kicks a vCPU thread out of KVM_RUN: an empty C handler
- * (no SA_RESTART), so KVM_RUN returns -EINTR and Python's own signal
- * machinery is never involved on a vCPU thread. */
-static void pyvmm_kick(int signo) { (void)signo; }
-
-/* Name the calling OS thread (visible in ps, top and /proc/PID/task/TID/comm). */
-static int pyvmm_set_thread_name(const char *name)
-{
-    return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0) < 0 ? -errno : 0;
-}
-
-/* pthread_kill without importing Python's signal module (and enum) on the
- * cpr-exec critical path; `thread` is threading.get_ident(). */
-static int pyvmm_kick_thread(unsigned long thread, int signo)
-{
-    return -pthread_kill((pthread_t)thread, signo);
-}
-
-/* The 16550A UART's two hot registers, handled without Python (and without the
- * GIL): a console byte costs two VM exits (poll LSR, write THR), each of which
- * would otherwise go through the Python loop.  Only while the model says the
- * registers have no side effect (Serial16550._publish): DLAB clear, no loopback,
- * no THR-empty interrupt, no error bits in LSR, output to a file descriptor.
- * Everything else returns to Python, as does a write that fails (Python redoes
- * it and reports the error). */
-struct pyvmm_uart_fast {
-    volatile int enabled;
-    int out_fd;
-    unsigned short base;
-    volatile unsigned char lsr;
-    unsigned long long handled;
-};
-
-static int pyvmm_uart_exit(struct kvm_run *run, struct pyvmm_uart_fast *u)
-{
-    unsigned char *data;
-
-    if (!u || !u->enabled || run->io.size != 1 || run->io.count != 1)
-        return 0;
-    data = (unsigned char *)run + run->io.data_offset;
-    if (run->io.port == u->base && run->io.direction == KVM_EXIT_IO_OUT) {
-        ssize_t w;
-        do
-            w = write(u->out_fd, data, 1);
-        while (w < 0 && errno == EINTR);
-        if (w != 1)
-            return 0;
-    } else if (run->io.port == u->base + 5 && run->io.direction == KVM_EXIT_IO_IN) {
-        *data = u->lsr;
-    } else {
-        return 0;
-    }
-    u->handled++;
-    return 1;
-}
-
-/* KVM_RUN until an exit the UART fast path does not take: returns the exit
- * reason, or -errno (-EINTR when kicked). */
-static int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart)
-{
-    for (;;) {
-        if (ioctl(fd, KVM_RUN, 0) < 0)
-            return -errno;
-        if (run->exit_reason != KVM_EXIT_IO || !pyvmm_uart_exit(run, uart))
-            return (int)run->exit_reason;
-    }
-}
-
-static int pyvmm_install_kick_handler(int signo)
-{
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = pyvmm_kick;
-    sigemptyset(&sa.sa_mask);
-    return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
-}
+#include "vcpu_run.h"
 """,
-    sources=["csrc/cpr_exec.c"],
+    sources=["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c"],
     include_dirs=["csrc"],
     libraries=["pthread"],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",

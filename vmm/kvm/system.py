@@ -1,4 +1,4 @@
-"""/dev/kvm: the API version, capabilities, supported CPUID, and VM creation."""
+"""/dev/kvm: the API version, capabilities, supported CPUID (VMs: vmm.kvm.vm.build)."""
 
 from __future__ import annotations
 
@@ -71,10 +71,6 @@ class Kvm:
                 raise KvmError(f"KVM GET_MSR_INDEX_LIST failed: {os.strerror(-r)}")
             self._msr_list = [lst.indices[i] for i in range(lst.nmsrs)]
         return self._msr_list
-
-    def create_vm(self):
-        from .vm import Vm
-        return Vm(self)
 
     def close(self) -> None:
         if self.fd >= 0:

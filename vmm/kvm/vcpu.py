@@ -1,10 +1,30 @@
 """A KVM vCPU: KVM_RUN on the mmap'd kvm_run, CPUID, and every piece of its state.
 
 Every getter has a setter and `get_state()`/`set_state()` carry all of it as the
-exact bytes of the kernel's structs, in the order QEMU restores them (regs,
-xsave, xcrs, sregs, MSRs, mp_state, LAPIC, events, debug registers): sregs
-before the LAPIC because the APIC base lives in sregs, events last because
-setting the LAPIC can clear a pending interrupt.
+exact bytes of the kernel's structs.  KVM applies each set ioctl to the vCPU as
+it is at that moment, so set_state() writes them in an order that is part of
+the format (RESTORE_ORDER), each step for a reason:
+
+1. regs: KVM_SET_REGS drops a pending exception, so it goes before the events
+   that may carry one (and before sregs, which KVM checks against RIP: a vCPU
+   at the reset vector is made runnable).
+2. xsave (fpu without XSAVE), then xcrs: the XSAVE area is checked against what
+   CPUID allows (set before set_state), XCR0 after it, as QEMU does.
+3. sregs: they carry the APIC base (enabled, x2APIC), which KVM_SET_LAPIC reads
+   to interpret the LAPIC registers, and a pending interrupt the events refine.
+4. mp_state: after sregs (which can reset it), before the LAPIC, as QEMU does.
+5. lapic: before the MSRs, because KVM takes a write to MSR_IA32_TSC_DEADLINE
+   only while the LAPIC timer is in TSC-deadline mode and drops it otherwise:
+   MSRs first would lose an armed deadline (Firecracker's restore_state says the
+   same; QEMU writes that one MSR again after the LAPIC).
+   tests/test_vcpu_state.py fails if this order breaks.
+6. msrs: in KVM's own index order, which lists MSR_IA32_TSC (moved on by the
+   pause, machine.restore_state) before the emulated MSRs such as the
+   deadline, so the deadline is armed against the restored TSC.  The KVM clock
+   is VM state, set before any vCPU (machine.restore_state).
+7. events: last but the debug registers, so nothing after them clears the
+   exception, interrupt or NMI they inject.
+8. debugregs: independent of the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +33,7 @@ import errno
 import os
 
 from ..errors import KvmError
-from .ffi import SharedMapping, ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
+from .ffi import SharedMapping, ffi, from_bytes, ioctl, lib, to_bytes
 from .system import MAX_CPUID_ENTRIES
 
 # Timing leaf (as QEMU and VMware expose it): EAX = TSC kHz, EBX = APIC bus kHz.
@@ -35,8 +55,8 @@ _SIMPLE_STATE = {
     "debugregs": ("struct kvm_debugregs", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS",
                   "KVM_CAP_DEBUGREGS"),
 }
-# Restore order (see the module docstring); msrs go between sregs and mp_state.
-RESTORE_ORDER = ["regs", "xsave", "fpu", "xcrs", "sregs", "msrs", "mp_state", "lapic",
+# Restore order, each step for a reason: see the module docstring.
+RESTORE_ORDER = ["regs", "xsave", "fpu", "xcrs", "sregs", "mp_state", "lapic", "msrs",
                  "events", "debugregs"]
 
 
@@ -74,11 +94,10 @@ def cpuid_bytes_problem(data) -> str | None:
 class Vcpu:
     """One vCPU fd and its shared kvm_run page."""
 
-    def __init__(self, vm, index: int, *, fd: int | None = None):
+    def __init__(self, vm, index: int, fd: int):
+        """Wrap vCPU `index`'s fd, made by vmm.kvm.vm.build or the cpr-exec prebuilder."""
         self.vm = vm
         self.index = index
-        if fd is None:   # (given: made by the cpr-exec prebuilder, csrc/cpr_exec.c)
-            fd = ioctl_int(vm.fd, lib.KVM_CREATE_VCPU, index, what="CREATE_VCPU")
         self.fd = fd
         self._map = SharedMapping(self.fd, vm.kvm.vcpu_mmap_size)
         self.run = ffi.cast("struct kvm_run *", self._map.ptr)

@@ -10,36 +10,60 @@ from __future__ import annotations
 import os
 
 from ..errors import KvmError
-from .ffi import ffi, from_bytes, ioctl, ioctl_int, lib, to_bytes
-
-# Two pages KVM needs for real-mode emulation on Intel; inside the MMIO hole.
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
+from .ffi import ffi, from_bytes, ioctl, lib, to_bytes
 
 IRQCHIPS = {"pic_master": 0, "pic_slave": 1, "ioapic": 2}
+
+
+def layout(memory, nvcpus: int):
+    """A `struct pyvmm_vm_layout` for a VM on `memory` with `nvcpus` vCPUs: one slot
+    per RAM region, the PIT.  What build() and the cpr-exec prebuilder build."""
+    if len(memory.regions) > lib.PYVMM_VM_MAX_REGIONS:
+        raise KvmError(f"{len(memory.regions)} RAM regions, pyvmm builds at most "
+                       f"{lib.PYVMM_VM_MAX_REGIONS}")
+    lay = ffi.new("struct pyvmm_vm_layout *")
+    lay.nregions = len(memory.regions)
+    lay.nvcpus = nvcpus
+    lay.flags = lib.PYVMM_VM_PIT
+    for i, r in enumerate(memory.regions):
+        lay.regions[i].gpa, lay.regions[i].size, lay.regions[i].offset = \
+            r.gpa, r.size, r.offset
+    return lay
+
+
+def build(kvm, memory, nvcpus: int) -> tuple[int, list[int]]:
+    """Create a VM on `memory` and its vCPUs: (VM fd, vCPU fds), to wrap with
+    Vm(kvm, fd).adopt(memory) and Vcpu(vm, i, fd).
+
+    The steps (memory slots, TSS and identity map, irqchip, PIT, vCPUs) are
+    csrc/build_vm.c's pyvmm_build_vm, which the cpr-exec prebuilder runs too:
+    the one way pyvmm builds a VM."""
+    out = ffi.new("struct pyvmm_vm_fds *")
+    r = lib.pyvmm_build_vm(kvm.fd, memory.host_base, memory.size, layout(memory, nvcpus), out)
+    if r < 0:
+        raise KvmError(f"{ffi.string(out.step).decode()} failed: {os.strerror(-r)}")
+    return out.vm_fd, [out.vcpu_fds[i] for i in range(out.nvcpus)]
 
 
 class Vm:
     """An open KVM VM fd."""
 
-    def __init__(self, kvm, *, fd: int | None = None):
-        """A new VM, or (fd given) one the cpr-exec prebuilder created, see adopt()."""
+    def __init__(self, kvm, fd: int):
+        """A VM made by build() or the cpr-exec prebuilder: call adopt() next."""
         self.kvm = kvm
-        if fd is None:
-            fd = ioctl_int(kvm.fd, lib.KVM_CREATE_VM, 0, what="CREATE_VM")
         self.fd = fd
         os.set_inheritable(self.fd, False)
         self.slots: dict[int, tuple[int, int, int, int]] = {}
         self.has_irqchip = False
         self.has_pit = False
 
-    def adopt(self, mem, *, irqchip: bool = True, pit: bool = True) -> None:
-        """Record what the prebuilder (csrc/cpr_exec.c) already did to this VM:
-        one slot per RAM region, as map_memory() makes them, and setup_x86()."""
+    def adopt(self, mem) -> None:
+        """Record what pyvmm_build_vm (csrc/build_vm.c) did to this VM, for the
+        layout() of `mem`: one slot per RAM region, no flags; irqchip and PIT."""
         for slot, r in enumerate(mem.regions):
             self.slots[slot] = (r.gpa, r.size, mem.host_base + r.offset, 0)
-        self.has_irqchip = irqchip
-        self.has_pit = pit
+        self.has_irqchip = True
+        self.has_pit = True
 
     # -- memory ------------------------------------------------------------------
     def set_memory_region(self, slot: int, gpa: int, size: int, host_addr: int,
@@ -53,12 +77,6 @@ class Vm:
         else:
             self.slots.pop(slot, None)
 
-    def map_memory(self, mem, *, log_dirty: bool = False) -> None:
-        """Give KVM every RAM region of a GuestMemory, one slot each."""
-        flags = lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
-        for slot, r in enumerate(mem.regions):
-            self.set_memory_region(slot, r.gpa, r.size, mem.host_base + r.offset, flags)
-
     def get_dirty_log(self, slot: int) -> bytes:
         """The dirty-page bitmap of a slot (one bit per 4 KiB page), cleared by the call."""
         gpa, size, _, _ = self.slots[slot]
@@ -71,18 +89,6 @@ class Vm:
         return bytes(ffi.buffer(bitmap))
 
     # -- platform ----------------------------------------------------------------
-    def setup_x86(self, *, pit: bool = True) -> None:
-        """TSS and identity map pages, the in-kernel irqchip (PIC+IOAPIC+LAPIC) and a PIT."""
-        ioctl_int(self.fd, lib.KVM_SET_TSS_ADDR, TSS_ADDR, what="SET_TSS_ADDR")
-        ident = ffi.new("__u64 *", IDENTITY_MAP_ADDR)
-        ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, ident, what="SET_IDENTITY_MAP_ADDR")
-        ioctl_int(self.fd, lib.KVM_CREATE_IRQCHIP, 0, what="CREATE_IRQCHIP")
-        self.has_irqchip = True
-        if pit:
-            cfg = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
-            ioctl(self.fd, lib.KVM_CREATE_PIT2, cfg, what="CREATE_PIT2")
-            self.has_pit = True
-
     def irq_line(self, irq: int, level: bool) -> None:
         ev = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": int(level)})
         ioctl(self.fd, lib.KVM_IRQ_LINE, ev, what="IRQ_LINE")
@@ -162,11 +168,6 @@ class Vm:
         if "pit" in state:
             self.set_pit(from_bytes("struct kvm_pit_state2", state["pit"]))
         self.set_clock(state["clock_ns"])
-
-    # -- vCPUs -------------------------------------------------------------------
-    def create_vcpu(self, index: int):
-        from .vcpu import Vcpu
-        return Vcpu(self, index)
 
     def close(self) -> None:
         if self.fd >= 0:
