@@ -165,8 +165,14 @@ def test_pause_resume_keeps_counter_going(guests):
     m, console = boot(guests, "ticker", "period_us=20000")
     try:
         console.wait_for(r"tick 3 ")
-        time.sleep(0.005)   # let the guest leave its write syscall (whose time it excludes)
-        m.pause()
+        # Pause in the guest's user-mode loop: a pause inside its write syscall is time
+        # the ticker excludes from its gaps (a busy host makes that likelier).
+        for _ in range(200):
+            time.sleep(0.005)
+            m.pause()
+            if m.vcpus[0].get_sregs().cs.dpl == 3:
+                break
+            m.resume()
         assert all(t.paused for t in m.threads)
         frozen = len(console.data)
         time.sleep(0.3)
@@ -281,8 +287,10 @@ def test_dirty_log_sees_the_guest_write(guests):
         m.vm.set_memory_region(0, 0, m.memory.size, m.memory.host_base,
                                flags=__import__("vmm.kvm.ffi", fromlist=["lib"]).lib.KVM_MEM_LOG_DIRTY_PAGES)
         m.vm.get_dirty_log(0)                  # start clean
+        start = len(console.text())            # (the guest may be passes ahead of "pass 2")
         m.resume()
-        console.wait_for(r"pass 4")
+        first = console.wait_for(r"pass \d+", after=start)   # a pass that began before...
+        console.wait_for(r"pass \d+", after=first.end())      # ...and a whole one after
         m.pause()
         bitmap = m.vm.get_dirty_log(0)
         dirty = sum(bin(b).count("1") for b in bitmap)
