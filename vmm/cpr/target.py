@@ -266,7 +266,7 @@ class Incoming:
                 _close(fd)
             self._refuse(e)
             raise
-        self.channel.send({"msg": "prepared"})
+        self.channel.send(prepared_message())
 
     def complete(self):
         """Receive state and fds, restore, wait for "go", resume.  Returns the machine."""
@@ -343,6 +343,14 @@ class Incoming:
                 self.channel.send({"msg": "error", "desc": str(error)})
             except VmmError:
                 pass
+
+
+def prepared_message() -> dict:
+    """"prepared", with this pyvmm's version and protocol: the old VMM refuses, before
+    its stop, a new one that says none (older than 0.2.0: a downgrade)."""
+    from .. import __version__
+    from .channel import PROTOCOL_VERSION
+    return {"msg": "prepared", "pyvmm": __version__, "version": PROTOCOL_VERSION}
 
 
 def peer_threads(sock) -> list[str]:
