@@ -12,8 +12,9 @@ last marks a finished build, so later calls reuse the tree at once; a build that
 was interrupted is thrown away and made again.  A lock file keeps two callers
 from building the same tree at the same time.
 
-From Python: `release_tree("0.1.0")` returns the Path; `previous_release()` is
-(version, commit) of the newest release RELEASES.md lists.
+From Python: `release_tree("0.1.0")` returns the Path, `pyvmm_command(path)` the
+command that runs its pyvmm; `previous_release()` is (version, commit) of the newest
+release RELEASES.md lists.
 """
 
 from __future__ import annotations
@@ -67,14 +68,18 @@ def cache_dir() -> Path:
 
 def resolve(rev: str, root: Path = ROOT) -> str:
     """The full commit of a release version (RELEASES.md) or any git revision."""
-    commit = releases(root).get(rev, rev) if re.fullmatch(r"\d+\.\d+\.\d+", rev) else rev
+    version = re.fullmatch(r"\d+\.\d+\.\d+", rev)
+    commit = releases(root).get(rev, "") if version else rev
+    if commit == "":
+        raise ReleaseTreeError(f"RELEASES.md lists no release {rev}")
     if commit is None:
         raise ReleaseTreeError(f"release {rev} is not released yet (RELEASES.md)")
     r = subprocess.run(["git", "-C", str(root), "rev-parse", "--verify", "--quiet",
                         f"{commit}^{{commit}}"], capture_output=True, text=True)
     if r.returncode != 0:
-        raise MissingCommit(f"the git history lacks commit {commit} (release {rev}): "
-                            "a shallow clone? (git fetch --unshallow)")
+        raise MissingCommit(f"the git history lacks commit {commit}"
+                            f"{f' (release {rev})' if version else ''}: a shallow clone? "
+                            "(git fetch --unshallow)")
     return r.stdout.strip()
 
 
@@ -97,6 +102,12 @@ def release_tree(rev: str, *, root: Path = ROOT, log=None) -> Path:
             return tree
         _build(tree, commit, root, log or (lambda line: print(line, file=sys.stderr)))
     return tree
+
+
+def pyvmm_command(tree: Path) -> list[str]:
+    """How to run a release tree's pyvmm (its own interpreter and code; run it with
+    cwd=tree): append the arguments, e.g. ["run", "--kernel", ...]."""
+    return [str(tree / ".venv" / "bin" / "python"), "-m", "vmm"]
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:

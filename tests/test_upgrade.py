@@ -41,7 +41,7 @@ def old():
         tree = release_tree.release_tree(version)
     except release_tree.MissingCommit as e:
         pytest.skip(str(e))
-    return version, tree, [str(tree / ".venv/bin/python"), "-m", "vmm"]
+    return version, tree, release_tree.pyvmm_command(tree)
 
 
 def start_old(vmm_procs, old, tmp_path, guest, *args, ns=None, name="old"):
