@@ -12,6 +12,7 @@ import os
 import socket
 
 from ..compat import PROTOCOL as PROTOCOL_VERSION   # each version's: vmm/compat.py
+from ..compat import peer_problem
 from ..errors import VmmError
 
 PROTOCOL = "pyvmm-cpr"
@@ -114,7 +115,6 @@ def check_hello(msg: dict, fds: list[int]) -> dict:
     whole against vmm/schema.py; ChannelError/StateError saying what is wrong."""
     from .. import state as state_format
     from ..schema import check
-    from ..compat import peer_problem
     if msg.get("protocol") != PROTOCOL:
         raise ChannelError("the peer is not a pyvmm live update")
     why = peer_problem(msg.get("pyvmm"), msg.get("version"))   # another release's?

@@ -19,12 +19,12 @@ import os
 import sys
 import threading
 
+from .. import __version__
 from .. import state as state_format
+from ..compat import hello_refused, target_problem
 from ..errors import VmmError
 from . import (DOWNTIME_LIMIT_MS, EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume_command,
                search_path)
-from .. import __version__
-from ..compat import hello_refused, target_problem
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError, ChannelTimeout
 from .faults import Faults
 from .timeline import Timeline, now_ns, timeline_info
