@@ -9,9 +9,9 @@ STAMP  := $(VENV)/.installed
 .PHONY: build deps pyc guests test demo bench clean
 
 # Debian packages the tests and the demo use: QEMU (the cross-check and the
-# baseline), iproute2/ping (network namespaces, taps), clang (the fuzzer).
+# baseline), iproute2/ping (network namespaces, taps), file (the labs), clang (the fuzzer).
 DEB_PKGS := qemu-system-x86:qemu-system-x86_64 iproute2:ip iputils-ping:ping \
-            clang:clang libclang-rt-14-dev:/usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer-x86_64.a
+            file:file clang:clang libclang-rt-14-dev:/usr/lib/llvm-14/lib/clang/14.0.6/lib/linux/libclang_rt.fuzzer-x86_64.a
 
 build: deps $(STAMP) pyc guests
 

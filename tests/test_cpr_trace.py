@@ -113,3 +113,78 @@ def test_trace_in_causal_order_under_load(guests, vmm_procs, tmp_path, mode):
                 check_transfer_order(run_transfer(vmm_procs, d, "--trace").stdout)
             else:
                 check_exec_order(run_exec(vmm_procs, d, "--trace").stdout)
+
+
+# -- --trace-plot -----------------------------------------------------------------------
+def svg_texts(path) -> str:
+    """Every text element of a plot (SVG with text kept as text), one per line."""
+    import html
+    body = path.read_text()
+    assert body.lstrip().startswith(("<?xml", "<svg")), body[:200]
+    return "\n".join(html.unescape(t) for t in re.findall(r"<text[^>]*>(.*?)</text>", body,
+                                                           re.S))
+
+
+def downtime_ms(out: str) -> str:
+    return re.search(r"downtime (\d+\.\d\d) ms", out).group(1)
+
+
+def test_trace_plot_transfer(guests, vmm_procs, tmp_path):
+    plot = tmp_path / "transfer.svg"
+    r = run_transfer(vmm_procs, tmp_path, "--trace-plot", str(plot))
+    text = svg_texts(plot)
+    for label in ("old pyvmm", "new pyvmm", "guest RAM", "hello + RAM memfd", "prepared",
+                  "state + device fds", "restored", "go (point of no return)", "running",
+                  "point of no return", "never copied"):
+        assert label in text, (label, text)
+    # the downtime drawn is the one this update measured and printed
+    assert f"downtime {downtime_ms(r.stdout)} ms" in text, text
+    # every fault point of cpr-transfer is placed, with the rollback it causes
+    for fault in ("prepare", "after-stop", "notify", "save", "transfer", "target-restore",
+                  "target-crash-after-fds"):
+        assert re.search(rf"--fault {fault}\): rolls back", text), (fault, text)
+
+
+def test_trace_plot_exec_png_and_svg(guests, vmm_procs, tmp_path):
+    plot = tmp_path / "exec.svg"
+    r = run_exec(vmm_procs, tmp_path, "--trace-plot", str(plot))
+    text = svg_texts(plot)
+    for label in ("execve", "prebuilder", "holder", "joined: its VM adopted",
+                  "Python runs its first line", "--fault exec): rolls back"):
+        assert label in text, (label, text)
+    assert f"downtime {downtime_ms(r.stdout)} ms" in text, text
+    again = tmp_path / "png"
+    again.mkdir()
+    png = tmp_path / "exec.png"
+    run_exec(vmm_procs, again, "--trace-plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trace_plot_of_a_rollback(guests, vmm_procs, tmp_path):
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    new, sock, _ = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 3 ")
+    plot = tmp_path / "rollback.svg"
+    r = run_pyvmm("cpr", "--mode", "transfer", "--socket", str(old_qmp), "--uri", str(sock),
+                  "--fault", "target-restore", "--trace-plot", str(plot))
+    assert r.returncode == 1, r.stderr
+    assert "the guest goes on in the old pyvmm" in r.stderr
+    text = svg_texts(plot)
+    assert "failed and rolled back" in text and "target-restore" in text, text
+    assert re.search(r"guest stopped \d+\.\d\d ms, then resumed in the old pyvmm", text), text
+
+
+def test_trace_plot_bad_file_refused_before_the_update(guests, vmm_procs, tmp_path):
+    old, qmp_path = start_ticker(vmm_procs, tmp_path)
+    old.wait_for(r"tick 2 ")
+    r = run_pyvmm("cpr", "--mode", "exec", "--socket", str(qmp_path), "--trace-plot",
+                  str(tmp_path / "plot.pdf"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"pyvmm: error: --trace-plot {tmp_path / 'plot.pdf'}: give a file name ending in "
+        ".svg or .png"]
+    # nothing happened to the guest: same process, never stopped
+    from vmm.qmp_client import QmpClient
+    with QmpClient(str(qmp_path)) as c:
+        assert c.execute("query-status")["status"] == "running"
+        assert c.execute("query-migrate") == {}

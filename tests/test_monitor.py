@@ -18,7 +18,8 @@ import time
 import pytest
 
 from vmm.errors import VmmError
-from vmm.monitor import MAX_INPUT, JsonStream, Monitor
+from vmm.qmp.framing import MAX_INPUT, JsonStream
+from vmm.qmp.server import Monitor
 from vmm.qmp_client import QmpClient, QmpError
 
 qmp = pytest.importorskip("qemu.qmp")

@@ -25,7 +25,8 @@ import pytest
 
 from conftest import ROOT, need_kvm, pyvmm_cmd
 from test_monitor import Raw, Recorder
-from vmm.monitor import MAX_CLIENTS, MAX_NESTING, MAX_OUTPUT, JsonStream, Monitor
+from vmm.qmp.framing import MAX_NESTING, JsonStream
+from vmm.qmp.server import MAX_CLIENTS, MAX_OUTPUT, Monitor
 from vmm.qmp_client import QmpClient
 
 NESTING_ERROR = {"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}
@@ -179,7 +180,7 @@ def test_ulimit_and_60_clients(pyvmm, nofile, refusal):
 
 _FD_EXHAUSTION = r"""
 import os, resource, sys
-from vmm.monitor import Monitor
+from vmm.qmp.server import Monitor
 
 class Ctl:
     def query_status(self):

@@ -89,8 +89,11 @@ def test_qemu_cpr_exec_recipe_moves_console_and_qmp(guests, vmm_procs, tmp_path,
     text = old_console.read_text() + new_console.read_text()
     seen = [k for k, _ in ticks(text)]
     assert seen == list(range(seen[0], seen[0] + len(seen))), "ticks lost or repeated"
-    if new_qmp != old_qmp:
-        assert not old_qmp.exists()                    # the QMP socket moved
+    if new_qmp != old_qmp:     # the QMP socket moved: the old path goes once the new one serves
+        deadline = time.monotonic() + 10
+        while old_qmp.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not old_qmp.exists()
     # This installation's own pyvmm: exec'd on the lean path, the VM prebuilt
     steps = dict(info["x-steps"])
     assert "prebuilder: VM, memory slots, irqchip and vCPUs ready" in steps, steps
@@ -190,9 +193,18 @@ def test_migrate_capabilities_and_events(guests, vmm_procs, tmp_path):
             capabilities=[{"capability": "events", "state": True},
                           {"capability": "xbzrle", "state": False}])
         assert {"capability": "events", "state": True} in qmp(q, "query-migrate-capabilities")
+        # QEMU's four modes parse; pyvmm migrates in the two CPR modes that keep the RAM
+        assert qmp(q, "query-migrate-parameters")["mode"] == "normal"
+        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
+        with pytest.raises(QmpFailed, match="pyvmm only does CPR: first set the mode"):
+            qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr}])
+        with pytest.raises(QmpFailed, match="'cpr-reboot' is not supported by pyvmm"):
+            qmp(q, "migrate-set-parameters", mode="cpr-reboot")
+        with pytest.raises(QmpFailed, match="Parameter 'mode' does not accept value 'warp'"):
+            qmp(q, "migrate-set-parameters", mode="warp")
+        assert qmp(q, "query-migrate-parameters")["mode"] == "normal"
         # A failed update with events on: QEMU's MIGRATION events, in order
         qmp(q, "migrate-set-parameters", mode="cpr-transfer", **{"x-fault": ["after-stop"]})
-        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
         qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
                                     {"channel-type": "cpr", "addr": addr}])
         assert wait_migration(q)["status"] == "failed"

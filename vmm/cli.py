@@ -102,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="inject a fault to watch the rollback, one of: "
                           + ", ".join(sorted(POINTS)) + " (see docs/CPR.md)")
     cpr.add_argument("--trace", action="store_true", help="print each step with its time")
+    cpr.add_argument("--trace-plot", metavar="FILE",
+                     help="draw this update (lanes per process, messages, downtime, fault "
+                          "points) into FILE (.svg or .png; needs matplotlib)")
     cpr.add_argument("--timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
                      help="how long to wait for the update to finish (default 60 s)")
 

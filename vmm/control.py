@@ -1,6 +1,6 @@
 """What the QMP monitor drives: run state, stop/cont/quit, and live updates.
 
-The monitor (vmm/monitor.py) speaks the protocol; this controller holds the
+The monitor (vmm/qmp/) speaks the protocol; this controller holds the
 policy: which run state the VM is in, which migration parameters are set, and
 how a live update is started, reported and cancelled.
 """
@@ -13,6 +13,7 @@ import threading
 import time
 
 from .cpr import DOWNTIME_LIMIT_MS, resume_command
+from .cpr.modes import DEFAULT_MODE, check_migrate_mode, check_settable_mode
 from .cpr.timeline import timeline_info
 from .errors import VmmError
 
@@ -28,10 +29,10 @@ class Controller:
         self.emit = emit or (lambda name, data=None: None)
         self.on_exit = on_exit or (lambda code: None)
         self.clients = lambda: 0   # how many QMP clients are connected (the monitor's count)
-        self.params = {"mode": "normal", "cpr-exec-command": default_exec_command(),
+        self.params = {"mode": DEFAULT_MODE, "cpr-exec-command": default_exec_command(),
                        "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 134217728,
                        "x-fault": []}
-        from .monitor import MIGRATION_CAPABILITY_NAMES   # (one list: QEMU 10's names)
+        from .qmp.migration_args import MIGRATION_CAPABILITY_NAMES   # (QEMU 10's names)
         self.capabilities = {name: False for name in MIGRATION_CAPABILITY_NAMES}
         self.migration = None
         self.extra_fds: dict[str, int] = {}
@@ -102,9 +103,7 @@ class Controller:
     def set_migrate_parameters(self, params: dict) -> None:
         from .cpr.faults import parse
         if "mode" in params:
-            if params["mode"] not in ("normal", "cpr-transfer", "cpr-exec"):
-                raise VmmError(f"migration mode {params['mode']!r} is not supported by pyvmm: "
-                               "use cpr-transfer or cpr-exec")
+            check_settable_mode(params["mode"])
             self.params["mode"] = params["mode"]
         if "cpr-exec-command" in params:
             cmd = params["cpr-exec-command"]
@@ -154,9 +153,7 @@ class Controller:
                 raise VmmError("the guest has left this pyvmm (postmigrate): nothing to migrate")
             mode = self.params["mode"]
             faults, self.params["x-fault"] = self.params["x-fault"], []   # for one update only
-            if mode == "normal":
-                raise VmmError("pyvmm only does CPR: first set the mode with "
-                               "migrate-set-parameters mode=cpr-transfer or mode=cpr-exec")
+            check_migrate_mode(mode)
             path = None
             if mode == "cpr-exec":
                 check_exec_channel(main_addr)

@@ -90,8 +90,8 @@ def _answer_check(argv: list[str]) -> int:
                     os.path.exists(over["console"]) and not os.access(over["console"], os.W_OK)):
                 raise VmmError(f"cannot open console file {over['console']}: not writable")
         if over.get("qmp") and over["qmp"] != os.environ.get(CHECK_ENV):
-            from .monitor import _someone_listens
-            if os.path.exists(over["qmp"]) and _someone_listens(over["qmp"]):
+            from .unix import someone_listens
+            if os.path.exists(over["qmp"]) and someone_listens(over["qmp"]):
                 raise VmmError(f"monitor socket {over['qmp']} is in use by a running process")
     except VmmError as e:
         print(f"{CHECK_ANSWER} error {e}")
@@ -144,9 +144,9 @@ def _start_exec_monitor(config, machine, listen_fd, old_path):
         config["qmp"] = old_path
         return _start_monitor(config, machine, listen_fd=listen_fd)
     os.close(listen_fd)
-    from .monitor import _someone_listens
+    from .unix import someone_listens
     try:
-        if not _someone_listens(old_path):
+        if not someone_listens(old_path):
             os.unlink(old_path)
     except OSError:
         pass
@@ -161,7 +161,7 @@ def _start_monitor(config, machine, *, listen_fd=None, status="running", incomin
     if not config.get("qmp"):
         return None
     from .control import Controller
-    from .monitor import Monitor
+    from .qmp.server import Monitor
     controller = Controller(machine, config=config, on_exit=on_exit)
     controller.status = status
     controller.incoming = incoming

@@ -5,13 +5,18 @@ Whoever can connect to the QMP socket can run any command as this VMM's user
 socket can hand it a guest.  So both are created mode 0600, whatever the
 umask, with no moment where they are more open, and the cpr socket also checks
 its peer's credentials (a socket moved, re-moded or inherited elsewhere).
+Neither ever replaces a socket that a live process still serves.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 import struct
+
+from .errors import VmmError
 
 OWNER_ONLY = 0o600
 
@@ -39,3 +44,34 @@ def stranger(pid: int, uid: int) -> str | None:
     if uid in (os.geteuid(), 0):
         return None
     return f"process {pid} runs as uid {uid}, this pyvmm as uid {os.geteuid()}"
+
+
+def someone_listens(path: str) -> bool:
+    """True if a process accepts connections on the unix socket at path."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a full backlog makes connect() wait
+    try:
+        probe.connect(path)
+    except socket.timeout:
+        return True
+    except OSError as e:
+        # EPROTOTYPE: a live socket of another type (a waiting pyvmm's cpr socket)
+        return e.errno == errno.EPROTOTYPE
+    finally:
+        probe.close()
+    return True
+
+
+def claim_socket_path(path: str, what: str) -> None:
+    """Make way for a new listening socket at path: remove a stale socket left by a
+    dead process, but refuse (VmmError) to replace anything else: a file that is
+    not a socket, or a socket a live process (another pyvmm, a QEMU) serves."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise VmmError(f"{what} path {path} exists and is not a socket")
+    if someone_listens(path):
+        raise VmmError(f"{what} socket {path} is in use by a running process")
+    os.unlink(path)

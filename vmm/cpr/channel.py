@@ -174,7 +174,7 @@ def _log_stderr(line: str) -> None:
 def listen(path: str) -> socket.socket:
     """The new VMM's end: a listening SEQPACKET socket at path, mode 0600 (never
     replacing a file, or a socket that a live process serves)."""
-    from ..monitor import claim_socket_path
+    from ..unix import claim_socket_path
     from ..unix import bind_owner_only
     claim_socket_path(path, "--incoming")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)

@@ -27,6 +27,7 @@ from . import (DOWNTIME_LIMIT_MS, EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume
                search_path)
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError, ChannelTimeout
 from .faults import Faults
+from .modes import check_migrate_mode
 from .timeline import Timeline, now_ns, timeline_info
 
 PREPARE_TIMEOUT = 60.0
@@ -164,9 +165,7 @@ class Migration:
                  extra_fds: dict[str, int] | None = None, config: dict | None = None,
                  trace=None, main_addr: dict | None = None,
                  downtime_limit_ms: int = DOWNTIME_LIMIT_MS):
-        if mode not in ("cpr-transfer", "cpr-exec"):
-            raise VmmError(f"migration mode {mode!r} is not supported: use cpr-transfer or "
-                           "cpr-exec")
+        check_migrate_mode(mode)
         if mode == "cpr-transfer" and not cpr_path:
             raise VmmError("cpr-transfer needs the new pyvmm's cpr socket path")
         self.machine = machine
@@ -337,10 +336,12 @@ class Migration:
                            "shape": state_format.encode_tree(m.shape()), "config": self.config,
                            "faults": self.faults.for_target()},
                           [m.memory.fd])
+        self.timeline.step("old: hello and RAM memfd sent")
         try:
             prepared, _ = self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
         except ChannelError as e:
             raise ChannelError(hello_refused(str(e))) from None
+        self.timeline.step("old: \"prepared\" received")
         why = target_problem(prepared.get("pyvmm"))
         if why:
             self.channel.send({"msg": "error", "desc": why})
@@ -460,5 +461,6 @@ class Migration:
             if was_running:
                 m.resume()
                 self.emit("RESUME")
+            self.timeline.mark("rollback")
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")
         return False

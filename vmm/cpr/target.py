@@ -88,7 +88,9 @@ def parse_incoming(values: list[str]) -> tuple[str | None, bool]:
     the old pyvmm never connects to it), else the main channel's.  With defer
     and no cpr channel the path comes from migrate-incoming.
     """
-    from ..monitor import CommandError, _check_channels, parse_json, parse_migration_uri
+    from ..qmp.args import CommandError
+    from ..qmp.framing import parse_json
+    from ..qmp.migration_args import check_channels, parse_migration_uri
     channels, defer = [], False
     try:
         for value in values:
@@ -106,7 +108,7 @@ def parse_incoming(values: list[str]) -> tuple[str | None, bool]:
                     "unix:" + value.partition(":")[2])})
             else:
                 channels.append({"channel-type": "main", "addr": parse_migration_uri(value)})
-        found = _check_channels(channels, "incoming")
+        found = check_channels(channels, "incoming")
         if defer and "main" in found:
             raise CommandError("Channel list has more than one main entry")
     except CommandError as e:
@@ -244,6 +246,7 @@ class Incoming:
         self._wait_for_peer()
         self._set_status("active")
         self.channel, msg, fds, shape = accept(self.listener, check_hello)
+        self.timeline.step("new: hello and RAM memfd received")
         self.listener.close()
         self.listener = None
         self._unlink()
@@ -266,6 +269,7 @@ class Incoming:
                 _close(fd)
             self._refuse(e)
             raise
+        self.timeline.step("new: VM built on the same RAM, \"prepared\" sent")
         self.channel.send(prepared_message())
 
     def complete(self):

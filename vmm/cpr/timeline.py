@@ -19,6 +19,7 @@ PHASES = [
     ("transfer", "old: pass the state and device fds (SCM_RIGHTS or exec)"),
     ("restore", "new: load the blob, write vCPU/VM/device state, re-own devices"),
     ("resume", "new: start the vCPUs: the guest runs again"),
+    ("rollback", "old: the update failed: devices taken back, the guest runs on here"),
 ]
 
 

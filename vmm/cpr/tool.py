@@ -21,6 +21,9 @@ def cmd_cpr(args) -> int:
     if mode == "cpr-transfer" and not args.uri:
         raise VmmError("--mode transfer needs --uri PATH: the socket the new pyvmm was started "
                        "with (pyvmm run --incoming cpr-transfer:PATH)")
+    if args.trace_plot:
+        from .trace_plot import check
+        check(args.trace_plot)
     params = {"mode": mode}
     if args.fault:
         params["x-fault"] = args.fault.split(",")
@@ -57,6 +60,12 @@ def cmd_cpr(args) -> int:
     status = info.get("status")
     if status != "completed" and args.trace:
         print_trace(info)
+    if args.trace_plot:
+        from .trace_plot import draw
+        try:
+            draw(info, args.trace_plot)
+        except VmmError as e:   # (the update's own outcome, below, matters more)
+            print(f"pyvmm: --trace-plot: {e}", file=sys.stderr)
     if status != "completed":
         where = ("the guest is no longer in the old pyvmm" if info.get("x-after-go")
                  else "the guest goes on in the old pyvmm")
