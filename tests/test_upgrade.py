@@ -236,3 +236,21 @@ def test_state_of_an_unknown_version_is_refused_naming_both():
                        rf"{__version__} reads the state of pyvmm 0\.1\.0 or {__version__}$"):
         state.loads(blob, "state")
     assert compat.writer({"cpr": {}}) == "0.1.0"      # 0.1.0 wrote no version
+
+
+def test_an_older_state_is_converted_before_the_schema_check(monkeypatch):
+    """state.loads hands a tree that says no version (0.1.0's) to its conversion in
+    vmm/compat.py before the schema sees it; a tree of this version skips it."""
+    from vmm import compat, state
+    seen = []
+
+    def convert(tree):
+        seen.append(tree["cpr"].get("pyvmm"))
+        return dict(tree, converted=True)
+    monkeypatch.setitem(compat.CONVERSIONS, "0.1.0", convert)
+    with pytest.raises(state.StateError, match=r"^state: machine: missing$"):
+        state.loads(state.dumps({"cpr": {}}), "state")
+    assert seen == [None]
+    with pytest.raises(state.StateError, match=r"^state: machine: missing$"):
+        state.loads(state.dumps({"cpr": {"pyvmm": __version__}}), "state")
+    assert seen == [None]
