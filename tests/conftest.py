@@ -40,12 +40,13 @@ class VmmProcess(WatchedProcess):
     """A pyvmm process; its stdout lines are timestamped on arrival (bench.lab.WatchedProcess)."""
 
     def __init__(self, args: list[str], env: dict | None = None, stdin=subprocess.DEVNULL,
-                 ns: str | None = None):
+                 ns: str | None = None, pyvmm: list[str] | None = None, cwd=ROOT):
+        """pyvmm: the command to run instead of this tree's (another release's, say)."""
         self.args = args
-        cmd = pyvmm_cmd(*args)
+        cmd = (pyvmm or pyvmm_cmd()) + list(args)
         if ns:   # `ip netns exec` execs the command: the PID stays pyvmm's
             cmd = ["ip", "netns", "exec", ns, *cmd]
-        super().__init__(cmd, env=env, cwd=ROOT, stdin=stdin)
+        super().__init__(cmd, env=env, cwd=cwd, stdin=stdin)
 
     def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
         """Wait until a stdout line (at index >= start) matches; return the match."""

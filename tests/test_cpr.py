@@ -367,6 +367,21 @@ def check_pattern(path, progress_gpa):
         return k, npages
 
 
+def assert_pages_intact(proc, qmp_path, progress_gpa) -> int:
+    """The pattern guest in `proc`, stopped: every page holds what it wrote; resumed, it
+    goes on to the next pass.  Returns the pass it was in."""
+    q = qmp_connect(qmp_path)
+    try:
+        qmp(q, "stop")
+        k, npages = check_pattern(ram_of(proc.pid), progress_gpa)
+        assert npages >= 11000
+        qmp(q, "cont")
+    finally:
+        close(q)
+    proc.wait_for(rf"pass {k + 1}$")          # and it goes on writing
+    return k
+
+
 @pytest.mark.parametrize("mode", ["exec", "transfer"])
 def test_every_page_survives_cpr(guests, vmm_procs, tmp_path, mode):
     qmp_path = tmp_path / "old.qmp"
@@ -382,15 +397,7 @@ def test_every_page_survives_cpr(guests, vmm_procs, tmp_path, mode):
         cpr_transfer(qmp_path, sock)
         assert old.wait(15) == 0
         cur, cur_qmp = new, new_qmp
-    q = qmp_connect(cur_qmp)
-    try:
-        qmp(q, "stop")
-        k, npages = check_pattern(ram_of(cur.pid), progress)
-        assert npages >= 11000
-        qmp(q, "cont")
-    finally:
-        close(q)
-    cur.wait_for(rf"pass {k + 1}$")          # and it goes on writing
+    k = assert_pages_intact(cur, cur_qmp, progress)
     q = qmp_connect(cur_qmp)
     try:
         qmp(q, "stop")

@@ -36,6 +36,9 @@ EXEC_OPTIONS = ("--console", "--qmp")
 #: In a cpr-exec-command's dry run (before the stop), the entry point answers with this.
 CHECK_ENV = "PYVMM_CPR_EXEC_CHECK"
 CHECK_ANSWER = "pyvmm-cpr-exec-check:"
+#: ... and the old pyvmm's version and protocol ("0.2.0 2"), so that a pyvmm that
+#: cannot take a guest from it says so before the stop (vmm/compat.py).
+CHECK_FROM_ENV = "PYVMM_CPR_EXEC_FROM"
 
 
 def exec_overrides(argv: list[str]) -> dict:
@@ -73,7 +76,13 @@ def exec_entry(argv: list[str], t_python: int | None = None) -> int | None:
 def _answer_check(argv: list[str]) -> int:
     """The dry run of a cpr-exec-command: say who we are and what we would take over
     with, or why we could not (the old VMM refuses the update before the stop)."""
+    from . import __version__
+    from .compat import PROTOCOL, peer_problem
     try:
+        version, _, protocol = os.environ.get(CHECK_FROM_ENV, "").partition(" ")
+        why = peer_problem(version or None, int(protocol) if protocol.isdigit() else None)
+        if why:
+            raise VmmError(why)
         over = exec_overrides(argv)
         if over.get("console"):
             directory = os.path.dirname(over["console"])
@@ -88,7 +97,8 @@ def _answer_check(argv: list[str]) -> int:
         print(f"{CHECK_ANSWER} error {e}")
         return EXIT_VMM_ERROR
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    fields = {"root": root, "python": os.path.realpath(sys.executable), **over}
+    fields = {"root": root, "python": os.path.realpath(sys.executable),
+              "pyvmm": __version__, "protocol": PROTOCOL, **over}
     print(CHECK_ANSWER, "ok", *(f"{k}={v}" for k, v in fields.items()))
     return 0
 

@@ -274,7 +274,8 @@ def _build():
     mark = List(items=(Str(), Nullable(i64)))
     cpr = Map({"mode": Str("cpr-transfer", "cpr-exec"), "timeline": List(mark, 256),
                "steps": List(mark, 1024), "fds": Names(fd, 256), "config": config,
-               "faults": faults}, optional=("steps", "config", "faults"), rule=cpr_rule)
+               "faults": faults, "pyvmm": Str(), "protocol": Int(1, U32)},
+              optional=("steps", "config", "faults", "pyvmm", "protocol"), rule=cpr_rule)
 
     def state_rule(s):
         n = s["machine"]["vcpus"]
@@ -298,8 +299,8 @@ def _build():
         "cpr": cpr,
     }, rule=state_rule)
 
-    hello = Map({"shape": Map({}), "config": config, "faults": faults},
-                optional=("config", "faults"))
+    hello = Map({"shape": Map({}), "config": config, "faults": faults, "pyvmm": Str()},
+                optional=("config", "faults", "pyvmm"))
     state_msg = Map({"fds": List(Str(), 256), "t_transfer": Nullable(i64)},
                     optional=("t_transfer",))
     return {"shape": Schema("shape", shape), "state": Schema("state", state),

@@ -179,7 +179,9 @@ def loads(blob: bytes, schema: str | None = None) -> dict:
 
     With `schema` ("state": a live update's blob, "saved": a machine's own
     save_state(); see vmm/schema.py), the decoded tree must also have every field
-    the restore code reads, of the type it expects, or it is refused naming it."""
+    the restore code reads, of the type it expects, or it is refused naming it.  A
+    live update's tree saved by another pyvmm version is first converted into this
+    version's (vmm/compat.py), or refused naming both versions."""
     if len(blob) < HEADER.size:
         raise StateError(f"state blob is truncated ({len(blob)} bytes, the header alone is "
                          f"{HEADER.size})")
@@ -205,10 +207,21 @@ def loads(blob: bytes, schema: str | None = None) -> dict:
         raise StateError("state blob is corrupt: bytes left over after the body")
     if not isinstance(state, dict):
         raise StateError("state blob is corrupt: the body is not a map")
+    if schema == "state" and not _own(state):   # another pyvmm's: convert it (or refuse)
+        from .compat import to_current
+        state = to_current(state)
     if schema is not None:
         from .schema import check
         check(schema, state)
     return state
+
+
+def _own(state: dict) -> bool:
+    """A live update's state saved by this very version (no vmm.compat import then:
+    the cpr-exec resume path runs this inside the downtime)."""
+    from . import __version__
+    cpr = state.get("cpr")
+    return isinstance(cpr, dict) and cpr.get("pyvmm") == __version__
 
 
 def require(state: dict, path: str, kind: type):

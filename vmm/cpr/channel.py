@@ -11,10 +11,11 @@ import json
 import os
 import socket
 
+from ..compat import PROTOCOL as PROTOCOL_VERSION   # each version's: vmm/compat.py
+from ..compat import peer_problem
 from ..errors import VmmError
 
 PROTOCOL = "pyvmm-cpr"
-PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 * 1024
 MAX_FDS = 64
 HELLO_TIMEOUT = 10.0   # a peer that connects says hello at once (the new VMM waits for it)
@@ -116,9 +117,9 @@ def check_hello(msg: dict, fds: list[int]) -> dict:
     from ..schema import check
     if msg.get("protocol") != PROTOCOL:
         raise ChannelError("the peer is not a pyvmm live update")
-    if msg.get("version") != PROTOCOL_VERSION:
-        raise ChannelError(f"the old pyvmm speaks live-update protocol "
-                           f"{str(msg.get('version'))[:20]}, this one {PROTOCOL_VERSION}")
+    why = peer_problem(msg.get("pyvmm"), msg.get("version"))   # another release's?
+    if why:
+        raise ChannelError(why)
     check("hello", msg)
     if len(fds) != 1:
         raise ChannelError(f"expected the RAM memfd, got {len(fds)} fds")

@@ -19,11 +19,13 @@ import os
 import sys
 import threading
 
+from .. import __version__
 from .. import state as state_format
+from ..compat import hello_refused, target_problem
 from ..errors import VmmError
 from . import (DOWNTIME_LIMIT_MS, EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume_command,
                search_path)
-from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelTimeout
+from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError, ChannelTimeout
 from .faults import Faults
 from .modes import check_migrate_mode
 from .timeline import Timeline, now_ns, timeline_info
@@ -105,10 +107,11 @@ def check_exec_command(command: list[str], env: dict, qmp_path: str | None) -> l
     without `site` and with the VM prebuilt: every millisecond there is downtime);
     otherwise (another pyvmm: an upgrade) the command as given."""
     import subprocess
-    from ..runner import CHECK_ANSWER, CHECK_ENV
+    from ..runner import CHECK_ANSWER, CHECK_ENV, CHECK_FROM_ENV
     program = find_program(command[0])
+    asking = {CHECK_ENV: qmp_path or "-", CHECK_FROM_ENV: f"{__version__} {PROTOCOL_VERSION}"}
     try:
-        r = subprocess.run([program] + command[1:], env=dict(env, **{CHECK_ENV: qmp_path or "-"}),
+        r = subprocess.run([program] + command[1:], env=dict(env, **asking),
                            stdin=subprocess.DEVNULL, capture_output=True, text=True,
                            timeout=CHECK_TIMEOUT, errors="replace")
     except subprocess.TimeoutExpired:
@@ -120,18 +123,34 @@ def check_exec_command(command: list[str], env: dict, qmp_path: str | None) -> l
     if not answer:
         why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
         raise VmmError(f"cpr-exec-command {command[0]!r} is not a pyvmm that can take the guest "
-                       f"over (its dry run gave no answer; {why[:200]}); the guest was not "
-                       "stopped")
+                       f"over (its dry run gave no answer; {why[:200]}; a pyvmm older than "
+                       f"0.2.0 gives none: a downgrade from {__version__} is refused); the "
+                       "guest was not stopped")
     words = answer[-1]
     if words[1] != "ok":
         raise VmmError(f"cpr-exec-command {command[0]!r} cannot take the guest over: "
                        f"{' '.join(words[2:])}; the guest was not stopped")
     fields = dict(w.partition("=")[::2] for w in words[2:])
+    why = target_problem(fields.get("pyvmm"))
+    if why:
+        raise VmmError(f"cpr-exec-command {command[0]!r}: {why}")
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     if fields.get("root") == here and fields.get("python") == os.path.realpath(sys.executable):
         args = [a for k in ("console", "qmp") if k in fields for a in (f"--{k}", fields[k])]
         return resume_command() + args
     return [program] + command[1:]
+
+
+def same_interpreter(program: str) -> bool:
+    """Is `program` this Python, so that our module search path belongs in its
+    PYTHONPATH?  Not when it is another virtual environment's python (another pyvmm
+    installation: an upgrade), though both link to the same binary: that path would
+    make the new installation import this one's code."""
+    def venv(path):
+        top = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        return top if os.path.exists(os.path.join(top, "pyvenv.cfg")) else None
+    return (os.path.realpath(program) == os.path.realpath(sys.executable) and
+            venv(program) in (None, venv(sys.executable)))
 
 
 class Cancelled(VmmError):
@@ -295,8 +314,7 @@ class Migration:
         # The new image's environment, all but the state memfd's number and the time
         # (PYTHONPATH: for a command on this interpreter like `python -S -m vmm`).
         self.exec_env = dict(os.environ)
-        if os.path.realpath(find_program(self.exec_command[0])) == \
-                os.path.realpath(sys.executable):
+        if same_interpreter(find_program(self.exec_command[0])):
             self.exec_env["PYTHONPATH"] = os.pathsep.join(search_path())
         if self.exec_command != resume_command():
             self.exec_command = check_exec_command(self.exec_command, self.exec_env,
@@ -314,17 +332,26 @@ class Migration:
         m = self.machine
         self.channel = Channel.connect(self.cpr_path)
         self.channel.send({"msg": "hello", "protocol": PROTOCOL, "version": PROTOCOL_VERSION,
+                           "pyvmm": __version__,
                            "shape": state_format.encode_tree(m.shape()), "config": self.config,
                            "faults": self.faults.for_target()},
                           [m.memory.fd])
         self.timeline.step("old: hello and RAM memfd sent")
-        self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
+        try:
+            prepared, _ = self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
+        except ChannelError as e:
+            raise ChannelError(hello_refused(str(e))) from None
         self.timeline.step("old: \"prepared\" received")
+        why = target_problem(prepared.get("pyvmm"))
+        if why:
+            self.channel.send({"msg": "error", "desc": why})
+            raise VmmError(why)
 
     def _save(self, fds: dict[str, int]) -> bytes:
         state = self.machine.save_state()
         self.timeline.step("old: vCPU, VM and device state read")
-        state["cpr"] = {"mode": self.mode, "timeline": self.timeline.marks,
+        state["cpr"] = {"pyvmm": __version__, "protocol": PROTOCOL_VERSION,
+                        "mode": self.mode, "timeline": self.timeline.marks,
                         "steps": self.timeline.steps,
                         "fds": fds, "config": self.config,
                         "faults": self.faults.for_target(),

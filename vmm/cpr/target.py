@@ -270,7 +270,7 @@ class Incoming:
             self._refuse(e)
             raise
         self.timeline.step("new: VM built on the same RAM, \"prepared\" sent")
-        self.channel.send({"msg": "prepared"})
+        self.channel.send(prepared_message())
 
     def complete(self):
         """Receive state and fds, restore, wait for "go", resume.  Returns the machine."""
@@ -347,6 +347,14 @@ class Incoming:
                 self.channel.send({"msg": "error", "desc": str(error)})
             except VmmError:
                 pass
+
+
+def prepared_message() -> dict:
+    """"prepared", with this pyvmm's version and protocol: the old VMM refuses, before
+    its stop, a new one that says none (older than 0.2.0: a downgrade)."""
+    from .. import __version__
+    from .channel import PROTOCOL_VERSION
+    return {"msg": "prepared", "pyvmm": __version__, "version": PROTOCOL_VERSION}
 
 
 def peer_threads(sock) -> list[str]:
