@@ -21,11 +21,9 @@ import pytest
 from conftest import ROOT, need_kvm
 from test_cpr import (assert_keeps_running, assert_pages_intact, close, cpr_transfer, new_info,
                       qmp, qmp_connect, start_incoming, start_ticker, wait_migration)
+from bench import release_tree
+from bench.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
 from vmm import __version__
-from vmm.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
-
-sys.path.insert(0, str(ROOT / "bench"))
-import release_tree  # noqa: E402
 
 #: The cpr-exec-command that makes an older pyvmm exec this installation: -I, because
 #: 0.1.0 puts its own module search path in the new image's PYTHONPATH.
@@ -101,7 +99,7 @@ def test_upgrade_loses_no_datagram(guests, vmm_procs, tmp_path, old, mode):
                                    ns=ns)
         old_p.wait_for(r"netecho: up")
         assert package(old_qmp) == f"pyvmm {old[0]}"
-        stream = subprocess.Popen(in_ns(ns, sys.executable, "-m", "vmm.traffic", GUEST_IP,
+        stream = subprocess.Popen(in_ns(ns, sys.executable, "-m", "bench.traffic", GUEST_IP,
                                         str(count), str(interval)),
                                   stdout=subprocess.PIPE, text=True)
         time.sleep(0.8)
