@@ -23,6 +23,10 @@ from vmm.memory import MiB
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "guest" / "build"
 HEARTBEAT_US = 1000     # the ticker guest's period: one heartbeat line per ms
+#: The cpr-exec-command with which an older pyvmm (an upgrade's source) execs this
+#: installation: -I, because 0.1.0 puts its own module search path in the new image's
+#: PYTHONPATH (docs/CPR.md, "Upgrades and compatibility").
+UPGRADE_EXEC_COMMAND = [sys.executable, "-I", "-m", "vmm"]
 
 
 class BenchError(Exception):
@@ -33,8 +37,9 @@ class BenchError(Exception):
 class Proc(WatchedProcess):
     """A child of the benchmark, registered for clean-up (bench.lab.WatchedProcess)."""
 
-    def __init__(self, cmd: list[str], registry: "Cleanup", env: dict | None = None):
-        super().__init__(cmd, env=env, cwd=ROOT)
+    def __init__(self, cmd: list[str], registry: "Cleanup", env: dict | None = None,
+                 cwd: Path = ROOT):
+        super().__init__(cmd, env=env, cwd=cwd)
         registry.procs.append(self)
 
     def wait_for(self, pattern: str, timeout: float = 30.0, start: int = 0) -> re.Match:
@@ -108,8 +113,29 @@ def new_info(path, timeout: float = 30.0) -> dict:
 
 
 # -- pyvmm ---------------------------------------------------------------------------------------
-def pyvmm_cmd(*args: str, ns: str | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "vmm", *args]
+class Source:
+    """The pyvmm that runs the guest before the update: this tree's, or (an upgrade,
+    `--from REV`) an older release's built tree (bench/release_tree.py), run from its
+    own directory so that `-m vmm` imports its own code."""
+
+    def __init__(self, rev: str | None = None, log=None):
+        self.rev, self.cwd, self.command, self.label = rev, ROOT, [sys.executable, "-m", "vmm"], None
+        if rev is not None:
+            from bench import release_tree
+            self.cwd = release_tree.release_tree(rev, log=log)
+            self.command = release_tree.pyvmm_command(self.cwd)
+
+    @property
+    def exec_command(self) -> list[str] | None:
+        """cpr-exec-command for an upgrade (None: the source's own resume command)."""
+        return UPGRADE_EXEC_COMMAND if self.rev is not None else None
+
+
+THIS = Source()
+
+
+def pyvmm_cmd(*args: str, ns: str | None = None, source: Source = THIS) -> list[str]:
+    cmd = [*source.command, *args]
     return ["ip", "netns", "exec", ns, *cmd] if ns else cmd
 
 
@@ -135,13 +161,14 @@ class Guest:
         return self.kernel == "ticker"
 
 
-def start_vmm(reg: Cleanup, g: Guest, name: str, ns=None, tap=None) -> tuple[Proc, Path]:
+def start_vmm(reg: Cleanup, g: Guest, name: str, ns=None, tap=None,
+              source: Source = THIS) -> tuple[Proc, Path]:
     qmp_path = reg.tmp / f"{name}.qmp"
     args = ["run", "--kernel", str(BUILD / f"{g.kernel}.elf"), "--memory", f"{g.size // MiB}M",
             "--cmdline", g.cmdline, "--qmp", str(qmp_path)]
     if tap:
         args += ["--net", f"tap,ifname={tap}"]
-    p = Proc(pyvmm_cmd(*args, ns=ns), reg)
+    p = Proc(pyvmm_cmd(*args, ns=ns, source=source), reg, cwd=source.cwd)
     return p, qmp_path
 
 
@@ -158,11 +185,13 @@ def start_incoming(reg: Cleanup, name: str, ns=None) -> tuple[Proc, Path, Path]:
 
 
 def do_update(mode: str, qmp_path: Path, sock: Path | None = None,
-              new_qmp: Path | None = None) -> tuple[dict, float, float]:
+              new_qmp: Path | None = None,
+              exec_command: list[str] | None = None) -> tuple[dict, float, float]:
     """Run one live update; return (new VMM's query-migrate, t_command, t_done)."""
     with qmp_connect(qmp_path) as q:
         if mode == "exec":
-            q.execute("migrate-set-parameters", mode="cpr-exec")
+            params = {"cpr-exec-command": exec_command} if exec_command else {}
+            q.execute("migrate-set-parameters", mode="cpr-exec", **params)
             t0 = time.monotonic()
             q.execute("migrate", uri="exec:")
         else:

@@ -23,11 +23,11 @@ from test_cpr import (assert_keeps_running, assert_pages_intact, close, cpr_tran
                       qmp, qmp_connect, start_incoming, start_ticker, wait_migration)
 from bench import release_tree
 from bench.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
+from bench.vmms import UPGRADE_EXEC_COMMAND
 from vmm import __version__
 
-#: The cpr-exec-command that makes an older pyvmm exec this installation: -I, because
-#: 0.1.0 puts its own module search path in the new image's PYTHONPATH.
-NEW_EXEC_COMMAND = [sys.executable, "-I", "-m", "vmm"]
+#: The cpr-exec-command that makes an older pyvmm exec this installation.
+NEW_EXEC_COMMAND = UPGRADE_EXEC_COMMAND
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ import time
 from bench.downtime.heartbeat import heartbeat_views, joined_lines
 from bench.downtime.stats import PHASES
 from bench.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
-from bench.vmms import ROOT, BenchError, Cleanup, Guest, do_update, start_incoming, start_vmm
+from bench.vmms import (ROOT, THIS, BenchError, Cleanup, Guest, do_update, qmp_connect,
+                        start_incoming, start_vmm)
 from vmm.memory import GiB
 
 
@@ -24,27 +25,32 @@ def steps_after_stop(info: dict) -> list:
 
 
 def run_pyvmm(reg: Cleanup, mode: str, size: int, ram: str, load: str, reps: int,
-              on_rep) -> list[dict]:
+              on_rep, source=THIS) -> list[dict]:
     """`reps` live updates of one configuration; one record per update.
 
     The ticker guest is booted afresh for each update (its maxgap is a running
     maximum); the pattern guest is booted once, touches all its RAM, and then
-    is updated `reps` times in a row (chained new VMMs for cpr-transfer).
+    is updated `reps` times in a row (chained new VMMs for cpr-transfer).  With an
+    older `source` (an upgrade) every update starts from a guest booted under it.
     """
     g = Guest(ram, load, size)
     results = []
     ns = tap = None
     if load == "udp":
         ns, tap = reg.stack.enter_context(netns_with_tap())
-    fresh_each = g.ticks or load == "udp"
+    fresh_each = g.ticks or load == "udp" or source is not THIS
     cur = cur_qmp = None
     n = 0
     for rep in range(reps):
         if cur is None or fresh_each:
             reg.reap()
-            cur, cur_qmp = start_vmm(reg, g, f"vm{rep}", ns, tap)
+            cur, cur_qmp = start_vmm(reg, g, f"vm{rep}", ns, tap, source)
             chain = [cur]
             cur.wait_for(g.ready, timeout=max(60, size / GiB * 40))
+            from_version = None
+            if source is not THIS:   # what really ran the guest before the update
+                with qmp_connect(cur_qmp) as q:
+                    from_version = q.execute("query-version")["package"]
         time.sleep(0.2 if g.ticks else 0.05)
         sock = new_qmp = None
         if mode == "transfer":
@@ -57,7 +63,7 @@ def run_pyvmm(reg: Cleanup, mode: str, size: int, ram: str, load: str, reps: int
                                       text=True, cwd=ROOT)
             time.sleep(0.5)
         try:
-            info, t_cmd, t_done = do_update(mode, cur_qmp, sock, new_qmp)
+            info, t_cmd, t_done = do_update(mode, cur_qmp, sock, new_qmp, source.exec_command)
         except BaseException:
             if stream:
                 stream.kill()
@@ -71,6 +77,8 @@ def run_pyvmm(reg: Cleanup, mode: str, size: int, ram: str, load: str, reps: int
                "host_us": info["x-downtime-us"],
                "phases_us": {k: info.get("x-phases-us", {}).get(k) for k in PHASES},
                "steps_us": steps_after_stop(info)}
+        if from_version:
+            rec["from"] = from_version
         if mode == "transfer":
             chain.append(new)
             if cur.proc.wait(30) != 0:

@@ -6,8 +6,9 @@ import statistics
 
 from vmm.cpr.timeline import PHASES as TIMELINE
 
-# The phases a record's `phases_us` holds: the timeline's from the stop on (the downtime).
-PHASES = [name for name, _ in TIMELINE if name != "setup"]
+# The phases a record's `phases_us` holds: the timeline's from the stop to the resume (the
+# downtime of an update that completed: no setup before it, no rollback instead of it).
+PHASES = [name for name, _ in TIMELINE if name not in ("setup", "rollback")]
 
 
 def pct(values, q):

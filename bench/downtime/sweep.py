@@ -16,7 +16,9 @@ from bench.downtime.baselines import QEMU, run_naive, run_qemu
 from bench.downtime.plots import plots
 from bench.downtime.report import MODE_NAME, host_description, size_name, table
 from bench.downtime.runs import run_pyvmm
-from bench.vmms import BUILD, ROOT, BenchError, Cleanup, on_sigterm
+from bench.release_tree import ReleaseTreeError
+from bench.vmms import BUILD, ROOT, BenchError, Cleanup, Source, on_sigterm
+from vmm import __version__
 from vmm.errors import VmmError
 from vmm.memory import MiB, parse_size
 
@@ -76,6 +78,10 @@ def parse_args(argv):
                          "(default bench/results)")
     ap.add_argument("--quick", action="store_true",
                     help="256M and 1G, 2 reps, idle, one UDP-load run (< 2 minutes)")
+    ap.add_argument("--from", dest="from_rev", metavar="REV",
+                    help="an upgrade's downtime: run each guest under an older pyvmm (a "
+                         "version in RELEASES.md, e.g. 0.1.0, or a git commit; built once "
+                         "into ~/.cache/pyvmm/releases) and update it to this one")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.udp_sizes = None
@@ -110,6 +116,11 @@ def main(argv=None) -> int:
         print(f"pyvmm bench downtime: build the guests first (make -C guest): missing {missing}",
               file=sys.stderr)
         return 1
+    try:
+        source = Source(args.from_rev, log=lambda line: print(line, file=sys.stderr))
+    except ReleaseTreeError as e:
+        print(f"pyvmm bench downtime: --from {args.from_rev}: {e}", file=sys.stderr)
+        return 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, skipped = plan(args)
@@ -134,7 +145,8 @@ def main(argv=None) -> int:
                 advance = lambda: progress.advance(task)   # noqa: E731
                 try:
                     if kind == "pyvmm":
-                        records += run_pyvmm(reg, mode, size, ram, load, reps, advance)
+                        records += run_pyvmm(reg, mode, size, ram, load, reps, advance,
+                                             source)
                     elif kind == "naive":
                         records += run_naive(reg, size, reps, advance)
                     else:
@@ -154,10 +166,13 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, old_term)
     elapsed = time.monotonic() - started
     cmd = "pyvmm bench downtime " + " ".join(argv if argv is not None else sys.argv[1:])
-    head = [f"# pyvmm downtime benchmark", "",
+    head = ["# pyvmm downtime benchmark", "",
             f"- command: `{cmd.strip()}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
             f"- host: {host_description()}",
+            *([f"- an upgrade: each guest ran under pyvmm {args.from_rev} (tree "
+               f"{source.cwd}) and was updated to this tree's pyvmm {__version__}"]
+              if args.from_rev else []),
             f"- took {elapsed:.0f} s", ""]
     text = "\n".join(head) + "\n" + table(records, skipped + [f"FAILED {f}" for f in failures])
     (out / "results.md").write_text(text)
