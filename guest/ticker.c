@@ -1,6 +1,9 @@
 /* ticker: heartbeat from a ring-3 rdtsc busy loop.
- * cmdline: period_us=N (default 100000), count=N (exit 0 after N ticks).
+ * cmdline: period_us=N (default 100000), count=N (exit 0 after N ticks),
+ *          scratch=ADDR (a 32-bit register, pyvmm's `--device scratch` at 0xd1000000:
+ *          each tick reads it, writes it back plus one and prints what it read).
  * line: "tick <n> t_us=<us since PVH entry> maxgap_us=<largest gap between two loop iterations>"
+ *       then, with scratch=, " scratch=<value read>"
  * The gap excludes the time spent inside the write syscall itself (reset after each write). */
 #include "guest.h"
 
@@ -8,6 +11,7 @@ static void user_main(void *arg)
 {
     u64 period = us_to_tsc(cmdline_u64("period_us", 100000));
     u64 count = cmdline_u64("count", 0);
+    volatile u32 *scratch = (volatile u32 *)cmdline_u64("scratch", 0);
     u64 n = 0, maxgap = 0;
     extern u64 g_stamp[8];
     if (cmdline_get("boottrace", 0))
@@ -24,8 +28,14 @@ static void user_main(void *arg)
         last = now;
         if ((i64)(now - next) >= 0) {
             n++;
-            int len = snprintf(buf, sizeof buf, "tick %lu t_us=%lu maxgap_us=%lu\n",
+            int len = snprintf(buf, sizeof buf, "tick %lu t_us=%lu maxgap_us=%lu",
                                n, tsc_to_us(now - g_boot_tsc), tsc_to_us(maxgap));
+            if (scratch) {
+                u32 seen = *scratch;
+                *scratch = seen + 1;
+                len += snprintf(buf + len, sizeof buf - len, " scratch=%lu", (u64)seen);
+            }
+            buf[len++] = '\n';
             u_write(buf, len);
             if (count && n >= count)
                 u_exit(0);

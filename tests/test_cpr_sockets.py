@@ -92,7 +92,7 @@ def shape(cpuid: bytes, **over) -> dict:
     s = {"arch": "x86_64", "vcpus": 1,
          "memory": {"size": RAM, "name": "pyvmm-ram", "hugetlb": False,
                     "regions": [[0, RAM, 0]]},
-         "kernel": None, "cmdline": "", "cpuid": [b64(cpuid)], "nets": 0}
+         "kernel": None, "cmdline": "", "cpuid": [b64(cpuid)]}
     s.update(over)
     return s
 
@@ -222,7 +222,7 @@ class Client:
 
 
 @pytest.mark.parametrize("path,value,expect", [
-    ("devices.serial", KeyError, "state: devices.serial: missing"),
+    ("devices.serial.state.lsr", KeyError, "state: devices.serial.state.lsr: missing"),
     ("vm.clock_ns", "12", "state: vm.clock_ns: expected int, got str"),
     ("vcpus.0.lapic", b"\0" * 8,
      "state: vcpus[0].lapic: expected 1024 bytes, got 8 (a state from another kernel "
@@ -291,7 +291,7 @@ def exec_resume_with(blob: bytes, tmp_path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("path,value,expect", [
-    ("devices.serial", KeyError, "state: devices.serial: missing"),
+    ("devices.serial.state.lsr", KeyError, "state: devices.serial.state.lsr: missing"),
     ("vm.clock_ns", "12", "state: vm.clock_ns: expected int, got str"),
     ("cpr.fds.ram", KeyError, "state: cpr: fds: no RAM fd named \"ram\""),
 ])

@@ -861,11 +861,11 @@ def test_virtio_net_end_to_end_with_live_update(backend):
     shows as DEVICE_NEEDS_RESET and a reset brings the device back."""
     need_socketpair_backend(backend)
     from vmm import state as state_blob
-    from vmm.devices.virtio_net import VirtioNet
+    from vmm.devices.virtio_net import VirtioNet, VirtioNetState
     from vmm.memory import GuestMemory
     from vmm.virtio import ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK
     from vmm.virtio import mmio as M
-    from vmm.virtio.mmio import VirtioMmio
+    from vmm.virtio.mmio import MmioState, VirtioMmio
     mem = GuestMemory(MEM_SIZE)
     a, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.setblocking(False)
@@ -896,21 +896,26 @@ def test_virtio_net_end_to_end_with_live_update(backend):
         assert rx.wait_used(1)[0][1] == len(frame(70))
 
         # -- live update: old side
-        assert net.quiesce() == [1, 1]
-        saved = state_blob.loads(state_blob.dumps({"net": t.state()}))["net"]
+        net.quiesce()
+        assert [q.next_avail for q in t.queues] == [1, 1]
+        tree = state_blob.loads(state_blob.dumps({"transport": t.save().to_tree(),
+                                                  "virtio": net.save().to_tree()}))
+        saved = MmioState.from_tree(tree["transport"])
+        saved_net = VirtioNetState.from_tree(tree["virtio"])
         net.release()
         t.close()
-        assert saved["device"]["queues"][1]["last_avail_idx"] == 1
+        assert tree["transport"]["queues"][1]["next_avail"] == 1
         tx.add([(*tx.buf(frame(41)), 0)])      # queued while no VMM is looking
 
         # -- new side: same RAM, same "tap" fd, new eventfds
         net2 = VirtioNet(SocketTap(a), None, lambda: make(mem))
         new_t = VirtioMmio(net2, 0xD000_0000, 5, FakeVm(), mem)
-        new_t.set_state(saved)
+        net2.restore(saved_net)
+        new_t.restore(saved)
         assert net2.mac == mac
         assert peer.recv(4096) == frame(41)    # the replayed kick found it
         tx.wait_used(1)
-        assert new_t.state()["status"] == saved["status"]
+        assert new_t.save().status == saved.status
 
         # a broken chain shows up as DEVICE_NEEDS_RESET; a reset brings the device back
         tx.put_desc(0, tx.buf(64)[0], 64, F_NEXT, 0)

@@ -451,8 +451,6 @@ def test_debug_exit_reports_the_value_written():
     bus.write(0xF5, b"\x07")
     assert codes == [0, 42, 0x1234, 0xDEADBEEF, 7]
     assert bus.read(0xF4, 4) == bytes(4)
-    dev.set_state(dev.state())
-    assert dumps(dev.state())
 
 
 def test_uart_fast_path_is_published_only_while_side_effect_free():

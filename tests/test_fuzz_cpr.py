@@ -41,7 +41,7 @@ json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(
 SHAPE = {"arch": "x86_64", "vcpus": 1,
          "memory": {"size": 64 << 20, "name": "pyvmm-ram", "hugetlb": False,
                     "regions": [[0, 64 << 20, 0]]},
-         "kernel": None, "cmdline": "", "cpuid": [b"\0" * 8], "nets": 0}
+         "kernel": None, "cmdline": "", "cpuid": [b"\0" * 8]}
 
 
 def paths(tree, prefix=()):

@@ -9,7 +9,8 @@ from vmm.memory import GuestMemory, MiB
 from vmm.virtio import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
                         F_VERSION_1, INT_CONFIG, bit)
 from vmm.virtio import mmio as M
-from vmm.virtio.mmio import VirtioMmio
+from vmm.state import dumps, loads
+from vmm.virtio.mmio import MmioState, VirtioMmio
 
 BASE, GSI = 0xD000_0000, 5
 
@@ -46,7 +47,6 @@ class FakeDevice:
         self.config = bytearray(b"\x52\x54\x00\x12\x34\x56\x01\x00")
         self.activations, self.resets, self.acked = [], 0, None
         self.isr_bits, self.err, self.refuse = 0, None, False
-        self.saved = {"x": 1}
 
     def read_config(self, offset, size):
         return bytes(self.config[offset:offset + size]).ljust(size, b"\0")
@@ -59,7 +59,7 @@ class FakeDevice:
         return not self.refuse
 
     def activate(self, mem, queues, kick_fds, call_fd):
-        self.activations.append(([q.state() for q in queues], kick_fds, call_fd))
+        self.activations.append(([q.to_tree() for q in queues], kick_fds, call_fd))
 
     def reset(self):
         self.resets += 1
@@ -73,11 +73,6 @@ class FakeDevice:
     def error(self):
         return self.err
 
-    def state(self):
-        return dict(self.saved)
-
-    def set_state(self, d):
-        self.saved = dict(d)
 
 
 @pytest.fixture
@@ -196,7 +191,7 @@ def test_queue_setup(dev):
     negotiate(dev)
     setup_queue(dev, 0, 64, 0x1_0000_1000, 0x2000, 0x3000)
     q = dev.queues[0]
-    assert (q.num, q.desc, q.driver, q.device, q.ready) == (64, 0x1_0000_1000, 0x2000, 0x3000, True)
+    assert (q.num, q.desc, q.avail, q.used, q.ready) == (64, 0x1_0000_1000, 0x2000, 0x3000, True)
     assert rd(dev, M.QUEUE_READY) == 1
     wr(dev, M.QUEUE_NUM, 32)  # a ready queue is frozen
     assert q.num == 64
@@ -217,8 +212,8 @@ def test_driver_ok_wires_eventfds_and_activates(dev):
     assert sorted(vm.ioeventfds) == [(BASE + 0x50, 4, 0), (BASE + 0x50, 4, 1)]
     assert list(vm.irqfds) == [GSI]
     queues, kicks, call = device.activations[0]
-    assert queues[0] == {"num": 256, "ready": 1, "desc": 0x10000, "driver": 0x11000,
-                         "device": 0x12000}
+    assert queues[0] == {"num": 256, "ready": True, "desc": 0x10000, "avail": 0x11000,
+                         "used": 0x12000, "next_avail": 0}
     assert kicks == [vm.ioeventfds[(BASE + 0x50, 4, 0)], vm.ioeventfds[(BASE + 0x50, 4, 1)]]
     assert call == vm.irqfds[GSI]
     for fd in kicks + [call]:
@@ -290,17 +285,17 @@ def test_state_round_trip_reactivates(mem):
     old = VirtioMmio(FakeDevice(), BASE, GSI, vm, mem)
     bring_up(old)
     wr(old, M.QUEUE_SEL, 1)
-    old.device.saved = {"last_avail": [3, 9]}
-    saved = old.state()
+    old.queues[0].next_avail, old.queues[1].next_avail = 3, 9   # (as a device's quiesce)
+    saved = MmioState.from_tree(loads(dumps({"t": old.save().to_tree()}))["t"])
     old.close()
 
     vm2, dev2 = FakeVm(), FakeDevice()
     new = VirtioMmio(dev2, BASE, GSI, vm2, mem)
-    new.set_state(saved)
+    new.restore(saved)
     try:
-        assert new.state() == saved
-        assert dev2.saved == {"last_avail": [3, 9]}
+        assert new.save() == saved
         assert len(dev2.activations) == 1
+        assert [q["next_avail"] for q in dev2.activations[0][0]] == [3, 9]
         _, kicks, call = dev2.activations[0]
         assert sorted(vm2.ioeventfds) == [(BASE + 0x50, 4, 0), (BASE + 0x50, 4, 1)]
         # kicks lost during the handover are replayed once
@@ -311,8 +306,8 @@ def test_state_round_trip_reactivates(mem):
 
 def test_state_of_idle_device_round_trips(dev, mem):
     negotiate(dev)
-    saved = dev.state()
+    saved = dev.save()
     new = VirtioMmio(FakeDevice(), BASE, GSI, FakeVm(), mem)
-    new.set_state(saved)
-    assert new.state() == saved
+    new.restore(saved)
+    assert new.save() == saved
     assert not new.device.activations

@@ -84,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="a virtio-net device on a tap: an existing tap by name (or a new one "
                           "pyvmm creates, bare `tap`), or an open tap fd; backend=c (the C "
                           "data path, default), python, or vhost (/dev/vhost-net)")
+    run.add_argument("--device", action="append", default=[], metavar="KIND[,OPTS]",
+                     help="another device (vmm/devices/__init__.py lists the kinds), e.g. "
+                          "scratch,value=5: a 32-bit register at 0xd1000000")
     run.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on unix socket PATH")
     run.add_argument("--incoming", action="append", metavar="cpr-transfer:PATH",
                      help="wait for a live update from another pyvmm on unix socket PATH "
@@ -174,7 +177,7 @@ def cmd_run(args) -> int:
             raise VmmError("give the guest kernel with --kernel PATH (or --incoming to receive one)")
         mconf = MachineConfig(kernel=args.kernel, memory=parse_size(args.memory),
                               cmdline=args.cmdline, vcpus=args.vcpus, hugetlb=args.hugetlb,
-                              console=console, nets=args.net)
+                              console=console, nets=args.net, devices=args.device)
         machine = Machine(mconf)
         try:
             machine.create()
@@ -202,10 +205,10 @@ def _run_incoming(args, config, console) -> int:
     import signal
     from .cpr.target import Incoming, IncomingAborted, parse_incoming
 
-    for given, what in ((args.kernel, "--kernel"), (args.net, "--net")):
+    for given, what in ((args.kernel, "--kernel"), (args.net, "--net"), (args.device, "--device")):
         if given:
             raise VmmError(f"{what} cannot be given with --incoming: the guest's kernel, RAM "
-                           "and NICs (with their taps) come from the old VMM in the update")
+                           "and devices (NICs with their taps) come from the old VMM in the update")
     path, deferred = parse_incoming(args.incoming)
     exit_code: list[int] = []   # set by a signal (128+signo) or by QMP quit
 
@@ -255,4 +258,4 @@ def _run_incoming(args, config, console) -> int:
         return exit_code[0]
     if monitor:
         monitor[1].emit("MIGRATION", {"status": "completed"})
-    return serve(machine, config, monitor=monitor)
+    return serve(machine, config, monitor=monitor, arrival=incoming.arrival)

@@ -39,6 +39,7 @@ class Controller:
         self.status = "running"
         self.exit_code = 0   # 1 once a live update failed past its point of no return
         self.incoming = None   # the Incoming a `pyvmm run --incoming` waits on
+        self.arrival = None    # how the guest came here in a live update (cpr.target.Arrival)
         self._lock = threading.Lock()
 
     # -- run state --------------------------------------------------------------------------
@@ -214,14 +215,13 @@ class Controller:
     def query_migrate(self) -> dict:
         if self.migration is not None:
             return self.migration.info()
-        tl = self.machine.cpr_timeline if self.machine is not None else None
-        if tl is None:
+        arrival = self.arrival
+        if arrival is None:
             status = self.incoming.status if self.incoming is not None else "none"
             return {} if status == "none" else {"status": status}
-        info = timeline_info(tl, self.machine.cpr_mode)
-        peer = getattr(self.machine, "cpr_peer_threads", None)
-        if peer is not None:
-            info["x-peer-threads-at-transfer"] = peer
+        info = timeline_info(arrival.timeline, arrival.mode)
+        if arrival.peer_threads is not None:
+            info["x-peer-threads-at-transfer"] = arrival.peer_threads
         return info
 
     def migrate_cancel(self) -> None:

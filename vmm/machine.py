@@ -15,9 +15,7 @@ from .errors import GuestError, VmmError
 from .memory import MiB, GuestMemory
 from .state import StateError, require
 
-COM1_PORT, COM1_IRQ = 0x3F8, 4
 MSR_IA32_TSC = 0x10
-DEBUG_EXIT_PORT = 0xF4
 MAX_VCPUS = 64
 
 
@@ -25,14 +23,22 @@ class MachineConfig:
     """What `pyvmm run` was asked for."""
 
     def __init__(self, kernel: str | None = None, memory: int = 256 * MiB, cmdline: str = "",
-                 vcpus: int = 1, hugetlb: bool = False, console=None, nets=None):
+                 vcpus: int = 1, hugetlb: bool = False, console=None, nets=None, devices=None):
         self.kernel = kernel
         self.memory = memory
         self.cmdline = cmdline
         self.vcpus = vcpus
         self.hugetlb = hugetlb
         self.console = console     # callable taking bytes: serial output; stdout by default
-        self.nets = list(nets or [])
+        self.nets = list(nets or [])          # --net specs
+        self.devices = list(devices or [])    # --device specs: "KIND[,OPTS]"
+
+    def device_specs(self) -> list[tuple[str, str]]:
+        """(kind, spec) of every device the machine has: the defaults, --device, --net."""
+        from .devices import DEFAULT_DEVICES
+        extra = [tuple(spec.split(",", 1)) if "," in spec else (spec, "")
+                 for spec in self.devices]
+        return list(DEFAULT_DEVICES) + extra + [("net", spec) for spec in self.nets]
 
 
 def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None = None,
@@ -95,9 +101,8 @@ class Machine:
         self.error: GuestError | None = None
         self._done = sync.Event()
         self.running = False
-        self.cpr_devices = []
-        self.cpr_timeline = None   # set in a new VMM after a live update
-        self.cpr_mode = None
+        self.devices = []          # every device, in the order they were added
+        self.cmdline_extra = []
 
     # -- building --------------------------------------------------------------------
     def create(self, memory: GuestMemory | None = None, cpuids: list[bytes] | None = None,
@@ -109,8 +114,8 @@ class Machine:
         is a (kvm, vm, vcpus) triple made by create_kvm_parts() on another thread.
         """
         from .devices.bus import Bus
-        from .devices.debug_exit import DebugExit
-        from .devices.serial import Serial16550
+        from .devices.persist import DeviceContext
+        from .kvm.ffi import ffi
 
         cfg = self.config
         self.memory = memory or GuestMemory(cfg.memory, hugetlb=cfg.hugetlb)
@@ -123,28 +128,29 @@ class Machine:
 
         self.pio_bus = Bus()
         self.mmio_bus = Bus()
-        console = cfg.console or stdout_console
-        self.serial = Serial16550(console, lambda level: self.vm.irq_line(COM1_IRQ, level))
-        self.pio_bus.insert(COM1_PORT, 8, self.serial)
-        from .kvm.ffi import ffi
-        self.uart_fast = ffi.NULL
-        if isinstance(console, FdConsole):
-            self.uart_fast = ffi.new("struct pyvmm_uart_fast *",
-                                     {"base": COM1_PORT, "out_fd": console.fd})
-            self.serial.attach_fast_path(self.uart_fast)
-        self.debug_exit = DebugExit(self.request_exit)
-        self.pio_bus.insert(DEBUG_EXIT_PORT, 4, self.debug_exit)
-        self.nets = []
-        self.cmdline_extra = []
-        if not restoring:   # a live update rebuilds nets from the saved state and passed taps
-            from .devices.net import NetDevice
-            for i, spec in enumerate(cfg.nets):
-                self._add_net(NetDevice.from_spec(i, spec, self.vm, self.memory))
+        # The vCPU loop's UART fast path, off until the serial device turns it on.
+        self.uart_fast = ffi.new("struct pyvmm_uart_fast *", {"out_fd": -1})
+        self.ctx = DeviceContext(self.vm, self.memory, self.pio_bus, self.mmio_bus,
+                                 cfg.console or stdout_console, self.request_exit,
+                                 self.uart_fast)
+        if not restoring:   # a live update rebuilds devices from the saved state and fds
+            from .devices import device_class
+            counts: dict[str, int] = {}
+            for kind, spec in cfg.device_specs():
+                index = counts[kind] = counts.get(kind, -1) + 1
+                self._add(device_class(kind).create(self.ctx, index, spec))
 
-    def _add_net(self, dev) -> None:
-        self.cmdline_extra.append(dev.attach(self.mmio_bus))
-        self.nets.append(dev)
-        self.cpr_devices.append(dev)
+    def _add(self, dev) -> None:
+        if any(d.id == dev.id for d in self.devices):
+            raise VmmError(f"two devices named {dev.id}")
+        snippet = dev.attach(self.ctx)
+        if snippet:
+            self.cmdline_extra.append(snippet)
+        self.devices.append(dev)
+
+    def device(self, id: str):
+        """The device named `id` ("serial", "net0"...), or None."""
+        return next((d for d in self.devices if d.id == id), None)
 
     def boot(self) -> None:
         """Load the PVH kernel and point the boot vCPU at its 32-bit entry."""
@@ -161,7 +167,8 @@ class Machine:
         """What a new VMM needs to build an identical empty machine (no device state)."""
         return {"arch": "x86_64", "vcpus": len(self.vcpus), "memory": self.memory.state(),
                 "kernel": self.config.kernel, "cmdline": self.config.cmdline,
-                "cpuid": [v.cpuid_bytes for v in self.vcpus], "nets": len(self.nets)}
+                "cpuid": [v.cpuid_bytes for v in self.vcpus],
+                "devices": sorted({d.KIND for d in self.devices})}
 
     def save_state(self) -> dict:
         """Everything about the paused machine except guest RAM (which stays in its memfd)."""
@@ -172,8 +179,7 @@ class Machine:
             "machine": self.shape(),
             "vm": self.vm.get_state(),
             "vcpus": [v.get_state() for v in self.vcpus],
-            "devices": {"serial": self.serial.state(), "debug_exit": self.debug_exit.state(),
-                        "nets": [d.cpr_state() for d in self.nets]},
+            "devices": self.save_devices(),
             "time": {"host_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC), "tsc_khz": tsc_khz},
         }
 
@@ -195,9 +201,6 @@ class Machine:
         if mem.get("size") != self.memory.size:
             raise StateError(f"state is for {mem.get('size')} bytes of RAM, this machine has "
                              f"{self.memory.size}")
-        devices = require(state, "devices", dict)
-        self.serial.set_state(devices["serial"])
-        self.debug_exit.set_state(devices["debug_exit"])
         self.vm.set_state(require(state, "vm", dict))
         delta_tsc = 0
         if advance_time:
@@ -210,51 +213,53 @@ class Machine:
                 vs = dict(vs, msrs=advance_msr(vs["msrs"], MSR_IA32_TSC, delta_tsc))
             vcpu.set_state(vs)
 
-    # -- live-update hooks ----------------------------------------------------------------
-    # Devices that own something outside the VM (a data-path thread, a vhost fd)
-    # join `self.cpr_devices`; each has cpr_quiesce/cpr_unquiesce, cpr_notify(event)
-    # and cpr_fds().
+    # -- devices: one list, walked for every step of a live update --------------------------
+    def save_devices(self) -> dict:
+        """state["devices"]: each device's entry (vmm/devices/persist.py), by id."""
+        from .devices.persist import entry
+        return {d.id: entry(d) for d in self.devices}
+
+    def restore_devices(self, state: dict, fds: dict[str, int]) -> None:
+        """Build the saved devices on the fds the old VMM passed (not started: resume_devices).
+        Only the modules of the kinds the state names are imported (this is downtime)."""
+        from .devices import device_class
+        fds = dict(fds)
+        try:
+            for id, saved in state["devices"].items():
+                cls = device_class(saved["kind"])
+                mine = {}
+                for name in saved["fds"]:
+                    if f"{id}.{name}" not in fds:
+                        raise StateError(f"the old pyvmm did not pass the fd {id}.{name}")
+                    mine[name] = fds.pop(f"{id}.{name}")
+                self._add(cls.restore(self.ctx, cls.State.from_tree(saved["state"]), mine))
+        finally:
+            for fd in fds.values():   # an fd nobody claimed must not linger in this process
+                os.close(fd)
+
     def quiesce_devices(self) -> None:
-        for d in self.cpr_devices:
-            d.cpr_quiesce()
+        for d in self.devices:
+            d.quiesce()
 
     def resume_devices(self) -> None:
-        for d in self.cpr_devices:
-            d.cpr_unquiesce()
+        for d in self.devices:
+            d.resume()
 
     def notify_devices(self, event: str) -> None:
         """The notifier chain: "setup" (release), "failed" (take back), "done"."""
-        for d in self.cpr_devices:
-            d.cpr_notify(event)
+        for d in self.devices:
+            d.notify(event)
 
     def kvm_fds(self) -> list[int]:
         """The VM's and vCPUs' fds (for the cpr-exec holder)."""
         return [self.vm.fd] + [v.fd for v in self.vcpus]
 
-    def restore_devices(self, state: dict, fds: dict[str, int]) -> None:
-        """Rebuild devices on the fds the old VMM passed, from their saved state (not started)."""
-        fds = dict(fds)
-        nets = state["devices"].get("nets", [])
-        if nets:   # (imported only when needed: this runs inside the downtime)
-            from .devices.net import NetDevice
-            from .net.tap import Tap
-        try:
-            for saved in nets:
-                name = f"net{saved['index']}.tap"
-                if name not in fds:
-                    raise StateError(f"the old pyvmm did not pass the tap fd for {name}")
-                tap = Tap.from_fd(fds.pop(name))
-                dev = NetDevice(saved["index"], tap, None, saved["backend"], self.vm, self.memory)
-                self._add_net(dev)
-                dev.restore(saved)
-        finally:
-            for fd in fds.values():   # an fd nobody claimed must not linger in this process
-                os.close(fd)
-
     def cpr_fds(self) -> dict[str, int]:
-        """Every fd the new VMM needs, by name: RAM first, then all taps, then the rest."""
+        """Every fd the new VMM needs, by name ("<device id>.<name>"): RAM first, then
+        all taps, then the rest."""
         fds = {"ram": self.memory.fd}
-        per_device = [d.cpr_fds() for d in self.cpr_devices]
+        per_device = [{f"{d.id}.{name}": fd for name, fd in d.fds().items()}
+                      for d in self.devices]
         for kind in ("tap", "vhost", ""):
             for dev_fds in per_device:
                 for name, fd in dev_fds.items():
@@ -321,9 +326,9 @@ class Machine:
 
     def close(self) -> None:
         self.stop()
-        for d in getattr(self, "nets", []):
+        for d in self.devices:
             d.close()
-        self.nets = []
+        self.devices = []
         for v in self.vcpus:
             v.close()
         self.vcpus = []

@@ -119,13 +119,13 @@ def resume_after_exec(t_python: int | None = None, argv: list[str] | None = None
         except VmmError as e:   # (checked before the stop; never lose the guest over it)
             print(f"pyvmm: live update: ignoring the command line: {e}", file=sys.stderr)
             overrides = {}
-        machine, config, fds, old_qmp = exec_resume(
+        machine, config, fds, old_qmp, arrival = exec_resume(
             lambda cfg: open_console(cfg.get("console")), t_python, overrides)
         monitor = _start_exec_monitor(config, machine, fds.pop("qmp", None), old_qmp)
         sys.setswitchinterval(interval)
         from .cpr.target import write_state_file
-        write_state_file(machine)
-        return serve(machine, config, monitor=monitor)
+        write_state_file(arrival)
+        return serve(machine, config, monitor=monitor, arrival=arrival)
     except VmmError as e:
         print(f"pyvmm: error: live update failed in the new process: {e}", file=sys.stderr)
         return EXIT_VMM_ERROR
@@ -174,14 +174,16 @@ def _start_monitor(config, machine, *, listen_fd=None, status="running", incomin
     return monitor, controller
 
 
-def serve(machine, config, *, start=False, monitor=None, listen_fd=None) -> int:
-    """Run until the guest exits, fails, is quit, or hands itself to a new pyvmm."""
+def serve(machine, config, *, start=False, monitor=None, listen_fd=None, arrival=None) -> int:
+    """Run until the guest exits, fails, is quit, or hands itself to a new pyvmm.
+    `arrival`: how the guest came here in a live update (vmm.cpr.target.Arrival)."""
     if monitor is None:
         monitor = _start_monitor(config, machine, listen_fd=listen_fd)
     exit_request: list[int] = []
     if monitor:
         mon, controller = monitor
         controller.machine = machine
+        controller.arrival = arrival
         controller.status = "running"
         if mon.listen_fd is not None:
             controller.extra_fds["qmp"] = mon.listen_fd
@@ -248,6 +250,8 @@ def start_stdin_reader(machine) -> None:
         except OSError:
             return False
 
+    serial = machine.device("serial").uart
+
     def pump():
         import select
         while True:
@@ -270,6 +274,6 @@ def start_stdin_reader(machine) -> None:
                 return
             if not data:
                 return
-            machine.serial.enqueue_input(data)
+            serial.enqueue_input(data)
 
     Thread(pump, name="stdin").start()

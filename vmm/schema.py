@@ -9,8 +9,9 @@ with one line naming the field: `state: devices.serial: missing`,
 `shape: memory.size: expected int, got str`.
 
 The save side is the source of truth: this tree mirrors `Machine.shape()`,
-`Machine.save_state()`, the devices' `state()` and `Migration._save()`, with
-the kernel structs' sizes taken from the structs themselves.
+`Machine.save_state()` and `Migration._save()`, with the kernel structs' sizes
+taken from the structs themselves; each device's state is described by its own
+State class (vmm/devices/persist.py), found through the device registry.
 `tests/test_schema.py` checks that every field a real machine saves is
 described here, so the two cannot drift apart silently.  Fields this schema
 does not name are ignored (never read).
@@ -22,6 +23,7 @@ from .state import StateError
 
 U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1
 IOAPIC_PINS = 24   # a net device's interrupt is one of them (GSI FIRST_GSI + index)
+MOST_DEVICES = 256
 
 
 class _Fail(Exception):
@@ -174,16 +176,27 @@ class Names:
             self.value.check(x, _at(path, key))
 
 
-class Lazy:
-    """A spec built on first use (on the cpr-exec resume path every import is downtime)."""
+class DeviceEntry:
+    """One saved device (vmm/devices/persist.py): its kind, from the registry, picks
+    the spec of its state (that device's State class, its module imported only now)."""
 
-    def __init__(self, build):
-        self.build, self.spec = build, None
+    head = Map({"kind": Str(), "version": Int(0, U32), "fds": List(Str(), 16), "state": Map({})})
+
+    def resolve(self, v):
+        """The State class for entry `v` (a map with a known kind)."""
+        from .devices import device_class
+        return device_class(v["kind"]).State
 
     def check(self, v, path):
-        if self.spec is None:
-            self.spec = self.build()
-        self.spec.check(v, path)
+        from .devices import KINDS
+        self.head.check(v, path)
+        if v["kind"] not in KINDS:
+            raise _Fail(_at(path, "kind"), f"{_show(v['kind'])} is not a device this pyvmm has")
+        state = self.resolve(v)
+        if v["version"] != state.VERSION:
+            raise _Fail(_at(path, "version"), f"{v['kind']} state version {v['version']}, this "
+                        f"pyvmm reads version {state.VERSION}")
+        state.check(v["state"], _at(path, "state"))
 
 
 class Schema:
@@ -206,7 +219,7 @@ class Schema:
 # -- the tree ------------------------------------------------------------------------------
 def _build():
     from .cpr.faults import POINTS
-    from .devices.serial import _STATE_INTS, BACKLOG_SIZE, FIFO_SIZE
+    from .devices import KINDS
     from .kvm.ffi import ffi
     from .kvm.vcpu import _SIMPLE_STATE, MSR_ENTRY_SIZE, cpuid_bytes_problem
     from .kvm.vm import IRQCHIPS
@@ -216,7 +229,6 @@ def _build():
     i64 = Int(-(1 << 63), (1 << 63) - 1)
     u16, u32, u64 = Int(0, U16), Int(0, U32), Int(0, U64)
     fd = Int(0, (1 << 31) - 1)
-    most_nets = 255    # (the real bound, one IOAPIC pin each, is on their indices below)
 
     def shape_rule(s):
         if len(s["cpuid"]) != s["vcpus"]:
@@ -232,8 +244,8 @@ def _build():
         "kernel": Nullable(Str()),
         "cmdline": Str(),
         "cpuid": List(Bytes(problem=cpuid_bytes_problem), MAX_VCPUS),
-        "nets": Int(0, most_nets),
-    }, optional=("kernel", "cmdline", "nets"), rule=shape_rule)
+        "devices": List(Str(*KINDS), len(KINDS)),   # the kinds of its devices
+    }, optional=("kernel", "cmdline", "devices"), rule=shape_rule)
 
     vcpu = Map({name: Bytes(ffi.sizeof(ctype)) for name, (ctype, *_) in _SIMPLE_STATE.items()}
                | {"msrs": Bytes(unit=MSR_ENTRY_SIZE, most=4096 * MSR_ENTRY_SIZE)},
@@ -241,27 +253,6 @@ def _build():
     vm = Map({"irqchip": Map({name: Bytes(ffi.sizeof("struct kvm_irqchip")) for name in IRQCHIPS}),
               "pit": Bytes(ffi.sizeof("struct kvm_pit_state2")),
               "clock_ns": u64}, optional=("irqchip", "pit"))
-    serial = Map({name: Int(0, U8) for name in _STATE_INTS}
-                 | {"rx": Bytes(most=FIFO_SIZE), "backlog": Bytes(most=BACKLOG_SIZE)})
-
-    def net_spec():   # (vmm.devices.net is imported only for a machine with a net device)
-        from .devices.net import BACKENDS, FIRST_GSI
-        ring = Map({"num": u16, "ready": Int(0, 1), "desc": u64, "avail": u64, "used": u64,
-                    "last_avail_idx": u16})
-        virtio_net = Map({"features": u64, "active": Int(0, 1), "queues": List(ring, 2),
-                          "status": u16, "config": Bytes(most=256), "mac": Bytes(sizes=(0, 6)),
-                          "isr": u32})
-        queue = Map({"num": u32, "ready": Int(0, 1), "desc": u64, "driver": u64, "device": u64})
-        transport = Map({"status": u32, "device_features_sel": u32, "driver_features_sel": u32,
-                         "driver_features": u64, "queue_sel": u32, "queues": List(queue, 2),
-                         "config_generation": u32, "isr": u32, "failure": Str(),
-                         "device": virtio_net})
-        net = Map({"index": Int(0, IOAPIC_PINS - 1 - FIRST_GSI), "backend": Str(*BACKENDS),
-                   "tap": Str(),
-                   "transport": transport})
-        return net
-
-    net = Lazy(net_spec)
     config = Map({"console": Nullable(Str()), "qmp": Nullable(Str()), "nets": List(Str(), 64)},
                  optional=("console", "qmp", "nets"))
     faults = List(Str(*POINTS), len(POINTS))
@@ -281,20 +272,13 @@ def _build():
         n = s["machine"]["vcpus"]
         if len(s["vcpus"]) != n:
             return f"vcpus: {len(s['vcpus'])} vCPU states for a machine of {n}"
-        nets = s["devices"].get("nets", [])
-        if len(nets) != s["machine"].get("nets", 0):
-            return (f"devices.nets: {len(nets)} devices for a machine of "
-                    f"{s['machine'].get('nets', 0)}")
-        if len({d["index"] for d in nets}) != len(nets):
-            return "devices.nets: two devices with the same index"
         return None
 
     state = Map({
         "machine": shape,
         "vm": vm,
         "vcpus": List(vcpu, MAX_VCPUS),
-        "devices": Map({"serial": serial, "debug_exit": Map({}), "nets": List(net, most_nets)},
-                       optional=("nets",)),
+        "devices": Names(DeviceEntry(), MOST_DEVICES),
         "time": Map({"host_ns": i64, "tsc_khz": u32}),
         "cpr": cpr,
     }, rule=state_rule)
@@ -326,8 +310,10 @@ def undescribed(name: str, tree) -> list[str]:
     out: list[str] = []
 
     def walk(spec, v, path):
-        if isinstance(spec, Lazy):
-            spec = spec.spec or spec.build()
+        if isinstance(spec, DeviceEntry) and type(v) is dict:
+            spec = Map(dict(spec.head.fields, state=spec.resolve(v)))
+        if isinstance(spec, type) and hasattr(spec, "FIELDS"):   # a device's State class
+            spec = Map(spec.FIELDS)
         if isinstance(spec, Nullable):
             if v is not None:
                 walk(spec.spec, v, path)

@@ -45,9 +45,5 @@ def machine_summary(machine) -> dict:
 
 
 def device_summary(machine) -> list[dict]:
-    out = [{"name": "serial", "type": "16550A", "port": "0x3f8", "irq": 4},
-           {"name": "debug-exit", "type": "isa-debug-exit", "port": "0xf4"}]
-    for d in machine.cpr_devices:
-        out.append(d.summary() if hasattr(d, "summary") else {"name": getattr(d, "name", "?")})
-    return out
+    return [d.summary() for d in machine.devices]
 

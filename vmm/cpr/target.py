@@ -42,8 +42,7 @@ def build_machine(shape: dict, ram_fd: int, config: dict, console=None, *, memor
     mem = shape["memory"]
     cfg = MachineConfig(kernel=shape.get("kernel"), memory=mem["size"],
                         cmdline=shape.get("cmdline", ""), vcpus=shape["vcpus"],
-                        hugetlb=mem.get("hugetlb", False), console=console,
-                        nets=config.get("nets", []))
+                        hugetlb=mem.get("hugetlb", False), console=console)
     if memory is None:
         memory = map_ram(shape, ram_fd)
     machine = Machine(cfg)
@@ -51,10 +50,9 @@ def build_machine(shape: dict, ram_fd: int, config: dict, console=None, *, memor
     # Everything that does not need the saved state happens now, before the old VMM
     # stops its guest: vCPU threads exist and wait parked; device code is imported.
     machine.start(paused=True)
-    if shape.get("nets"):
-        from ..devices import net, virtio_net  # noqa: F401
-        from ..net import cpath, tap  # noqa: F401
-        from ..virtio import mmio  # noqa: F401
+    from ..devices import device_class
+    for kind in shape.get("devices", ()):
+        device_class(kind)
     return machine
 
 
@@ -62,6 +60,35 @@ def restore(machine, state: dict, fds: dict[str, int]) -> None:
     """Write the saved state into the machine and re-own its devices (not resumed yet)."""
     machine.restore_state(state)
     machine.restore_devices(state, fds)
+
+
+class Arrival:
+    """How the guest came to this VMM (for query-migrate): the update's mode, its
+    timeline (the old VMM's marks and steps, then ours), the old VMM's threads at
+    fd receipt (when PYVMM_CPR_RECORD_PEER asked), and the file:PATH to write the
+    state to once the guest runs (QEMU's `migrate uri=file:`), as (path, offset, blob)."""
+
+    def __init__(self, mode: str, timeline, peer_threads=None, state_file=None):
+        self.mode = mode
+        self.timeline = timeline
+        self.peer_threads = peer_threads
+        self.state_file = state_file
+
+
+def resume_guest(machine, state: dict, timeline, t_transfer) -> None:
+    """The tail both modes share, in the new VMM: the old VMM's marks and steps go
+    before ours (with its transfer time), the devices and then the vCPUs run again
+    (a guest paused in the old VMM stays paused), and "resume" is marked when the
+    last vCPU is back in the guest."""
+    cpr = state["cpr"]
+    timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
+    timeline.steps = cpr.get("steps", []) + timeline.steps
+    machine.resume_devices()
+    if cpr.get("running", True):
+        machine.resume()
+        timeline.mark("resume", machine.wait_entered())
+    else:
+        timeline.mark("resume")
 
 
 class IncomingAborted(VmmError):
@@ -150,6 +177,7 @@ class Incoming:
         self.listener = None
         self.channel = None
         self.machine = None
+        self.arrival = None   # how the guest came, once it runs here
         self.timeline = Timeline()
         self.config: dict = {}
         self.faults = Faults()
@@ -273,7 +301,8 @@ class Incoming:
         self.channel.send(prepared_message())
 
     def complete(self):
-        """Receive state and fds, restore, wait for "go", resume.  Returns the machine."""
+        """Receive state and fds, restore, wait for "go", resume.  Returns the machine
+        (and leaves how it came in self.arrival)."""
         from .channel import ChannelError
         self.faults.crash("target-crash-before-fds")
         msg, fds = self.channel.expect("state", timeout=None)
@@ -309,21 +338,13 @@ class Incoming:
         except Exception as e:
             self._refuse(e)
             raise
-        self.timeline.marks = (state["cpr"]["timeline"] + [["transfer", msg.get("t_transfer")]]
-                               + self.timeline.marks)
-        self.timeline.steps = state["cpr"].get("steps", []) + self.timeline.steps
         self.faults.delay("target-slow-restore")
         self.channel.send({"msg": "restored"})
         go, _ = self.channel.expect("go", timeout=None)   # EOF = the old VMM rolled back
         self.timeline.step("new: \"go\" received")
         self.timeline.steps += [list(s) for s in go.get("steps", [])
                                 if isinstance(s, list) and len(s) == 2]
-        self.machine.resume_devices()
-        if state["cpr"].get("running", True):   # a guest paused in the old VMM stays paused
-            self.machine.resume()
-            self.timeline.mark("resume", self.machine.wait_entered())
-        else:
-            self.timeline.mark("resume")
+        resume_guest(self.machine, state, self.timeline, msg.get("t_transfer"))
         self.faults.delay("target-slow-running")
         # Past "go" this process owns the guest, whatever became of the old one (killed,
         # or gave up waiting while we were stopped): a broken channel is worth a line,
@@ -336,9 +357,7 @@ class Incoming:
             print(f"pyvmm: live update: the old pyvmm went away after \"go\" ({e}); "
                   "this pyvmm runs the guest", file=sys.stderr)
         self.channel.close()
-        self.machine.cpr_timeline = self.timeline
-        self.machine.cpr_mode = "cpr-transfer"
-        self.machine.cpr_peer_threads = self.peer_threads
+        self.arrival = Arrival("cpr-transfer", self.timeline, self.peer_threads)
         return self.machine
 
     def _refuse(self, error: Exception) -> None:
@@ -376,7 +395,7 @@ def exec_resume(console_factory=None, t_python: int | None = None,
     """cpr-exec target: rebuild the machine from the state memfd named in the environment.
 
     overrides: what this image's command line changes in the saved config
-    (--console, --qmp).  Returns (machine, config, kept fds, the old QMP path).
+    (--console, --qmp).  Returns (machine, config, kept fds, the old QMP path, Arrival).
 
     There is no old process to fall back to after an exec, so if the restore
     fails here (before any device was started) we exec once more, with the
@@ -426,30 +445,20 @@ def exec_resume(console_factory=None, t_python: int | None = None,
         cmd = resume_command() + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
         os.execve(cmd[0], cmd, env)
     os.close(fd)
-    machine.start(paused=True)
-    machine.resume_devices()
-    running = cpr.get("running", True)   # a guest paused in the old image stays paused
-    if running:
-        machine.resume()
-    timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
-    timeline.steps = cpr.get("steps", []) + timeline.steps
-    timeline.mark("resume", machine.wait_entered() if running else None)
+    resume_guest(machine, state, timeline, t_transfer)
     from .holder import release
     release(os.environ.pop(HOLDER_ENV, None))
-    machine.cpr_timeline = timeline
-    machine.cpr_mode = "cpr-exec"
-    if cpr.get("file"):
-        machine.cpr_state_file = (cpr["file"][0], cpr["file"][1], blob)
-    return machine, config, kept, old_qmp
+    state_file = (cpr["file"][0], cpr["file"][1], blob) if cpr.get("file") else None
+    return machine, config, kept, old_qmp, Arrival("cpr-exec", timeline, None, state_file)
 
 
-def write_state_file(machine) -> None:
+def write_state_file(arrival) -> None:
     """QEMU's `migrate uri=file:PATH` recipe: the state the update carried, written to
     PATH once the guest runs (pyvmm's blob; `python -m vmm.state PATH` prints it)."""
-    path, offset, blob = getattr(machine, "cpr_state_file", None) or (None, 0, b"")
-    if path is None:
+    if arrival.state_file is None:
         return
-    machine.cpr_state_file = None
+    path, offset, blob = arrival.state_file
+    arrival.state_file = None
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -8,6 +8,9 @@ itself: `outb 0, $0xf4` is a clean exit 0.
 
 from __future__ import annotations
 
+from .persist import Device, State
+
+PORT = 0xF4
 
 
 class DebugExit:
@@ -23,8 +26,38 @@ class DebugExit:
         if len(data) in (1, 2, 4):
             self.on_exit(int.from_bytes(data, "little"))
 
-    def state(self) -> dict:
-        return {}
 
-    def set_state(self, state: dict) -> None:
-        """Nothing to restore: the device has no registers."""
+
+class DebugExitState(State):
+    """Nothing: the device has no registers."""
+    VERSION = 1
+    FIELDS: dict = {}
+
+
+class DebugExitDevice(Device):
+    """The debug-exit port of every machine, on 4 ports at PORT."""
+
+    KIND = "debug-exit"
+    State = DebugExitState
+
+    def __init__(self, ctx):
+        self.id = "debug-exit"
+        self.port = DebugExit(ctx.request_exit)
+
+    @classmethod
+    def create(cls, ctx, index, spec):
+        return cls(ctx)
+
+    @classmethod
+    def restore(cls, ctx, state, fds):
+        return cls(ctx)
+
+    def attach(self, ctx) -> str:
+        ctx.pio_bus.insert(PORT, 4, self.port)
+        return ""
+
+    def save(self) -> DebugExitState:
+        return DebugExitState()
+
+    def summary(self) -> dict:
+        return {"name": self.id, "type": "isa-debug-exit", "port": f"{PORT:#x}"}

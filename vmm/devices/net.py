@@ -1,26 +1,38 @@
 """A network interface as the machine sees it: tap + virtio-net + virtio-mmio window.
 
 This is the glue between `--net tap,...`, the device model and the live-update
-sequence.  Its cpr_* methods are the device's part of stop -> notify -> save:
+sequence.  Its part of stop -> notify -> save (the contract: persist.py):
 
-    cpr_quiesce     stop the data path, read the ring indices, take the state
-    cpr_notify      "setup": release the backend (vhost RESET_OWNER);
-                    "failed": take it back; "done": nothing left to do
-    cpr_fds         the tap fd, named "netN.tap"
-    cpr_restore     (new VMM) the same device on the passed tap, rings programmed
-                    from the saved indices but not started
-    cpr_unquiesce   start the data path (rollback in the old VMM, "go" in the new)
+    quiesce     stop the data path, write the ring positions into the queues, take the state
+    notify      "setup": release the backend (vhost RESET_OWNER);
+                "failed": take it back; "done": nothing left to do
+    fds         the tap fd ("tap": passed as "netN.tap")
+    restore     (new VMM) the same device on the passed tap, rings programmed
+                from the saved positions but not started
+    resume      start the data path (rollback in the old VMM, "go" in the new)
 """
 
 from __future__ import annotations
 
-
 from ..errors import DeviceError, VmmError
+from ..schema import IOAPIC_PINS, Int, Str
+from ..virtio.mmio import MmioState
+from .persist import Device, State
+from .virtio_net import VirtioNetState
 
 MMIO_BASE = 0xD000_0000
 MMIO_SIZE = 0x1000
 FIRST_GSI = 5
 BACKENDS = ("c", "python", "vhost")
+
+
+class NetState(State):
+    """Which interface (index: its MMIO window and GSI), on which data path and tap
+    (the tap's name, for people: the tap itself is the passed fd), and the
+    transport's and the device's state."""
+    VERSION = 1
+    FIELDS = {"index": Int(0, IOAPIC_PINS - 1 - FIRST_GSI), "backend": Str(*BACKENDS),
+              "tap": Str(), "transport": MmioState, "virtio": VirtioNetState}
 
 
 def parse_spec(spec: str) -> dict:
@@ -56,24 +68,27 @@ def backend_factory(name: str, mem):
     return lambda: CNetBackend(mem)
 
 
-class NetDevice:
+class NetDevice(Device):
     """One virtio-net interface of a machine."""
+
+    KIND = "net"
+    State = NetState
 
     def __init__(self, index: int, tap, mac: bytes | None, backend: str, vm, mem):
         from ..virtio.mmio import VirtioMmio
         from .virtio_net import VirtioNet
         self.index = index
-        self.name = f"net{index}"
+        self.id = f"net{index}"
         self.tap = tap
         self.backend_name = backend
         self.base = MMIO_BASE + index * MMIO_SIZE
         self.gsi = FIRST_GSI + index
         self.net = VirtioNet(tap, mac, backend_factory(backend, mem))
         self.transport = VirtioMmio(self.net, self.base, self.gsi, vm, mem)
-        self.saved: dict | None = None
+        self.saved: NetState | None = None   # taken at quiesce, before release
 
     @classmethod
-    def from_spec(cls, index: int, spec: str, vm, mem) -> "NetDevice":
+    def create(cls, ctx, index: int, spec: str) -> "NetDevice":
         from ..net.tap import Tap
         opts = parse_spec(spec)
         if "fd" in opts:
@@ -84,54 +99,67 @@ class NetDevice:
             tap = Tap.create()
         mac = bytes.fromhex(opts["mac"].replace(":", "")) if "mac" in opts else \
             bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index])
-        return cls(index, tap, mac, opts.get("backend", "c"), vm, mem)
+        return cls(index, tap, mac, opts.get("backend", "c"), ctx.vm, ctx.memory)
 
-    def attach(self, mmio_bus) -> str:
+    @classmethod
+    def restore(cls, ctx, state: NetState, fds: dict[str, int]) -> "NetDevice":
+        """(new VMM) the device on the passed tap, programmed from the saved state; the
+        rings start on resume()."""
+        from ..net.tap import Tap
+        dev = cls(state.index, Tap.from_fd(fds["tap"]), None, state.backend, ctx.vm,
+                  ctx.memory)
+        try:
+            dev.net.defer_start = True
+            dev.net.restore(state.virtio)
+            dev.transport.restore(state.transport)
+            if dev.transport.failure:
+                raise DeviceError(f"{dev.id}: restore failed: {dev.transport.failure}")
+        except BaseException:
+            dev.close()
+            raise
+        return dev
+
+    def attach(self, ctx) -> str:
         """Map the registers; returns the kernel cmdline snippet that announces the device."""
-        mmio_bus.insert(self.base, MMIO_SIZE, self.transport)
+        ctx.mmio_bus.insert(self.base, MMIO_SIZE, self.transport)
         return self.transport.cmdline()
 
     # -- live update ----------------------------------------------------------------------
-    def cpr_quiesce(self) -> None:
+    def quiesce(self) -> None:
         self.net.quiesce()
-        self.saved = self.state()
+        self.saved = self._state()
 
-    def cpr_unquiesce(self) -> None:
+    def resume(self) -> None:
+        self.saved = None
         self.net.defer_start = False
         if self.net.owned:
             self.net.resume()
 
-    def cpr_notify(self, event: str) -> None:
+    def notify(self, event: str) -> None:
         if event == "setup":
             self.net.release()
         elif event == "failed":
             if self.net.wiring is not None:
                 self.net.reacquire()
 
-    def cpr_fds(self) -> dict[str, int]:
-        return {f"{self.name}.tap": self.tap.fd}
+    def fds(self) -> dict[str, int]:
+        return {"tap": self.tap.fd}
 
-    def state(self) -> dict:
-        return {"index": self.index, "backend": self.backend_name, "tap": self.tap.name,
-                "transport": self.transport.state()}
+    def _state(self) -> NetState:
+        return NetState(index=self.index, backend=self.backend_name, tap=self.tap.name,
+                        transport=self.transport.save(), virtio=self.net.save())
 
-    def cpr_state(self) -> dict:
-        return self.saved if self.saved is not None else self.state()
-
-    def restore(self, saved: dict) -> None:
-        """(new VMM) program the device from saved state; the rings start on cpr_unquiesce."""
-        self.net.defer_start = True
-        self.transport.set_state(saved["transport"])
-        if self.transport.failure:
-            raise DeviceError(f"{self.name}: restore failed: {self.transport.failure}")
+    def save(self) -> NetState:
+        return self.saved if self.saved is not None else self._state()
 
     def summary(self) -> dict:
         t = self.transport
-        return {"name": self.name, "type": "virtio-net-mmio", "base": f"{self.base:#x}",
+        return {"name": self.id, "type": "virtio-net-mmio", "base": f"{self.base:#x}",
                 "gsi": self.gsi, "tap": self.tap.name, "backend": self.backend_name,
                 "status": t.status, "features": f"{self.net.acked:#x}",
-                "queues": [{"num": q["num"], "last_avail_idx": q["last_avail_idx"]}
-                           for q in t.state()["device"]["queues"]],
+                "queues": [{"num": q.num, "last_avail_idx": n}
+                           for q, n in zip(t.queues, self.net.next_avail() or
+                                           [q.next_avail for q in t.queues])],
                 "stats": self.net.stats()}
 
     def close(self) -> None:

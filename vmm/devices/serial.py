@@ -28,7 +28,9 @@ under it too, which keeps output bytes and line changes in order.
 from __future__ import annotations
 
 from .. import sync
+from ..schema import U8, Bytes, Int
 from ..state import StateError
+from .persist import Device, State
 
 # Register offsets (DLAB = LCR bit 7 selects the divisor latch at 0 and 1).
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
@@ -325,3 +327,53 @@ class Serial16550:
             self.rx = bytearray(state["rx"])
             self.backlog = bytearray(state["backlog"])
             self._publish()
+
+
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+
+
+class SerialState(State):
+    """Every register, both receive queues and the line level (Serial16550.state())."""
+    VERSION = 1
+    FIELDS = {name: Int(0, U8) for name in _STATE_INTS} | {
+        "rx": Bytes(most=FIFO_SIZE), "backlog": Bytes(most=BACKLOG_SIZE)}
+
+
+class SerialDevice(Device):
+    """COM1: the UART on ports 0x3f8-0x3ff and IRQ 4, writing to the machine's console.
+
+    With a console that is a file descriptor (it has .fd), the vCPU loop's C fast
+    path (the machine's `uart_fast`) writes console bytes without Python."""
+
+    KIND = "serial"
+    State = SerialState
+
+    def __init__(self, ctx):
+        self.id = "serial"
+        vm = ctx.vm
+        self.uart = Serial16550(ctx.console, lambda level: vm.irq_line(COM1_IRQ, level))
+        fd = getattr(ctx.console, "fd", None)
+        if fd is not None and ctx.uart_fast:
+            ctx.uart_fast.base = COM1_PORT
+            ctx.uart_fast.out_fd = fd
+            self.uart.attach_fast_path(ctx.uart_fast)
+
+    @classmethod
+    def create(cls, ctx, index, spec):
+        return cls(ctx)
+
+    @classmethod
+    def restore(cls, ctx, state, fds):
+        dev = cls(ctx)
+        dev.uart.set_state(state.to_tree())
+        return dev
+
+    def attach(self, ctx) -> str:
+        ctx.pio_bus.insert(COM1_PORT, 8, self.uart)
+        return ""
+
+    def save(self) -> SerialState:
+        return SerialState(**self.uart.state())
+
+    def summary(self) -> dict:
+        return {"name": self.id, "type": "16550A", "port": f"{COM1_PORT:#x}", "irq": COM1_IRQ}

@@ -5,11 +5,11 @@ the eventfds and the tap to a backend with vhost's control API (the C path,
 the Python path or /dev/vhost-net, picked by `backend_factory`), and from then
 on only answers config reads and interrupt-status questions.
 
-Live update (CPR), old VMM:   quiesce() -> state() -> release() -> pass the tap fd
+Live update (CPR), old VMM:   quiesce() -> save() -> release() -> pass the tap fd
                     new VMM:  VirtioNet(Tap.from_fd(fd), ...) inside a fresh
-                              VirtioMmio, transport.set_state(saved), which calls
-                              set_state() and then activate() with new eventfds;
-                              the rings carry on from the saved avail indices.
+                              VirtioMmio, restore(saved), then the transport's
+                              restore(), which calls activate() with new eventfds;
+                              the rings carry on from the queues' next_avail.
 If the update is abandoned, the old VMM calls reacquire() and resume().
 """
 
@@ -19,7 +19,9 @@ import os
 
 from ..errors import DeviceError, VmmError
 from ..log import get_logger
+from ..schema import U16, U32, U64, Bytes, Int
 from ..virtio import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
+from .persist import State
 
 log = get_logger(__name__)
 
@@ -52,6 +54,13 @@ _REQUIRES = [
 ]
 
 
+class VirtioNetState(State):
+    """Negotiation, link status, MAC and interrupt bits; the rings are the transport's."""
+    VERSION = 1
+    FIELDS = {"features": Int(0, U64), "status": Int(0, U16), "mac": Bytes(sizes=(0, 6)),
+              "isr": Int(0, U32)}
+
+
 class VirtioNet:
     """A virtio-net device on a tap, its data path run by a vhost-like backend."""
 
@@ -73,8 +82,7 @@ class VirtioNet:
 
     def _clear(self) -> None:
         self.acked = 0
-        self.queues = [_queue_state() for _ in self.queue_sizes]
-        self.vring_bases = [0, 0]
+        self.queues = []         # the transport's Queue objects, from activate()
         self.wiring = None       # (mem, kick_fds, call_fd) while the driver is OK
         self.owned = False       # the backend holds our rings
         self.running = False
@@ -103,9 +111,8 @@ class VirtioNet:
         return True
 
     def activate(self, mem, queues, kick_fds, call_fd) -> None:
-        """DRIVER_OK (or a restore): give the rings to the backend from the current bases."""
-        self.queues = [dict(_queue_state(q), last_avail_idx=b)
-                       for q, b in zip(queues, self.vring_bases)]
+        """DRIVER_OK (or a restore): give the rings to the backend from their next_avail."""
+        self.queues = list(queues)
         self.wiring = (mem, list(kick_fds), call_fd)
         self.reacquire()
         if not self.defer_start:   # a live update starts the rings only on "go"
@@ -129,9 +136,9 @@ class VirtioNet:
             b.set_mem_table([(r.gpa, r.size, mem.host_base + r.offset) for r in mem.regions])
             b.set_features(self.acked)
             for i, q in enumerate(self.queues):
-                b.set_vring_num(i, q["num"])
-                b.set_vring_addr(i, q["desc"], q["avail"], q["used"])
-                b.set_vring_base(i, self.vring_bases[i])
+                b.set_vring_num(i, q.num)
+                b.set_vring_addr(i, q.desc, q.avail, q.used)
+                b.set_vring_base(i, q.next_avail)
                 b.set_vring_kick(i, kick_fds[i])
                 b.set_vring_call(i, call_fd)
             self.tap.set_offloads(self.acked)
@@ -149,17 +156,16 @@ class VirtioNet:
             self.backend.start()
             self.running = True
 
-    def quiesce(self) -> list[int]:
-        """Stop the data path and read where each ring stands; RAM is untouched afterwards."""
+    def quiesce(self) -> None:
+        """Stop the data path and write where each ring stands into its queue's
+        next_avail; RAM is untouched afterwards."""
         if self.running:
             self.backend.stop()
             self.running = False
         if self.owned:
             self.pending_isr |= self.backend.isr_read()   # survives release()
-            self.vring_bases = [self.backend.get_vring_base(q) for q in (RX, TX)]
-            for q, base in zip(self.queues, self.vring_bases):
-                q["last_avail_idx"] = base
-        return list(self.vring_bases)
+            for i, q in enumerate(self.queues):
+                q.next_avail = self.backend.get_vring_base(i)
 
     def release(self) -> None:
         """Let go of rings, fds and memory (vhost's RESET_OWNER); the tap stays as it is."""
@@ -197,42 +203,27 @@ class VirtioNet:
         return self.backend.stats() if self.backend is not None else {}
 
     # -- state -------------------------------------------------------------------------------
-    def state(self) -> dict:
-        """Negotiation, rings and where they stand; exact after quiesce()."""
-        bases = self._bases()
-        return {"features": self.acked, "active": int(self.wiring is not None),
-                "queues": [dict(q, last_avail_idx=b) for q, b in zip(self.queues, bases)],
-                "status": self.link_status, "config": self.config(),
-                "mac": self.mac or b"", "isr": self.isr()}
+    def next_avail(self) -> list[int]:
+        """Where each ring stands: a live reading while running (for inspection; a live
+        update quiesces first, which writes it into the queues)."""
+        if self.running:
+            return [self.backend.get_vring_base(i) for i in range(len(self.queues))]
+        return [q.next_avail for q in self.queues]
 
-    def _bases(self) -> list[int]:
-        if self.running:  # a live reading, for inspection; CPR quiesces first
-            return [self.backend.get_vring_base(q) for q in (RX, TX)]
-        return list(self.vring_bases)
+    def save(self) -> VirtioNetState:
+        return VirtioNetState(features=self.acked, status=self.link_status,
+                              mac=self.mac or b"", isr=self.isr())
 
-    def set_state(self, d: dict) -> None:
-        """Restore into an idle device; the transport's activate() then restarts the rings."""
+    def restore(self, saved: VirtioNetState) -> None:
+        """Restore into an idle device, before its transport (whose restore re-activates)."""
         if self.owned:
             raise VmmError("virtio-net state must be restored into an idle device")
-        if d["features"] & ~self.features & ~bit(F_MAC):
-            raise VmmError(f"saved virtio-net state uses features {d['features']:#x} this "
+        if saved.features & ~self.features & ~bit(F_MAC):
+            raise VmmError(f"saved virtio-net state uses features {saved.features:#x} this "
                            f"pyvmm does not offer: update with the same pyvmm version")
-        self.acked = d["features"]
-        self.mac = bytes(d["mac"]) or None
+        self.acked = saved.features
+        self.mac = bytes(saved.mac) or None
         if self.mac is not None:
             self.features |= bit(F_MAC)
-        self.link_status = d["status"]
-        self.queues = [_queue_state(q) | {"last_avail_idx": q["last_avail_idx"]}
-                       for q in d["queues"]]
-        self.vring_bases = [q["last_avail_idx"] for q in d["queues"]]
-        self.pending_isr = d["isr"]
-
-
-def _queue_state(q=None) -> dict:
-    """A queue's config as plain ints, from a transport Queue or a saved dict."""
-    if q is None:
-        return {"num": 0, "desc": 0, "avail": 0, "used": 0, "ready": 0, "last_avail_idx": 0}
-    if isinstance(q, dict):
-        return {k: q[k] for k in ("num", "desc", "avail", "used", "ready")}
-    return {"num": q.num, "desc": q.desc, "avail": q.driver, "used": q.device,
-            "ready": int(q.ready)}
+        self.link_status = saved.status
+        self.pending_isr = saved.isr

@@ -6,6 +6,9 @@ device side (rings, buffers) lives in the data paths under vmm/net/.
 
 from __future__ import annotations
 
+from ..devices.persist import State
+from ..schema import U16, U32, U64, Bool, Int
+
 
 # Device status bits (§2.1).
 ACKNOWLEDGE = 0x01
@@ -31,31 +34,29 @@ def bit(n: int) -> int:
     return 1 << n
 
 
-class Queue:
-    """What the driver told the transport about one split virtqueue (guest-physical addresses)."""
+class Queue(State):
+    """One split virtqueue: what the driver told the transport (guest-physical
+    addresses) and where the device stands in it (next_avail: the next available
+    ring entry it will take, vhost's vring base).  The transport owns it, the
+    device reads it on activation and writes next_avail when it quiesces, and it
+    is saved once, with the transport (as rust-vmm virtio-queue's QueueState).
+    `max_size` is the device's limit, not state."""
 
-    __slots__ = ("max_size", "num", "ready", "desc", "driver", "device")
+    VERSION = 1
+    FIELDS = {"num": Int(0, U32), "ready": Bool(), "desc": Int(0, U64), "avail": Int(0, U64),
+              "used": Int(0, U64), "next_avail": Int(0, U16)}
 
-    def __init__(self, max_size: int, num: int = 0, ready: bool = False, desc: int = 0,
-                 driver: int = 0, device: int = 0):
-        self.max_size, self.num, self.ready = max_size, num, ready
-        self.desc = desc
-        self.driver = driver   # the available ring
-        self.device = device   # the used ring
-
-    def __repr__(self):
-        return (f"Queue(max_size={self.max_size}, num={self.num}, ready={self.ready}, "
-                f"desc={self.desc:#x}, driver={self.driver:#x}, device={self.device:#x})")
+    def __init__(self, max_size: int = 0, num: int = 0, ready: bool = False, desc: int = 0,
+                 avail: int = 0, used: int = 0, next_avail: int = 0):
+        super().__init__(num=num, ready=ready, desc=desc, avail=avail, used=used,
+                         next_avail=next_avail)
+        self.max_size = max_size
 
     def reset(self) -> None:
         self.num = self.max_size
         self.ready = False
-        self.desc = self.driver = self.device = 0
+        self.desc = self.avail = self.used = self.next_avail = 0
 
-    def state(self) -> dict:
-        return {"num": self.num, "ready": int(self.ready), "desc": self.desc,
-                "driver": self.driver, "device": self.device}
-
-    def set_state(self, d: dict) -> None:
-        self.num, self.ready = d["num"], bool(d["ready"])
-        self.desc, self.driver, self.device = d["desc"], d["driver"], d["device"]
+    def set_state(self, saved: "Queue") -> None:
+        for name in self.FIELDS:
+            setattr(self, name, getattr(saved, name))

@@ -12,7 +12,9 @@ Device protocol (duck-typed): `device_id`, `features` (offered), `queue_sizes`
 (max size per queue), `read_config(offset, size) -> bytes`,
 `write_config(offset, data)`, `ack_features(features) -> bool`,
 `activate(mem, queues, kick_fds, call_fd)`, `reset()`, `isr() -> int`,
-`isr_ack(bits)`, `error() -> str | None`, `state()`, `set_state(d)`.
+`isr_ack(bits)`, `error() -> str | None`.  The queues are the transport's (Queue
+objects, given to activate()); the device writes where it stands in them
+(next_avail) when it stops, and they are saved once, here.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import os
 import struct
 
-from ..log import get_logger
+from ..devices.persist import State
 from ..errors import VmmError
+from ..log import get_logger
+from ..schema import U32, U64, Int, List, Str
 from . import (ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, F_VERSION_1, FAILED,
                FEATURES_OK, INT_CONFIG, Queue, bit)
 
@@ -63,7 +67,17 @@ SHM_BASE_HIGH = 0x0BC
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
 
-_QUEUE_ADDRS = {QUEUE_DESC_LOW: "desc", QUEUE_DRIVER_LOW: "driver", QUEUE_DEVICE_LOW: "device"}
+# The driver area is the available ring, the device area the used ring.
+_QUEUE_ADDRS = {QUEUE_DESC_LOW: "desc", QUEUE_DRIVER_LOW: "avail", QUEUE_DEVICE_LOW: "used"}
+
+
+class MmioState(State):
+    """The transport's registers and its queues (the device's own state is apart)."""
+    VERSION = 1
+    FIELDS = {"status": Int(0, U32), "device_features_sel": Int(0, U32),
+              "driver_features_sel": Int(0, U32), "driver_features": Int(0, U64),
+              "queue_sel": Int(0, U32), "queues": List(Queue, 16),
+              "config_generation": Int(0, U32), "isr": Int(0, U32), "failure": Str()}
 
 
 class VirtioMmio:
@@ -242,8 +256,8 @@ class VirtioMmio:
                 continue
             if not 0 < q.num <= q.max_size or q.num & (q.num - 1):
                 raise VmmError(f"queue {i}: size {q.num} is not a power of two up to {q.max_size}")
-            for name, align, length in (("desc", 16, 16 * q.num), ("driver", 2, 6 + 2 * q.num),
-                                        ("device", 4, 6 + 8 * q.num)):
+            for name, align, length in (("desc", 16, 16 * q.num), ("avail", 2, 6 + 2 * q.num),
+                                        ("used", 4, 6 + 8 * q.num)):
                 addr = getattr(q, name)
                 if addr % align or not self.mem.contains(addr, length):
                     raise VmmError(f"queue {i}: {name} area {addr:#x}+{length:#x} is misaligned "
@@ -308,32 +322,33 @@ class VirtioMmio:
         self._teardown()
 
     # -- state ------------------------------------------------------------------------
-    def state(self) -> dict:
-        """Registers, queues and the device's own state (take it after device quiesce)."""
-        return {"status": self.status, "device_features_sel": self.device_features_sel,
-                "driver_features_sel": self.driver_features_sel,
-                "driver_features": self.driver_features, "queue_sel": self.queue_sel,
-                "queues": [q.state() for q in self.queues],
-                "config_generation": self.config_generation, "isr": self.isr_extra,
-                "failure": self.failure, "device": self.device.state()}
+    def save(self) -> MmioState:
+        """Registers and queues (take it after the device quiesced: next_avail is exact)."""
+        return MmioState(status=self.status, device_features_sel=self.device_features_sel,
+                         driver_features_sel=self.driver_features_sel,
+                         driver_features=self.driver_features, queue_sel=self.queue_sel,
+                         queues=[Queue(**{n: getattr(q, n) for n in Queue.FIELDS})
+                                 for q in self.queues],
+                         config_generation=self.config_generation, isr=self.isr_extra,
+                         failure=self.failure)
 
-    def set_state(self, d: dict) -> None:
-        """Restore into a fresh transport; a live device is re-activated on new eventfds."""
+    def restore(self, saved: MmioState) -> None:
+        """Restore into a fresh transport, after the device's own state; a live device is
+        re-activated on new eventfds."""
         if self.activated:
             raise VmmError("virtio-mmio state must be restored into a fresh device")
-        if len(d["queues"]) != len(self.queues):
-            raise VmmError(f"saved virtio device has {len(d['queues'])} queues, "
+        if len(saved.queues) != len(self.queues):
+            raise VmmError(f"saved virtio device has {len(saved.queues)} queues, "
                            f"this one has {len(self.queues)}")
-        self.status = d["status"]
-        self.device_features_sel = d["device_features_sel"]
-        self.driver_features_sel = d["driver_features_sel"]
-        self.driver_features = d["driver_features"]
-        self.queue_sel = d["queue_sel"]
-        for q, qd in zip(self.queues, d["queues"]):
-            q.set_state(qd)
-        self.config_generation = d["config_generation"]
-        self.isr_extra = d["isr"]
-        self.failure = d["failure"]
-        self.device.set_state(d["device"])
+        self.status = saved.status
+        self.device_features_sel = saved.device_features_sel
+        self.driver_features_sel = saved.driver_features_sel
+        self.driver_features = saved.driver_features
+        self.queue_sel = saved.queue_sel
+        for q, qs in zip(self.queues, saved.queues):
+            q.set_state(qs)
+        self.config_generation = saved.config_generation
+        self.isr_extra = saved.isr
+        self.failure = saved.failure
         if self.status & DRIVER_OK and not self.failure:
             self._activate(restoring=True)
