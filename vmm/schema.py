@@ -5,7 +5,7 @@ A blob or a `hello` can pass every check of the format (magic, version,
 checksum, lengths) and still not be what pyvmm saved: a field missing, a string
 where a number belongs, an array that would size a C allocation.  The restore
 code reads its input trusting this module to have refused all of that first,
-with one line naming the field: `state: devices.serial: missing`,
+with one line naming the field: `state: devices.serial.state.lsr: missing`,
 `shape: memory.size: expected int, got str`.
 
 The save side is the source of truth: this tree mirrors `Machine.shape()`,
