@@ -1,4 +1,4 @@
-"""The device persistence contract (vmm/devices/persist.py): each device's save -> blob ->
+"""The device persistence contract (vmm/devices/__init__.py): each device's save -> blob ->
 restore round trip, the devices part of the state schema, the conversion of a state
 pyvmm 0.1.0 wrote, and a device added through the contract alone (scratch: one file and
 a registry line) going through a real cpr-exec and a real cpr-transfer."""
@@ -13,9 +13,9 @@ import sys
 import pytest
 
 from conftest import ROOT, need_kvm
-from vmm.devices import KINDS, device_class
+from vmm.devices import KINDS, DeviceContext, State, device_class, entry
 from vmm.devices.bus import Bus
-from vmm.devices.persist import DeviceContext, State, devices_from_0_1, entry
+from vmm.devices.compat import devices_from_0_1
 from vmm.errors import VmmError
 from vmm.schema import Int, Names, Schema, DeviceEntry
 from vmm.state import StateError, dumps, loads
@@ -130,7 +130,7 @@ def test_schema_checks_a_device_entry_by_its_kind(mutate, message):
 NET_ROUND_TRIP = """
 import json, os, sys, time
 from vmm import state as fmt
-from vmm.devices.persist import devices_from_0_1
+from vmm.devices.compat import devices_from_0_1
 from vmm.machine import Machine, MachineConfig
 from vmm.schema import check
 

@@ -114,7 +114,7 @@ class Machine:
         is a (kvm, vm, vcpus) triple made by create_kvm_parts() on another thread.
         """
         from .devices.bus import Bus
-        from .devices.persist import DeviceContext
+        from .devices import DeviceContext
         from .kvm.ffi import ffi
 
         cfg = self.config
@@ -215,8 +215,8 @@ class Machine:
 
     # -- devices: one list, walked for every step of a live update --------------------------
     def save_devices(self) -> dict:
-        """state["devices"]: each device's entry (vmm/devices/persist.py), by id."""
-        from .devices.persist import entry
+        """state["devices"]: each device's entry (vmm/devices/__init__.py), by id."""
+        from .devices import entry
         return {d.id: entry(d) for d in self.devices}
 
     def restore_devices(self, state: dict, fds: dict[str, int]) -> None:

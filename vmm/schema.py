@@ -11,7 +11,7 @@ with one line naming the field: `state: devices.serial.state.lsr: missing`,
 The save side is the source of truth: this tree mirrors `Machine.shape()`,
 `Machine.save_state()` and `Migration._save()`, with the kernel structs' sizes
 taken from the structs themselves; each device's state is described by its own
-State class (vmm/devices/persist.py), found through the device registry.
+State class (vmm/devices/__init__.py), found through the device registry.
 `tests/test_schema.py` checks that every field a real machine saves is
 described here, so the two cannot drift apart silently.  Fields this schema
 does not name are ignored (never read).
@@ -177,7 +177,7 @@ class Names:
 
 
 class DeviceEntry:
-    """One saved device (vmm/devices/persist.py): its kind, from the registry, picks
+    """One saved device (vmm/devices/__init__.py): its kind, from the registry, picks
     the spec of its state (that device's State class, its module imported only now)."""
 
     head = Map({"kind": Str(), "version": Int(0, U32), "fds": List(Str(), 16), "state": Map({})})

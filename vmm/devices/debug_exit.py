@@ -8,7 +8,7 @@ itself: `outb 0, $0xf4` is a clean exit 0.
 
 from __future__ import annotations
 
-from .persist import Device, State
+from . import Device, State
 
 PORT = 0xF4
 

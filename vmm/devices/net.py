@@ -1,7 +1,7 @@
 """A network interface as the machine sees it: tap + virtio-net + virtio-mmio window.
 
 This is the glue between `--net tap,...`, the device model and the live-update
-sequence.  Its part of stop -> notify -> save (the contract: persist.py):
+sequence.  Its part of stop -> notify -> save (the contract: vmm/devices/__init__.py):
 
     quiesce     stop the data path, write the ring positions into the queues, take the state
     notify      "setup": release the backend (vhost RESET_OWNER);
@@ -17,7 +17,7 @@ from __future__ import annotations
 from ..errors import DeviceError, VmmError
 from ..schema import IOAPIC_PINS, Int, Str
 from ..virtio.mmio import MmioState
-from .persist import Device, State
+from . import Device, State
 from .virtio_net import VirtioNetState
 
 MMIO_BASE = 0xD000_0000

@@ -1,7 +1,7 @@
 """scratch: one 32-bit register in MMIO that the guest reads and writes, and nothing else.
 
 The smallest device that goes through the whole persistence contract
-(vmm/devices/persist.py): it has state the guest changes (the ticker guest with
+(vmm/devices/__init__.py): it has state the guest changes (the ticker guest with
 `scratch=0xd1000000` adds one to it every tick and prints what it read), so a
 live update that lost or reset the state shows in the guest's own output.
 Added with `--device scratch[,value=N]`; `pyvmm state` shows the value.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import VmmError
 from ..schema import U32, Int
-from .persist import Device, State
+from . import Device, State
 
 BASE = 0xD100_0000
 SIZE = 4

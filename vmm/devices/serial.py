@@ -30,7 +30,7 @@ from __future__ import annotations
 from .. import sync
 from ..schema import U8, Bytes, Int
 from ..state import StateError
-from .persist import Device, State
+from . import Device, State
 
 # Register offsets (DLAB = LCR bit 7 selects the divisor latch at 0 and 1).
 RBR_THR_DLL, IER_DLM, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)

@@ -21,7 +21,7 @@ from ..errors import DeviceError, VmmError
 from ..log import get_logger
 from ..schema import U16, U32, U64, Bytes, Int
 from ..virtio import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
-from .persist import State
+from . import State
 
 log = get_logger(__name__)
 

@@ -6,7 +6,7 @@ device side (rings, buffers) lives in the data paths under vmm/net/.
 
 from __future__ import annotations
 
-from ..devices.persist import State
+from ..devices import State
 from ..schema import U16, U32, U64, Bool, Int
 
 

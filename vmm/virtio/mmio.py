@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..devices.persist import State
+from ..devices import State
 from ..errors import VmmError
 from ..log import get_logger
 from ..schema import U32, U64, Int, List, Str
