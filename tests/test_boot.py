@@ -226,6 +226,7 @@ def test_state_round_trip_into_fresh_vm_on_same_memfd(guests):
         new.create(memory=GuestMemory.from_fd(ram_fd, size), cpuids=saved["machine"]["cpuid"],
                    restoring=True)
         new.restore_state(saved)
+        new.restore_devices(saved, {})   # (constructs them: serial and debug-exit, no fds)
         new.start()
         console.wait_for(rf"tick {last + 3} ")
         seen = ticks(console.text())

@@ -115,7 +115,10 @@ class NetDevice(Device):
             if dev.transport.failure:
                 raise DeviceError(f"{dev.id}: restore failed: {dev.transport.failure}")
         except BaseException:
-            dev.close()
+            # The tap fd stays open: it is still the caller's (a failed cpr-exec restore
+            # execs again with the same fds).
+            dev.net.close()
+            dev.transport.close()
             raise
         return dev
 
