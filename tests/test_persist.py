@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from bench.lab import netns_with_tap
 from conftest import ROOT, need_kvm
 from vmm.devices import KINDS, DeviceContext, State, device_class, entry
 from vmm.devices.bus import Bus
@@ -19,7 +20,6 @@ from vmm.devices.compat import devices_from_0_1
 from vmm.errors import VmmError
 from vmm.schema import Int, Names, Schema, DeviceEntry
 from vmm.state import StateError, dumps, loads
-from vmm.lab import netns_with_tap
 
 DEVICES = Schema("devices", Names(DeviceEntry()))
 

@@ -37,13 +37,15 @@ PROTOCOL = PROTOCOLS[__version__]
 #: What a peer that says no version is: the first release, which said none.
 UNVERSIONED = "0.1.0"
 #: The state trees this version converts (writer's version -> function), N-1's.
-#: 0.1.0's tree is 0.2.0's field for field: nothing to change.  (A conversion of the
-#: device part of the tree plugs in here, as _from_0_1 calling it.)
 CONVERSIONS = {}
 
 
 def _from_0_1(state: dict) -> dict:
-    """0.1.0's state tree in 0.2.0's layout (the same layout: the tree as it is)."""
+    """0.1.0's state tree in 0.2.0's layout: only the devices differ (one entry per
+    device, each queue saved once: vmm/devices/compat.py)."""
+    if isinstance(state.get("devices"), dict):
+        from .devices.compat import devices_from_0_1
+        state["devices"] = devices_from_0_1(state["devices"])
     return state
 
 

@@ -9,6 +9,15 @@ from __future__ import annotations
 
 
 def devices_from_0_1(devices: dict) -> dict:
+    """See _convert; a tree not shaped as 0.1.0's is returned as it is, for the schema
+    check that follows to name what is wrong with it."""
+    try:
+        return _convert(devices)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return devices
+
+
+def _convert(devices: dict) -> dict:
     """The `state["devices"]` subtree pyvmm 0.1.0 wrote (blob format 3), in this
     release's layout.
 
