@@ -126,6 +126,18 @@ def test_schema_checks_a_device_entry_by_its_kind(mutate, message):
     assert str(err.value) == message
 
 
+def test_devices_from_0_1_leaves_other_trees_as_they_are():
+    """A tree already in this layout (a state that says no version is taken for 0.1.0's)
+    or not a devices tree at all is returned unchanged, for the schema to judge."""
+    current = {"serial": entry(device_class("serial").create(context(), 0, ""))}
+    for tree in (current, {}, {"serial": 5}, []):
+        assert devices_from_0_1(tree) is tree
+    v01 = loads((ROOT / "tests/data/devices-0.1.0.state").read_bytes())["devices"]
+    converted = devices_from_0_1(v01)
+    assert list(converted) == ["serial", "debug-exit", "net0"]
+    assert devices_from_0_1(converted) is converted
+
+
 # -- the net device, and a state pyvmm 0.1.0 wrote, on real KVM -----------------------------------
 NET_ROUND_TRIP = """
 import json, os, sys, time

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 
 def devices_from_0_1(devices: dict) -> dict:
-    """See _convert; a tree not shaped as 0.1.0's is returned as it is, for the schema
-    check that follows to name what is wrong with it."""
+    """See _convert.  A tree not shaped as 0.1.0's (its serial state has no "kind"
+    beside its registers) is returned as it is: one already in this layout (a state
+    that says no version is taken for 0.1.0's), or one the schema check that follows
+    will name what is wrong with."""
+    serial = devices.get("serial") if isinstance(devices, dict) else None
+    if not isinstance(serial, dict) or "kind" in serial:
+        return devices
     try:
         return _convert(devices)
     except (KeyError, TypeError, AttributeError, ValueError):
