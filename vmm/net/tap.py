@@ -18,6 +18,7 @@ import os
 import struct
 
 from ..errors import DeviceError
+from . import VNET_HDR_LEN
 
 try:
     from . import _tun
@@ -28,7 +29,6 @@ except ImportError as e:  # pragma: no cover - only without a build
 lib = _tun.lib
 
 TUN_PATH = "/dev/net/tun"
-VNET_HDR_LEN = 12
 
 # virtio-net feature bits that map to tap offloads (virtio 1.2 §5.1.3).
 _GUEST_CSUM, _GUEST_TSO4, _GUEST_TSO6, _GUEST_ECN, _GUEST_UFO = 1, 7, 8, 9, 10
