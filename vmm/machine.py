@@ -15,9 +15,6 @@ from .errors import GuestError, VmmError
 from .memory import MiB, GuestMemory
 from .state import StateError, require
 
-MSR_IA32_TSC = 0x10
-MAX_VCPUS = 64
-
 
 class MachineConfig:
     """What `pyvmm run` was asked for."""
@@ -89,6 +86,7 @@ class Machine:
     """A guest and everything that runs it."""
 
     def __init__(self, config: MachineConfig):
+        from .kvm.vm import MAX_VCPUS
         if config.vcpus < 1 or config.vcpus > MAX_VCPUS:
             raise VmmError(f"--vcpus {config.vcpus}: give between 1 and {MAX_VCPUS}")
         self.config = config
@@ -207,7 +205,7 @@ class Machine:
             t = require(state, "time", dict)
             elapsed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - t["host_ns"]
             delta_tsc = max(elapsed, 0) * t["tsc_khz"] // 1_000_000
-        from .kvm.vcpu import advance_msr
+        from .kvm.vcpu import MSR_IA32_TSC, advance_msr
         for vcpu, vs in zip(self.vcpus, vcpu_states):
             if delta_tsc and isinstance(vs.get("msrs"), bytes):
                 vs = dict(vs, msrs=advance_msr(vs["msrs"], MSR_IA32_TSC, delta_tsc))

@@ -222,8 +222,7 @@ def _build():
     from .devices import KINDS
     from .kvm.ffi import ffi
     from .kvm.vcpu import _SIMPLE_STATE, MSR_ENTRY_SIZE, cpuid_bytes_problem
-    from .kvm.vm import IRQCHIPS
-    from .machine import MAX_VCPUS
+    from .kvm.vm import IRQCHIPS, MAX_VCPUS
     from .memory import MIN_RAM
 
     i64 = Int(-(1 << 63), (1 << 63) - 1)
