@@ -142,7 +142,7 @@ class Controller:
         return [{"capability": k, "state": v} for k, v in self.capabilities.items()]
 
     # -- live update --------------------------------------------------------------------------
-    def migrate(self, main_addr: dict | None, cpr_addr: dict | None, detach: bool = True):
+    def migrate(self, main_addr: dict | None, cpr_addr: dict | None):
         """Check and set up the live update; returns the callable that starts it, which
         the monitor runs after its reply has been sent."""
         from .cpr.source import Migration

@@ -158,7 +158,6 @@ class Machine:
         cmdline = " ".join(filter(None, [self.config.cmdline] + self.cmdline_extra))
         info = load_pvh(self.config.kernel, self.memory, cmdline)
         setup_pvh_boot(self.vcpus[0], info.entry, info.start_info)
-        self.boot_info = info
 
     # -- state -----------------------------------------------------------------------
     def shape(self) -> dict:
@@ -254,26 +253,17 @@ class Machine:
 
     def cpr_fds(self) -> dict[str, int]:
         """Every fd the new VMM needs, by name ("<device id>.<name>"): RAM first, then
-        all taps, then the rest."""
+        each device's, in device order."""
         fds = {"ram": self.memory.fd}
-        per_device = [{f"{d.id}.{name}": fd for name, fd in d.fds().items()}
-                      for d in self.devices]
-        for kind in ("tap", "vhost", ""):
-            for dev_fds in per_device:
-                for name, fd in dev_fds.items():
-                    if (kind and name.endswith("." + kind)) or \
-                            (not kind and not name.endswith((".tap", ".vhost"))):
-                        fds[name] = fd
+        for d in self.devices:
+            fds.update((f"{d.id}.{name}", fd) for name, fd in d.fds().items())
         return fds
 
     # -- running -----------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
-        """Start the vCPU threads (or, if they were started paused, resume them)."""
+        """Start the vCPU threads, once: running, or parked (paused=True: a new VMM's
+        empty machine, run later by resume())."""
         from .cpu import VcpuThread
-        if self.threads:
-            if not paused:
-                self.resume()
-            return
         self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._vcpu_failed,
                                    self.uart_fast) for v in self.vcpus]
         for t in self.threads:

@@ -161,12 +161,6 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes) -> None:
         self.view(gpa, len(data))[:] = data
 
-    def read_u64(self, gpa: int) -> int:
-        return int.from_bytes(self.view(gpa, 8), "little")
-
-    def write_u64(self, gpa: int, value: int) -> None:
-        self.view(gpa, 8)[:] = value.to_bytes(8, "little")
-
     def state(self) -> dict:
         """What a new VMM needs to map this RAM again (the fd travels separately)."""
         return {"size": self.size, "name": self.name, "hugetlb": self.hugetlb,

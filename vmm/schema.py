@@ -226,7 +226,7 @@ def _build():
     from .memory import MIN_RAM
 
     i64 = Int(-(1 << 63), (1 << 63) - 1)
-    u16, u32, u64 = Int(0, U16), Int(0, U32), Int(0, U64)
+    u32, u64 = Int(0, U32), Int(0, U64)
     fd = Int(0, (1 << 31) - 1)
 
     def shape_rule(s):

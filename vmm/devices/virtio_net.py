@@ -23,7 +23,7 @@ import os
 from ..errors import DeviceError, VmmError
 from ..log import get_logger
 from ..schema import U16, U32, U64, Bytes, Int
-from ..net import F_MRG_RXBUF, RX, TX, VNET_HDR_LEN
+from ..net import F_MRG_RXBUF, VNET_HDR_LEN
 from ..virtio import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
 from . import State
 

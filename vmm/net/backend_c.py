@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 from ..errors import DeviceError
-from . import RX, TX
 
 try:
     from . import _vnet
