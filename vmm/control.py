@@ -3,6 +3,10 @@
 The monitor (vmm/qmp/) speaks the protocol; this controller holds the
 policy: which run state the VM is in, which migration parameters are set, and
 how a live update is started, reported and cancelled.
+
+Imports inside methods are on purpose: a cpr-exec's new image imports this module
+right after its guest runs again, and the live update's code or the summary
+only when a command asks for them.
 """
 
 from __future__ import annotations

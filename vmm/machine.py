@@ -3,6 +3,10 @@
 `Machine` owns everything a running guest needs and knows how to start, pause,
 resume and stop it.  It is also the unit a live update saves and restores, so
 each part it holds can report its state and take it back.
+
+The KVM, device, boot and vCPU modules are imported inside the methods on purpose:
+a cpr-exec's new image imports this module on its resume path (every import
+there is downtime) and needs only some of them (never the PVH loader).
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ LAPIC) up to 4 GiB, and the rest of RAM above 4 GiB.
 
 Every accessor checks the guest-physical range against the regions, so a
 guest-supplied address can never make the VMM touch host memory outside RAM.
+
+`re` and the KVM mapping are imported inside functions on purpose: this module
+is on the cpr-exec resume path, where every import is downtime.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ State class (vmm/devices/__init__.py), found through the device registry.
 `tests/test_schema.py` checks that every field a real machine saves is
 described here, so the two cannot drift apart silently.  Fields this schema
 does not name are ignored (never read).
+
+Its imports are inside functions on purpose: the tree is built on first use from
+the modules it describes (several of which import this one), and the check runs
+on the cpr-exec resume path, where every import is downtime.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ sequence.  Its part of stop -> notify -> save (the contract: vmm/devices/__init_
     restore     (new VMM) the same device on the passed tap, rings programmed
                 from the saved positions but not started
     resume      start the data path (rollback in the old VMM, "go" in the new)
+
+The tap, data-path and virtio modules are imported inside functions on purpose:
+a new VMM imports, inside the downtime, only the data path its state names.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ through.
 A live update (CPR) hands the tap fd to the new VMM, so `Tap.from_fd` only
 reads the fd's settings and changes nothing that is already right: QEMU once
 reset the vnet header size on such an fd and corrupted packets in flight.
+
+`socket` is imported inside functions on purpose: a cpr-exec's new image reopens
+the tap on its resume path (every import there is downtime) and never needs it.
 """
 
 from __future__ import annotations
