@@ -48,7 +48,7 @@ def test_queue_indices_agree_with_the_header():
     """The C side numbers the queues in csrc/vnet.h; Python everywhere in vmm.net."""
     from vmm.net import RX, TX
     from vmm.net.backend_c import lib
-    assert (lib.VNET_RX, lib.VNET_TX) == (RX, TX)
+    assert (lib.VNET_RX, lib.VNET_TX, lib.VNET_NQUEUES) == (RX, TX, 2)
 
 
 def test_walk_chain_reports_without_breaking(make_rig):

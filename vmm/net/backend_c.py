@@ -25,7 +25,6 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 ffi, lib = _vnet.ffi, _vnet.lib
 
-NQUEUES = lib.VNET_NQUEUES
 MAX_REGIONS = lib.VNET_MAX_REGIONS
 STATS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped",
          "kicks", "interrupts", "wakeups")

@@ -45,8 +45,6 @@ from ..errors import DeviceError, GuestMemoryError
 from ..virtio import F_EVENT_IDX, F_INDIRECT_DESC, INT_CONFIG, INT_VRING
 from . import F_MRG_RXBUF, RX, TX, VNET_HDR_LEN
 
-NQUEUES = 2
-
 DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
@@ -249,7 +247,7 @@ class PyNetBackend:
     def _forget(self):
         self._view = None
         self._features = 0
-        self._vrings = [_Vring() for _ in range(NQUEUES)]
+        self._vrings = [_Vring() for _ in (RX, TX)]
         self._rings = None
         self._tap = -1
         self._hdr_len = 0
