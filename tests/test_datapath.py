@@ -1,12 +1,13 @@
 """Conformance suite for the virtio-net data path: every backend behind the vhost-like API
-(the C path, vmm/net/cpath.py; the Python path, pypath.py; vhost-net, vhost.py) must move
-frames, honour notification suppression, refuse malformed chains without touching memory it
-was not given, and stop and resume at exact ring indices (what a CPR live update needs).
+(the C path, vmm/net/backend_c.py; the Python path, backend_python.py; vhost-net,
+backend_vhost.py) must move frames, honour notification suppression, refuse malformed
+chains without touching memory it was not given, and stop and resume at exact ring
+indices (what a CPR live update needs).
 
 The test plays the guest driver (tests/virtq_driver.py): split rings in real guest RAM (a
 memfd) and a datagram socketpair as the tap.  What only one backend has (the C path's
 walk_chain and poll, the Python path's host-address table, vhost's ioctls) is tested in
-test_vnet_c.py, test_pypath.py and test_vhost.py.
+test_backend_c.py, test_backend_python.py and test_backend_vhost.py.
 """
 
 from __future__ import annotations
@@ -556,7 +557,7 @@ def test_owner_is_exclusive(backend):
     """Like vhost's SET_OWNER: nothing before it, not twice, and free again after
     reset_owner."""
     if backend == "vhost":
-        pytest.skip("vhost-net's owner rules: test_vhost.py::test_owner_and_features")
+        pytest.skip("vhost-net's owner rules: test_backend_vhost.py::test_owner_and_features")
     d = backend_class(backend)()
     try:
         with pytest.raises(DeviceError):
@@ -937,7 +938,7 @@ def test_virtio_net_end_to_end_with_live_update(backend):
 
 def test_virtio_net_refuses_inconsistent_offloads():
     from vmm.devices.virtio_net import VirtioNet
-    from vmm.net.pypath import PyNetBackend
+    from vmm.net.backend_python import PyNetBackend
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         net = VirtioNet(SocketTap(a), None, PyNetBackend)

@@ -56,8 +56,8 @@ class Recorder:
     def query_migrate_parameters(self):
         return dict(self.params)
 
-    def migrate(self, main_addr, cpr_addr, detach):
-        self.calls.append(("migrate", main_addr, cpr_addr, detach))
+    def migrate(self, main_addr, cpr_addr):
+        self.calls.append(("migrate", main_addr, cpr_addr))
         if main_addr.get("path") == "/fail":
             raise VmmError("cannot connect to /fail")
 
@@ -215,13 +215,12 @@ def test_migrate_with_channels(legacy, ctl):
     assert legacy.cmd("migrate", channels=channels) == {}
     assert ctl.calls[-1] == ("migrate",
                              {"transport": "socket", "type": "unix", "path": "/tmp/main.sock"},
-                             {"transport": "socket", "type": "unix", "path": "/tmp/cpr.sock"},
-                             True)
+                             {"transport": "socket", "type": "unix", "path": "/tmp/cpr.sock"})
     file_main = [{"channel-type": "main",
                   "addr": {"transport": "file", "filename": "/tmp/state", "offset": 4096}}]
-    assert legacy.cmd("migrate", channels=file_main, detach=False) == {}
+    assert legacy.cmd("migrate", channels=file_main, detach=False) == {}   # (accepted, ignored)
     assert ctl.calls[-1] == ("migrate", {"transport": "file", "filename": "/tmp/state",
-                                         "offset": 4096}, None, False)
+                                         "offset": 4096}, None)
     assert legacy.cmd("query-migrate")["status"] == "active"
     assert legacy.cmd("migrate_cancel") == {}
     assert ctl.calls[-1] == ("migrate_cancel",)
@@ -242,7 +241,7 @@ def test_migrate_with_channels(legacy, ctl):
 ])
 def test_migrate_with_uri(legacy, ctl, uri, addr):
     assert legacy.cmd("migrate", uri=uri) == {}
-    assert ctl.calls[-1] == ("migrate", addr, None, True)
+    assert ctl.calls[-1] == ("migrate", addr, None)
 
 
 @pytest.mark.parametrize("args, desc", [

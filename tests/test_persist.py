@@ -178,7 +178,7 @@ try:
     net = legacy.device("net0")
     result["v01_queues"] = [[q.num, q.desc, q.avail, q.used, q.next_avail]
                             for q in net.transport.queues]
-    result["v01_mac"] = net.net.mac.hex()
+    result["v01_mac"] = net.virtio.mac.hex()
     result["v01_activated"] = net.transport.activated
     result["v01_serial_lcr"] = legacy.device("serial").uart.lcr
     print(json.dumps(result))

@@ -15,10 +15,10 @@ import pytest
 
 from conftest import need_kvm
 from vmm.kvm import vcpu as vcpu_module
+from vmm.kvm.vcpu import MSR_IA32_TSC
 from vmm.machine import Machine, MachineConfig, create_kvm_parts
 from vmm.memory import MiB, GuestMemory
 
-MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 APIC_LVTT = 0x320                    # offset of the LVT timer register
 LVTT_TSC_DEADLINE = 2 << 17          # timer mode bits 18:17 = 10b

@@ -3,8 +3,8 @@
 One split virtqueue per direction laid out in a real GuestMemory (a memfd, as in
 pyvmm), the descriptors and avail entries written by the test, the used entries
 read back; a SOCK_DGRAM socketpair stands in for the tap (one datagram is one
-frame, vnet header included).  Every backend (vmm/net/cpath.py, pypath.py,
-vhost.py) is driven through the same vhost-like control API, so one rig serves
+frame, vnet header included).  Every backend (vmm/net/backend_c.py, backend_python.py,
+backend_vhost.py) is driven through the same vhost-like control API, so one rig serves
 them all: tests/test_datapath.py is their conformance suite.
 """
 
@@ -16,8 +16,8 @@ import struct
 import time
 
 from vmm.memory import GuestMemory
+from vmm.net import RX, TX
 
-RX, TX = 0, 1
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 GUEST_CSUM, GUEST_TSO4, MRG_RXBUF = 1 << 1, 1 << 7, 1 << 15
 INDIRECT_DESC, EVENT_IDX, VERSION_1 = 1 << 28, 1 << 29, 1 << 32
@@ -34,12 +34,12 @@ TABLE_BASE = 0x30000           # indirect tables
 def backend_class(name: str):
     """The data-path backend class called `name` (as in --net ...,backend=NAME)."""
     if name == "c":
-        from vmm.net.cpath import CNetBackend
+        from vmm.net.backend_c import CNetBackend
         return CNetBackend
     if name == "python":
-        from vmm.net.pypath import PyNetBackend
+        from vmm.net.backend_python import PyNetBackend
         return PyNetBackend
-    from vmm.net.vhost import VhostNetBackend
+    from vmm.net.backend_vhost import VhostNetBackend
     return VhostNetBackend
 
 

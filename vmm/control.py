@@ -3,6 +3,10 @@
 The monitor (vmm/qmp/) speaks the protocol; this controller holds the
 policy: which run state the VM is in, which migration parameters are set, and
 how a live update is started, reported and cancelled.
+
+Imports inside methods are on purpose: a cpr-exec's new image imports this module
+right after its guest runs again, and the live update's code or the summary
+only when a command asks for them.
 """
 
 from __future__ import annotations
@@ -142,7 +146,7 @@ class Controller:
         return [{"capability": k, "state": v} for k, v in self.capabilities.items()]
 
     # -- live update --------------------------------------------------------------------------
-    def migrate(self, main_addr: dict | None, cpr_addr: dict | None, detach: bool = True):
+    def migrate(self, main_addr: dict | None, cpr_addr: dict | None):
         """Check and set up the live update; returns the callable that starts it, which
         the monitor runs after its reply has been sent."""
         from .cpr.source import Migration

@@ -3,6 +3,10 @@
 `Machine` owns everything a running guest needs and knows how to start, pause,
 resume and stop it.  It is also the unit a live update saves and restores, so
 each part it holds can report its state and take it back.
+
+The KVM, device, boot and vCPU modules are imported inside the methods on purpose:
+a cpr-exec's new image imports this module on its resume path (every import
+there is downtime) and needs only some of them (never the PVH loader).
 """
 
 from __future__ import annotations
@@ -14,9 +18,6 @@ from . import sync
 from .errors import GuestError, VmmError
 from .memory import MiB, GuestMemory
 from .state import StateError, require
-
-MSR_IA32_TSC = 0x10
-MAX_VCPUS = 64
 
 
 class MachineConfig:
@@ -89,6 +90,7 @@ class Machine:
     """A guest and everything that runs it."""
 
     def __init__(self, config: MachineConfig):
+        from .kvm.vm import MAX_VCPUS
         if config.vcpus < 1 or config.vcpus > MAX_VCPUS:
             raise VmmError(f"--vcpus {config.vcpus}: give between 1 and {MAX_VCPUS}")
         self.config = config
@@ -160,7 +162,6 @@ class Machine:
         cmdline = " ".join(filter(None, [self.config.cmdline] + self.cmdline_extra))
         info = load_pvh(self.config.kernel, self.memory, cmdline)
         setup_pvh_boot(self.vcpus[0], info.entry, info.start_info)
-        self.boot_info = info
 
     # -- state -----------------------------------------------------------------------
     def shape(self) -> dict:
@@ -207,7 +208,7 @@ class Machine:
             t = require(state, "time", dict)
             elapsed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - t["host_ns"]
             delta_tsc = max(elapsed, 0) * t["tsc_khz"] // 1_000_000
-        from .kvm.vcpu import advance_msr
+        from .kvm.vcpu import MSR_IA32_TSC, advance_msr
         for vcpu, vs in zip(self.vcpus, vcpu_states):
             if delta_tsc and isinstance(vs.get("msrs"), bytes):
                 vs = dict(vs, msrs=advance_msr(vs["msrs"], MSR_IA32_TSC, delta_tsc))
@@ -256,26 +257,17 @@ class Machine:
 
     def cpr_fds(self) -> dict[str, int]:
         """Every fd the new VMM needs, by name ("<device id>.<name>"): RAM first, then
-        all taps, then the rest."""
+        each device's, in device order."""
         fds = {"ram": self.memory.fd}
-        per_device = [{f"{d.id}.{name}": fd for name, fd in d.fds().items()}
-                      for d in self.devices]
-        for kind in ("tap", "vhost", ""):
-            for dev_fds in per_device:
-                for name, fd in dev_fds.items():
-                    if (kind and name.endswith("." + kind)) or \
-                            (not kind and not name.endswith((".tap", ".vhost"))):
-                        fds[name] = fd
+        for d in self.devices:
+            fds.update((f"{d.id}.{name}", fd) for name, fd in d.fds().items())
         return fds
 
     # -- running -----------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
-        """Start the vCPU threads (or, if they were started paused, resume them)."""
+        """Start the vCPU threads, once: running, or parked (paused=True: a new VMM's
+        empty machine, run later by resume())."""
         from .cpu import VcpuThread
-        if self.threads:
-            if not paused:
-                self.resume()
-            return
         self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._vcpu_failed,
                                    self.uart_fast) for v in self.vcpus]
         for t in self.threads:

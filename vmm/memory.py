@@ -7,6 +7,9 @@ LAPIC) up to 4 GiB, and the rest of RAM above 4 GiB.
 
 Every accessor checks the guest-physical range against the regions, so a
 guest-supplied address can never make the VMM touch host memory outside RAM.
+
+`re` and the KVM mapping are imported inside functions on purpose: this module
+is on the cpr-exec resume path, where every import is downtime.
 """
 
 from __future__ import annotations
@@ -160,12 +163,6 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes) -> None:
         self.view(gpa, len(data))[:] = data
-
-    def read_u64(self, gpa: int) -> int:
-        return int.from_bytes(self.view(gpa, 8), "little")
-
-    def write_u64(self, gpa: int, value: int) -> None:
-        self.view(gpa, 8)[:] = value.to_bytes(8, "little")
 
     def state(self) -> dict:
         """What a new VMM needs to map this RAM again (the fd travels separately)."""

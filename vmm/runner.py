@@ -3,6 +3,9 @@
 Kept apart from the CLI so that the image a cpr-exec starts imports only what
 it needs to get the guest running again (no argparse); the monitor is started
 after the guest runs.
+
+Its imports sit inside the functions on purpose: in a cpr-exec's new image every
+import is downtime, and each path takes only the modules it uses.
 """
 
 from __future__ import annotations

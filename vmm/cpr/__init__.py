@@ -4,6 +4,9 @@ The order is the point (see QEMU's "migration: stop vm earlier for cpr"):
 the new VMM uses the devices the moment it receives their fds, so the old one
 must have stopped the guest (vCPUs paused, data paths quiesced) and released
 every device before any device fd leaves it.
+
+Its functions import what they use themselves, on purpose: every cpr-exec image
+imports this package first, inside the downtime.
 """
 
 # cpr-exec: the environment of the new image names the state memfd, when the old

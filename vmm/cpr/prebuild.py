@@ -4,6 +4,9 @@ The old image writes what to build (RAM layout, vCPU count) into a small memfd
 and execs Python with pyvmm's KVM module in LD_PRELOAD; that module's
 constructor builds the VM on a thread while Python starts.  The new image
 takes the result here, or builds the VM itself if there is none.
+
+Its KVM imports are inside the functions on purpose, as everywhere on the cpr-exec
+resume path (every import there is downtime).
 """
 
 from __future__ import annotations

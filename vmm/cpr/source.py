@@ -163,7 +163,7 @@ class Migration:
     def __init__(self, machine, mode: str, *, cpr_path: str | None = None,
                  exec_command: list[str] | None = None, faults=(), emit=None,
                  extra_fds: dict[str, int] | None = None, config: dict | None = None,
-                 trace=None, main_addr: dict | None = None,
+                 main_addr: dict | None = None,
                  downtime_limit_ms: int = DOWNTIME_LIMIT_MS):
         check_migrate_mode(mode)
         if mode == "cpr-transfer" and not cpr_path:
@@ -178,7 +178,6 @@ class Migration:
         self.emit = emit or (lambda name, data=None: None)
         self.extra_fds = extra_fds or {}
         self.config = config or {}
-        self.trace = trace
         self.downtime_limit_ms = downtime_limit_ms
         try:
             self.running_timeout = float(os.environ.get(RUNNING_TIMEOUT_ENV, RUNNING_TIMEOUT))
@@ -204,9 +203,7 @@ class Migration:
         self.emit("MIGRATION", {"status": status})
 
     def _mark(self, phase: str) -> None:
-        t = self.timeline.mark(phase)
-        if self.trace:
-            self.trace(phase, t)
+        self.timeline.mark(phase)
 
     def info(self) -> dict:
         info = timeline_info(self.timeline, self.mode)

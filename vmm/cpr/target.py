@@ -11,6 +11,9 @@ back, so nothing here may touch a device before it.
 cpr-exec: the same process image is replaced; the state memfd's number is in
 PYVMM_CPR_EXEC_STATE and every passed fd is listed in the state.  We mark them
 close-on-exec again at once, so no fd leaks into whatever we exec later.
+
+Imports are inside the functions on purpose: in the cpr-exec image this module
+is the resume path, and every import there is downtime.
 """
 
 from __future__ import annotations

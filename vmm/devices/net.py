@@ -1,5 +1,9 @@
 """A network interface as the machine sees it: tap + virtio-net + virtio-mmio window.
 
+(The device kind "net", one per `--net`.  Its parts: the virtio-net model,
+devices/virtio_net.py, as `self.virtio`; the host side, vmm/net/: the tap and the
+data-path backend that moves the frames.)
+
 This is the glue between `--net tap,...`, the device model and the live-update
 sequence.  Its part of stop -> notify -> save (the contract: vmm/devices/__init__.py):
 
@@ -10,18 +14,20 @@ sequence.  Its part of stop -> notify -> save (the contract: vmm/devices/__init_
     restore     (new VMM) the same device on the passed tap, rings programmed
                 from the saved positions but not started
     resume      start the data path (rollback in the old VMM, "go" in the new)
+
+The tap, data-path and virtio modules are imported inside functions on purpose:
+a new VMM imports, inside the downtime, only the data path its state names.
 """
 
 from __future__ import annotations
 
 from ..errors import DeviceError, VmmError
 from ..schema import IOAPIC_PINS, Int, Str
-from ..virtio.mmio import MmioState
+from ..virtio.mmio import MMIO_SIZE, MmioState
 from . import Device, State
 from .virtio_net import VirtioNetState
 
-MMIO_BASE = 0xD000_0000
-MMIO_SIZE = 0x1000
+MMIO_BASE = 0xD000_0000     # netN's window: MMIO_BASE + N * MMIO_SIZE
 FIRST_GSI = 5
 BACKENDS = ("c", "python", "vhost")
 
@@ -59,12 +65,12 @@ def parse_spec(spec: str) -> dict:
 
 def backend_factory(name: str, mem):
     if name == "python":
-        from ..net.pypath import PyNetBackend
+        from ..net.backend_python import PyNetBackend
         return lambda: PyNetBackend(mem)
     if name == "vhost":
-        from ..net.vhost import VhostNetBackend
+        from ..net.backend_vhost import VhostNetBackend
         return lambda: VhostNetBackend(mem)
-    from ..net.cpath import CNetBackend
+    from ..net.backend_c import CNetBackend
     return lambda: CNetBackend(mem)
 
 
@@ -83,8 +89,8 @@ class NetDevice(Device):
         self.backend_name = backend
         self.base = MMIO_BASE + index * MMIO_SIZE
         self.gsi = FIRST_GSI + index
-        self.net = VirtioNet(tap, mac, backend_factory(backend, mem))
-        self.transport = VirtioMmio(self.net, self.base, self.gsi, vm, mem)
+        self.virtio = VirtioNet(tap, mac, backend_factory(backend, mem))
+        self.transport = VirtioMmio(self.virtio, self.base, self.gsi, vm, mem)
         self.saved: NetState | None = None   # taken at quiesce, before release
 
     @classmethod
@@ -109,15 +115,15 @@ class NetDevice(Device):
         dev = cls(state.index, Tap.from_fd(fds["tap"]), None, state.backend, ctx.vm,
                   ctx.memory)
         try:
-            dev.net.defer_start = True
-            dev.net.restore(state.virtio)
+            dev.virtio.defer_start = True
+            dev.virtio.restore(state.virtio)
             dev.transport.restore(state.transport)
             if dev.transport.failure:
                 raise DeviceError(f"{dev.id}: restore failed: {dev.transport.failure}")
         except BaseException:
             # The tap fd stays open: it is still the caller's (a failed cpr-exec restore
             # execs again with the same fds).
-            dev.net.close()
+            dev.virtio.close()
             dev.transport.close()
             raise
         return dev
@@ -129,28 +135,28 @@ class NetDevice(Device):
 
     # -- live update ----------------------------------------------------------------------
     def quiesce(self) -> None:
-        self.net.quiesce()
+        self.virtio.quiesce()
         self.saved = self._state()
 
     def resume(self) -> None:
         self.saved = None
-        self.net.defer_start = False
-        if self.net.owned:
-            self.net.resume()
+        self.virtio.defer_start = False
+        if self.virtio.owned:
+            self.virtio.resume()
 
     def notify(self, event: str) -> None:
         if event == "setup":
-            self.net.release()
+            self.virtio.release()
         elif event == "failed":
-            if self.net.wiring is not None:
-                self.net.reacquire()
+            if self.virtio.wiring is not None:
+                self.virtio.reacquire()
 
     def fds(self) -> dict[str, int]:
         return {"tap": self.tap.fd}
 
     def _state(self) -> NetState:
         return NetState(index=self.index, backend=self.backend_name, tap=self.tap.name,
-                        transport=self.transport.save(), virtio=self.net.save())
+                        transport=self.transport.save(), virtio=self.virtio.save())
 
     def save(self) -> NetState:
         return self.saved if self.saved is not None else self._state()
@@ -159,13 +165,13 @@ class NetDevice(Device):
         t = self.transport
         return {"name": self.id, "type": "virtio-net-mmio", "base": f"{self.base:#x}",
                 "gsi": self.gsi, "tap": self.tap.name, "backend": self.backend_name,
-                "status": t.status, "features": f"{self.net.acked:#x}",
+                "status": t.status, "features": f"{self.virtio.acked:#x}",
                 "queues": [{"num": q.num, "last_avail_idx": n}
-                           for q, n in zip(t.queues, self.net.next_avail() or
+                           for q, n in zip(t.queues, self.virtio.next_avail() or
                                            [q.next_avail for q in t.queues])],
-                "stats": self.net.stats()}
+                "stats": self.virtio.stats()}
 
     def close(self) -> None:
-        self.net.close()
+        self.virtio.close()
         self.transport.close()
         self.tap.close()

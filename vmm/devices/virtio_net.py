@@ -1,5 +1,8 @@
 """virtio-net (device id 1): feature negotiation, config space, and the data-path hand-off.
 
+(The virtio device model only; the machine's device that owns it, its tap and its
+MMIO window is devices/net.py, NetDevice; the data paths are in vmm/net/.)
+
 The device itself never touches a packet.  On activation it hands the rings,
 the eventfds and the tap to a backend with vhost's control API (the C path,
 the Python path or /dev/vhost-net, picked by `backend_factory`), and from then
@@ -20,6 +23,7 @@ import os
 from ..errors import DeviceError, VmmError
 from ..log import get_logger
 from ..schema import U16, U32, U64, Bytes, Int
+from ..net import F_MRG_RXBUF, VNET_HDR_LEN
 from ..virtio import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, bit
 from . import State
 
@@ -27,15 +31,12 @@ log = get_logger(__name__)
 
 DEVICE_ID = 1
 QUEUE_SIZE = 256
-RX, TX = 0, 1
-VNET_HDR_LEN = 12  # virtio_net_hdr_v1: VERSION_1 always carries num_buffers
 
 # Feature bits (virtio 1.2 §5.1.3).
 F_CSUM, F_GUEST_CSUM = 0, 1
 F_MAC = 5
 F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_ECN, F_GUEST_UFO = 7, 8, 9, 10
 F_HOST_TSO4, F_HOST_TSO6, F_HOST_ECN, F_HOST_UFO = 11, 12, 13, 14
-F_MRG_RXBUF = 15
 F_STATUS = 16
 
 S_LINK_UP = 1

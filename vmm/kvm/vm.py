@@ -13,6 +13,7 @@ from ..errors import KvmError
 from .ffi import ffi, from_bytes, ioctl, lib, to_bytes
 
 IRQCHIPS = {"pic_master": 0, "pic_slave": 1, "ioapic": 2}
+MAX_VCPUS = lib.PYVMM_VM_MAX_VCPUS   # csrc/build_vm.h: the most vCPUs build() takes
 
 
 def layout(memory, nvcpus: int):

@@ -1,7 +1,7 @@
 """cffi build script for the vhost-net ioctls (API mode, compiled against <linux/vhost.h>).
 
 cffi checks every struct field below against the real header at build time,
-so vhost.py's layouts and ioctl numbers cannot drift from the kernel's.
+so backend_vhost.py's layouts and ioctl numbers cannot drift from the kernel's.
 
 Build in place with `python3 vmm/net/_build_vhost.py` (any working directory);
 setup.py builds it as "vmm/net/_build_vhost.py:ffibuilder".

@@ -8,6 +8,9 @@ through.
 A live update (CPR) hands the tap fd to the new VMM, so `Tap.from_fd` only
 reads the fd's settings and changes nothing that is already right: QEMU once
 reset the vnet header size on such an fd and corrupted packets in flight.
+
+`socket` is imported inside functions on purpose: a cpr-exec's new image reopens
+the tap on its resume path (every import there is downtime) and never needs it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import struct
 
 from ..errors import DeviceError
+from . import VNET_HDR_LEN
 
 try:
     from . import _tun
@@ -28,7 +32,6 @@ except ImportError as e:  # pragma: no cover - only without a build
 lib = _tun.lib
 
 TUN_PATH = "/dev/net/tun"
-VNET_HDR_LEN = 12
 
 # virtio-net feature bits that map to tap offloads (virtio 1.2 §5.1.3).
 _GUEST_CSUM, _GUEST_TSO4, _GUEST_TSO6, _GUEST_ECN, _GUEST_UFO = 1, 7, 8, 9, 10

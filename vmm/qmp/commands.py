@@ -73,8 +73,7 @@ class Commands:
         except Exception as e:  # a controller failed: report, keep serving
             if not isinstance(e, VmmError):
                 log_safely(log, "error", "QMP command failed", exc_info=True)
-            reply = error_reply(str(e) or type(e).__name__,
-                                getattr(e, "qmp_class", "GenericError"))
+            reply = error_reply(str(e) or type(e).__name__, "GenericError")
         if isinstance(request, dict) and "id" in request:
             reply["id"] = request["id"]
         return reply, after
@@ -188,7 +187,7 @@ class Commands:
         if args.get("resume"):
             raise CommandError("pyvmm does not support postcopy recovery (resume)")
         main, cpr = migrate_channels(args)
-        started = self.controller.migrate(main, cpr, args.get("detach", True))
+        started = self.controller.migrate(main, cpr)   # (detach: accepted, as QEMU ignores it)
         return started if callable(started) else {}
 
     def _migrate_incoming(self, session, args):

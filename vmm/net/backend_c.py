@@ -1,6 +1,6 @@
 """The virtio-net data path in C (csrc/vnet.c), behind the vhost-like control API.
 
-Same methods as pypath.PyNetBackend and the vhost-net backend, so the device and
+Same methods as backend_python.PyNetBackend and the vhost-net backend, so the device and
 the CPR code drive all three alike:
 
     set_owner, set_mem_table, set_features, set_vring_num/addr/base/kick/call,
@@ -25,8 +25,6 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 ffi, lib = _vnet.ffi, _vnet.lib
 
-RX, TX = lib.VNET_RX, lib.VNET_TX
-NQUEUES = lib.VNET_NQUEUES
 MAX_REGIONS = lib.VNET_MAX_REGIONS
 STATS = ("rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_dropped",
          "kicks", "interrupts", "wakeups")

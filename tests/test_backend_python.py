@@ -1,4 +1,4 @@
-"""What only the Python data path (vmm/net/pypath.py) has: running without a GuestMemory
+"""What only the Python data path (vmm/net/backend_python.py) has: running without a GuestMemory
 (views of the memory table's host addresses) and its control errors' messages.
 
 What every backend must do is in test_datapath.py, on the same driver-side rig
@@ -10,7 +10,7 @@ import pytest
 from virtq_driver import HALF, TX, Rig, frame, wait_for
 from vmm.errors import DeviceError
 from vmm.memory import GuestMemory, MiB
-from vmm.net.pypath import PyNetBackend
+from vmm.net.backend_python import PyNetBackend
 
 
 def test_host_address_table():

@@ -24,7 +24,7 @@ except ImportError:
 from virtq_driver import (EVENT_IDX, F_NEXT, HALF, INDIRECT_DESC, RX,  # noqa: E402
                           TX, VERSION_1, Rig, frame, wait_for)
 from vmm.errors import DeviceError  # noqa: E402
-from vmm.net.cpath import CNetBackend  # noqa: E402
+from vmm.net.backend_c import CNetBackend  # noqa: E402
 
 
 @pytest.fixture
@@ -42,6 +42,13 @@ def make_rig():
 @pytest.fixture
 def rig(make_rig):
     return make_rig()
+
+
+def test_queue_indices_agree_with_the_header():
+    """The C side numbers the queues in csrc/vnet.h; Python everywhere in vmm.net."""
+    from vmm.net import RX, TX
+    from vmm.net.backend_c import lib
+    assert (lib.VNET_RX, lib.VNET_TX, lib.VNET_NQUEUES) == (RX, TX, 2)
 
 
 def test_walk_chain_reports_without_breaking(make_rig):

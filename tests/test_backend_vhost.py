@@ -12,7 +12,7 @@ import pytest
 
 from vmm.errors import DeviceError
 
-vhost = pytest.importorskip("vmm.net.vhost", reason="build vmm/net/_build_vhost.py first")
+vhost = pytest.importorskip("vmm.net.backend_vhost", reason="build vmm/net/_build_vhost.py first")
 VhostNetBackend = vhost.VhostNetBackend
 
 HAVE_VHOST = os.path.exists("/dev/vhost-net")

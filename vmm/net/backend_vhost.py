@@ -24,6 +24,8 @@ import os
 import struct
 
 from ..errors import DeviceError
+from ..virtio import F_VERSION_1, INT_CONFIG, INT_VRING
+from . import F_MRG_RXBUF, RX, TX, VNET_HDR_LEN
 
 try:
     from . import _vhost
@@ -34,9 +36,6 @@ except ImportError as e:  # pragma: no cover - only without a build
 ffi, lib = _vhost.ffi, _vhost.lib
 
 VHOST_NET_PATH = "/dev/vhost-net"
-RX, TX = 0, 1
-INT_VRING, INT_CONFIG = 1, 2
-F_MRG_RXBUF, F_VERSION_1 = 15, 32
 
 
 class VhostNetBackend:
@@ -138,7 +137,7 @@ class VhostNetBackend:
 
     def set_backend(self, tap_fd: int, hdr_len: int) -> None:
         """Remember the tap; vhost gets it on start().  The tap, not vhost, handles headers."""
-        want = 12 if self._features & ((1 << F_MRG_RXBUF) | (1 << F_VERSION_1)) \
+        want = VNET_HDR_LEN if self._features & ((1 << F_MRG_RXBUF) | (1 << F_VERSION_1)) \
             else 10
         if hdr_len != want:
             raise DeviceError(f"vhost-net with these features needs a {want}-byte vnet "

@@ -1,7 +1,7 @@
 """The virtio-net data path in pure Python: a readable reference for vnet.c.
 
-Same control API as the C path (cpath.CNetBackend) and vhost-net
-(vhost.VhostNetBackend), so the device and the CPR code drive all three alike:
+Same control API as the C path (backend_c.CNetBackend) and vhost-net
+(backend_vhost.VhostNetBackend), so the device and the CPR code drive all three alike:
 
     set_owner, set_mem_table, set_features, set_vring_num/addr/base/kick/call,
     set_backend, start ... stop, get_vring_base, reset_owner
@@ -42,20 +42,17 @@ import struct
 import threading
 
 from ..errors import DeviceError, GuestMemoryError
-
-RX, TX = 0, 1
-NQUEUES = 2
+from ..virtio import F_EVENT_IDX, F_INDIRECT_DESC, INT_CONFIG, INT_VRING
+from . import F_MRG_RXBUF, RX, TX, VNET_HDR_LEN
 
 DESC = struct.Struct("<QIHH")
 F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
-INT_VRING, INT_CONFIG = 1, 2
 
-F_INDIRECT_DESC, F_EVENT_IDX, F_MRG_RXBUF = 28, 29, 15
 MAX_IOV = 1024                 # UIO_MAXIOV
 MAX_CHAIN_BYTES = 1 << 24      # no frame needs more; a bigger chain is a driver bug
-FRAME_GUESS = 12 + 1518        # RX: gather this much before reading, spill over if needed
+FRAME_GUESS = VNET_HDR_LEN + 1518   # RX: gather this much before reading, spill over if needed
 SCRATCH = 1 << 17              # catches the tail of a frame larger than the buffers
 
 
@@ -250,7 +247,7 @@ class PyNetBackend:
     def _forget(self):
         self._view = None
         self._features = 0
-        self._vrings = [_Vring() for _ in range(NQUEUES)]
+        self._vrings = [_Vring() for _ in (RX, TX)]
         self._rings = None
         self._tap = -1
         self._hdr_len = 0
@@ -310,8 +307,9 @@ class PyNetBackend:
 
     def set_backend(self, tap_fd: int, hdr_len: int) -> None:
         self._need_owner()
-        if hdr_len != 12:
-            raise DeviceError(f"vnet header of {hdr_len} bytes: pyvmm uses 12 (VERSION_1)")
+        if hdr_len != VNET_HDR_LEN:
+            raise DeviceError(f"vnet header of {hdr_len} bytes: pyvmm uses {VNET_HDR_LEN} "
+                              "(VERSION_1)")
         os.set_blocking(tap_fd, False)   # as vnet.c: the thread must never sleep in readv
         self._tap, self._hdr_len = tap_fd, hdr_len
 
