@@ -45,6 +45,23 @@ def proc_counts(pid: int) -> dict:
             "threads": len(os.listdir(f"/proc/{pid}/task")), "rss_kib": rss}
 
 
+def settled_counts(pid: int, timeout: float = 3.0) -> dict:
+    """proc_counts once the VMM has settled after an update: the QMP connection the
+    benchmark just closed, or a holder's pipe, may take a moment on a busy host to
+    be closed on the VMM's side.  The lowest reading over a quiet spell, so a
+    transient fd is not counted as a leak (a leaked one never goes away)."""
+    best = proc_counts(pid)
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 5:
+        time.sleep(0.02)
+        now = proc_counts(pid)
+        quiet = quiet + 1 if (now["fds"], now["threads"]) == (best["fds"], best["threads"]) else 0
+        if (now["fds"], now["threads"]) < (best["fds"], best["threads"]):
+            best = now
+    return best
+
+
 def stream_counts(got: list[int], sent: int) -> dict:
     """Lost, duplicated and reordered datagrams of one numbered stream."""
     uniq = set(got)
@@ -89,7 +106,7 @@ def soak(args, on_update) -> tuple[list[dict], dict]:
                 cur, cur_qmp = new, new_qmp
             r = json.loads(stream.communicate(timeout=60)[0])
             rec = {"update": i + 1, "mode": mode, "downtime_us": info["x-downtime-us"],
-                   **stream_counts(r["got"], r["sent"]), **proc_counts(cur.pid)}
+                   **stream_counts(r["got"], r["sent"]), **settled_counts(cur.pid)}
             records.append(rec)
             on_update(rec, initial)
         ping.send_signal(signal.SIGINT)
