@@ -1,6 +1,6 @@
 """QEMU 10.2.2 built from Debian's source package, for the downtime benchmark's baseline.
 
-    python3 bench/qemu10.py            # builds once (4-10 min on 2 cores); prints the binary
+    python3 bench/qemu10.py            # builds once (4-15 min on 2 cores, more on a busy host); prints the binary
 
 pyvmm's live update is modelled on QEMU 10's cpr-transfer and cpr-exec, so the fair
 baseline is that QEMU on the same host and guest.  Debian bookworm ships QEMU 7.2
@@ -46,7 +46,7 @@ DEB_SRC_LINE = "deb-src http://deb.debian.org/debian unstable main\n"
 CONFIGURE_FLAGS = ["--target-list=x86_64-softmmu", "--enable-kvm", "--enable-fdt",
                    "--disable-docs", "--disable-werror", "--disable-tools",
                    "--disable-user", "--disable-install-blobs"]
-HOW_TO_BUILD = f"python3 bench/qemu10.py (builds QEMU {VERSION} once, 4-10 min)"
+HOW_TO_BUILD = f"python3 bench/qemu10.py (builds QEMU {VERSION} once, 4-15 min)"
 
 
 class Qemu10Error(Exception):
@@ -150,7 +150,7 @@ def _build(cache: Path, log) -> Path:
     logfile = cache / "build.log"
     work = cache / "src"
     work.mkdir()
-    log(f"qemu10: building QEMU {VERSION} in {cache} (once; 4-10 min; log: {logfile})")
+    log(f"qemu10: building QEMU {VERSION} in {cache} (once; 4-15 min; log: {logfile})")
     _run(["apt-get", "install", "-y", "--no-install-recommends", *BUILD_DEPS], logfile)
     src, version = _fetch_source(work, logfile, log)
     if not re.search(rf"(^|:){re.escape(VERSION)}[+~-]", version):
