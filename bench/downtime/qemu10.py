@@ -41,8 +41,6 @@ from bench.downtime.heartbeat import TICK_RX, heartbeat_views
 from bench.lab import stop_process, wait_until_no_child
 from bench.vmms import (BUILD, HEARTBEAT_US, ROOT, BenchError, Cleanup, do_update, pyvmm_cmd,
                         qmp_connect)
-from vmm.client.cpr import wait_migration
-from vmm.errors import VmmError
 from vmm.memory import GiB, MiB
 
 WINDOW_S = 0.5      # the window gap: the largest gap within this of the stop

@@ -11,7 +11,7 @@ from bench.downtime.baselines import QEMU
 from bench.qemu10 import VERSION as QEMU10_VERSION
 from bench.qemu10 import binary as qemu10_binary
 from bench.qemu10 import source_version as qemu10_source
-from bench.downtime.stats import PHASES, group, paired, summary
+from bench.downtime.stats import PHASES, group, summary
 from vmm.memory import GiB, MiB
 
 
