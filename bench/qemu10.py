@@ -1,6 +1,6 @@
 """QEMU 10.2.2 built from Debian's source package, for the downtime benchmark's baseline.
 
-    python3 bench/qemu10.py            # builds once (4-15 min on 2 cores, more on a busy host); prints the binary
+    python3 bench/qemu10.py     # builds once (4-15 min on 2 cores); prints the binary
 
 pyvmm's live update is modelled on QEMU 10's cpr-transfer and cpr-exec, so the fair
 baseline is that QEMU on the same host and guest.  Debian bookworm ships QEMU 7.2
