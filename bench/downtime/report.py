@@ -59,16 +59,16 @@ def table(records, skipped: list[str]) -> str:
                     f"{fmt_triplet(summary([r.get('net_gap_us') for r in rs]))} | {loss} |")
     out = ["## Downtime", "", *rows, "",
            "host: pyvmm's `x-downtime-us` (stop -> last vCPU back in KVM_RUN in the new VMM); "
-           "naive: pause -> resume in-process; QEMU: source STOP event -> destination RESUME "
-           "event (QMP timestamps); QEMU 10: its vmstate_downtime_checkpoint trace, "
-           "src-downtime-start -> dst-precopy-bh-vm-started. guest maxgap: ticker's "
-           "`maxgap_us` after the update, counted only when it rose above its value before "
-           "(a pause that catches the guest inside its write syscall is not in maxgap). "
-           "guest t_us tick gap: the largest difference of the guest's own `t_us` between two consecutive ticks across the "
-           "update (period 1 ms). heartbeat gap: the largest gap between two tick lines as "
-           "they arrived on the host (pipe included). UDP echo gap: the largest gap between "
-           "two echoes of a 1 ms stream through netecho. Guest and heartbeat views exist only "
-           "for the ticker guest (untouched RAM, idle).", ""]
+           "naive: pause -> resume in-process; QEMU: source STOP event -> destination RESUME event"
+           " (QMP timestamps); QEMU 10: its vmstate_downtime_checkpoint trace, src-downtime-start "
+           "-> dst-precopy-bh-vm-started. guest maxgap: ticker's `maxgap_us` after the update, "
+           "counted only when it rose above its value before (a pause that catches the guest "
+           "inside its write syscall is not in maxgap). guest t_us tick gap: the largest "
+           "difference of the guest's own `t_us` between two consecutive ticks across the update "
+           "(period 1 ms). heartbeat gap: the largest gap between two tick lines as they arrived "
+           "on the host (pipe included). UDP echo gap: the largest gap between two echoes of a 1 "
+           "ms stream through netecho. Guest and heartbeat views exist only for the ticker guest "
+           "(untouched RAM, idle).", ""]
 
     out += ["## Phases (median µs, host view, idle)", "",
             "| mode | RAM | RAM state | " + " | ".join(PHASES) + " |",
