@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,15 +16,21 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("rich")
 
 
-def test_tiny_sweep_writes_table_and_plots(guests, tmp_path):
-    need_kvm()
+def tiny_sweep(tmp_path, modes: str, baselines: str, env=None, timeout=120):
+    """`pyvmm bench downtime` at 256M, 1 rep, untouched and idle: its output dir."""
     out = tmp_path / "results"
     r = subprocess.run([sys.executable, "-m", "bench.downtime", "--sizes", "256M",
-                        "--reps", "1", "--modes", "exec,transfer", "--ram", "untouched",
-                        "--loads", "idle", "--baselines", "none", "--no-progress",
+                        "--reps", "1", "--modes", modes, "--ram", "untouched",
+                        "--loads", "idle", "--baselines", baselines, "--no-progress",
                         "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                       timeout=120)
+                       timeout=timeout, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out
+
+
+def test_tiny_sweep_writes_table_and_plots(guests, tmp_path):
+    need_kvm()
+    out = tiny_sweep(tmp_path, "exec,transfer", "none")
     table = (out / "results.md").read_text()
     for mode in ("cpr-exec", "cpr-transfer"):
         row = next(line for line in table.splitlines() if line.startswith(f"| pyvmm {mode} |"))
@@ -71,3 +78,42 @@ def test_from_an_unknown_revision_is_one_line(tmp_path):
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith(
         "pyvmm bench downtime: --from 9.9.9:"), r.stderr
+
+
+def test_qemu10_picks_the_debian_version_of_10_2_2():
+    from bench.qemu10 import Qemu10Error, pick_version
+    showsrc = "Package: qemu\nVersion: 1:10.1.3+ds-2\n\nPackage: qemu\nVersion: 1:10.2.2+ds-1\n"
+    assert pick_version(showsrc) == "1:10.2.2+ds-1"
+    # not 10.2.2 exactly: the newest 10.2.x there (the build says so)
+    assert pick_version("Version: 1:10.2.1+ds-1\nVersion: 1:10.2.3+ds-1\n") == "1:10.2.3+ds-1"
+    with pytest.raises(Qemu10Error, match="no qemu 10.2.x source"):
+        pick_version("Version: 1:9.2.0+ds-1\n")
+
+
+def test_without_qemu10_the_sweep_says_how_to_build_it(guests, tmp_path):
+    need_kvm()
+    out = tiny_sweep(tmp_path, "transfer", "qemu10",
+                     env=dict(os.environ, PYVMM_QEMU10_CACHE=str(tmp_path / "q")))
+    assert ("- QEMU 10.2.2 baseline: not built; build it with python3 bench/qemu10.py"
+            in (out / "results.md").read_text())
+
+
+def test_qemu10_beside_pyvmm(guests, tmp_path):
+    """QEMU 10's cpr-exec and cpr-transfer, interleaved with pyvmm, the same measure."""
+    need_kvm()
+    from bench import qemu10
+    if qemu10.binary() is None:
+        pytest.skip(f"QEMU {qemu10.VERSION} is not built: {qemu10.HOW_TO_BUILD}")
+    out = tiny_sweep(tmp_path, "exec,transfer", "qemu10", timeout=240)
+    records = [x for x in json.loads((out / "results.json").read_text()) if x.get("vs")]
+    assert sorted(x["mode"] for x in records) == ["exec", "qemu10-exec", "qemu10-transfer",
+                                                   "transfer"]
+    for rec in records:   # both VMMs: a heartbeat gap at the switch, a self-reported one
+        assert rec["window_gap_us"] >= rec["switch_gap_us"] > 0 and rec["host_us"] > 0, rec
+        assert rec["ticks_continuous"], rec
+    table = (out / "results.md").read_text()
+    assert "## pyvmm beside QEMU 10.2.2" in table
+    for mode in ("exec", "transfer"):
+        assert re.search(rf"^\| cpr-{mode} \| 256M \| [\d.]+ / [\d.]+ = [\d.]+ \|", table,
+                         re.M), table
+    assert (out / "vs_qemu10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -19,14 +19,18 @@ Baselines on the same guest image: (a) a naive snapshot done with pyvmm's own
 API in-process (pause, save state, copy guest RAM to a file and back, restore,
 resume); (b) Debian's QEMU doing a local live migration with RAM in a shared
 /dev/shm file and `x-ignore-shared` (RAM not copied), downtime from the
-source's STOP event to the destination's RESUME event.
+source's STOP event to the destination's RESUME event; (c) QEMU 10.2.2's own
+cpr-transfer and cpr-exec (built by bench/qemu10.py), interleaved with pyvmm
+updates of the same guest, both measured the same way: the serial line through
+one FIFO stamped on the host, the gap at the switch, each VMM's own downtime.
 
 Writes results.md, results.json, downtime_vs_ram.png, phases.png to --out.
 Everything started (processes, namespaces, /dev/shm files) is removed at the
 end, also on failure or Ctrl-C.
 
 One file per job: `sweep.py` (options, plan, progress, writing the results),
-`runs.py` (a pyvmm configuration), `baselines.py` (naive snapshot, QEMU),
+`runs.py` (a pyvmm configuration), `baselines.py` (naive snapshot, QEMU 7.2),
+`qemu10.py` (QEMU 10 beside pyvmm),
 `heartbeat.py` (the guest's and the host's view), `stats.py`, `report.py` (the
 Markdown), `plots.py`; bench/vmms.py starts and updates the pyvmm processes.
 """

@@ -34,7 +34,8 @@ def plots(records, out: Path) -> list[Path]:
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", color=color, capsize=3,
                             label=f"cpr-{mode}, {ram} RAM, {load} (median, bar to p95)")
-        for base, (color, ls, mk) in styles.items():
+        for base, (color, ls, mk) in [*styles.items(),
+                                      (f"qemu10-{mode}", ("tab:purple", "-.", "D"))]:
             xs, ys = [], []
             for size in sizes:
                 rs = groups.get((base, size, "untouched", "idle"))
@@ -81,4 +82,42 @@ def plots(records, out: Path) -> list[Path]:
     p2 = out / "phases.png"
     fig.savefig(p2, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    return [p1, p2]
+    p3 = vs_qemu10(records, out, plt)
+    return [p1, p2] + ([p3] if p3 else [])
+
+
+def vs_qemu10(records, out: Path, plt) -> Path | None:
+    """pyvmm beside QEMU 10, interleaved: the switch gap (host-stamped heartbeat) of each."""
+    recs = [r for r in records if r.get("vs") == "qemu10"]
+    if not recs:
+        return None
+    modes = [m for m in ("exec", "transfer") if any(r["mode"].endswith(m) for r in recs)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sizes = sorted({r["size"] for r in recs if r["mode"].endswith(mode)})
+        for key, label, color in ((mode, f"pyvmm cpr-{mode}", "tab:blue"),
+                                  (f"qemu10-{mode}", MODE_NAME[f"qemu10-{mode}"], "tab:purple")):
+            xs, ys, hi = [], [], []
+            for size in sizes:
+                s = summary([r.get("switch_gap_us") for r in recs
+                             if r["mode"] == key and r["size"] == size])
+                if s:   # QEMU's points a little to the right: the bars do not overlap
+                    xs.append(size / GiB * (1.06 if key != mode else 1.0))
+                    ys.append(s["median"] / 1000)
+                    hi.append((s["p95"] - s["median"]) / 1000)
+            if xs:
+                ax.errorbar(xs, ys, yerr=[[0] * len(hi), hi], marker="o", color=color,
+                            capsize=3, label=f"{label} (median, bar to p95)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([s / GiB for s in sizes], [size_name(s) for s in sizes])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("guest RAM")
+        ax.set_ylabel("heartbeat gap at the switch, ms")
+        ax.set_title(f"cpr-{mode}: pyvmm vs QEMU 10, same guest, same measure")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "vs_qemu10.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -8,6 +8,9 @@ import statistics
 import subprocess
 
 from bench.downtime.baselines import QEMU
+from bench.qemu10 import VERSION as QEMU10_VERSION
+from bench.qemu10 import binary as qemu10_binary
+from bench.qemu10 import source_version as qemu10_source
 from bench.downtime.stats import PHASES, group, summary
 from vmm.memory import GiB, MiB
 
@@ -23,11 +26,14 @@ def size_name(size: int) -> str:
 
 MODE_NAME = {"exec": "pyvmm cpr-exec", "transfer": "pyvmm cpr-transfer",
              "naive": "naive snapshot (pyvmm, RAM→file→RAM)",
-             "qemu": "QEMU 7.2 migrate, x-ignore-shared"}
+             "qemu": "QEMU 7.2 migrate, x-ignore-shared",
+             "qemu10-exec": f"QEMU {QEMU10_VERSION} cpr-exec",
+             "qemu10-transfer": f"QEMU {QEMU10_VERSION} cpr-transfer"}
 
 
 def table(records, skipped: list[str]) -> str:
-    order = {"exec": 0, "transfer": 1, "naive": 2, "qemu": 3}
+    order = {"exec": 0, "transfer": 1, "naive": 2, "qemu": 3, "qemu10-exec": 4,
+             "qemu10-transfer": 5}
     rows = ["| what | RAM | RAM state | load | n | host ms (median / p95 / max) | "
             "guest maxgap ms (median / p95 / max) | guest t_us tick gap ms (median / p95 / max) | "
             "heartbeat gap ms (median / p95 / max) | "
@@ -53,15 +59,16 @@ def table(records, skipped: list[str]) -> str:
                     f"{fmt_triplet(summary([r.get('net_gap_us') for r in rs]))} | {loss} |")
     out = ["## Downtime", "", *rows, "",
            "host: pyvmm's `x-downtime-us` (stop -> last vCPU back in KVM_RUN in the new VMM); "
-           "naive: pause -> resume in-process; QEMU: source STOP event -> destination RESUME "
-           "event (QMP timestamps). guest maxgap: ticker's `maxgap_us` after the update, "
+           "naive: pause -> resume in-process; QEMU: source STOP event -> destination RESUME event"
+           " (QMP timestamps); QEMU 10: its vmstate_downtime_checkpoint trace, src-downtime-start "
+           "-> dst-precopy-bh-vm-started. guest maxgap: ticker's `maxgap_us` after the update, "
            "counted only when it rose above its value before (a pause that catches the guest "
            "inside its write syscall is not in maxgap). guest t_us tick gap: the largest "
-           "difference of the guest's own `t_us` between two consecutive ticks across the "
-           "update (period 1 ms). heartbeat gap: the largest gap between two tick lines as "
-           "they arrived on the host (pipe included). UDP echo gap: the largest gap between "
-           "two echoes of a 1 ms stream through netecho. Guest and heartbeat views exist only "
-           "for the ticker guest (untouched RAM, idle).", ""]
+           "difference of the guest's own `t_us` between two consecutive ticks across the update "
+           "(period 1 ms). heartbeat gap: the largest gap between two tick lines as they arrived "
+           "on the host (pipe included). UDP echo gap: the largest gap between two echoes of a 1 "
+           "ms stream through netecho. Guest and heartbeat views exist only for the ticker guest "
+           "(untouched RAM, idle).", ""]
 
     out += ["## Phases (median µs, host view, idle)", "",
             "| mode | RAM | RAM state | " + " | ".join(PHASES) + " |",
@@ -88,7 +95,7 @@ def table(records, skipped: list[str]) -> str:
             if not mine:
                 continue
             m = statistics.median(r["host_us"] for r in mine)
-            for base in ("naive", "qemu"):
+            for base in ("naive", "qemu", f"qemu10-{mode}"):
                 b = groups.get((base, size, "untouched", "idle"))
                 if b:
                     bm = statistics.median(r["host_us"] for r in b)
@@ -98,9 +105,60 @@ def table(records, skipped: list[str]) -> str:
         out += ["## pyvmm / baseline (median host downtime, untouched RAM, idle)", "",
                 "| RAM | pyvmm | baseline | pyvmm ms | baseline ms | ratio |",
                 "|---|---|---|---|---|---|", *ratios, ""]
+    out += qemu10_section(records)
     if skipped:
         out += ["## Not run", "", *[f"- {s}" for s in skipped], ""]
     return "\n".join(out)
+
+
+def qemu10_section(records) -> list[str]:
+    """pyvmm beside QEMU 10 (bench/downtime/qemu10.py): the same measure for both."""
+    pairs: dict[tuple, dict[str, list]] = {}
+    for r in records:
+        if r.get("vs") == "qemu10":
+            vmm = "qemu10" if r["mode"].startswith("qemu10-") else "pyvmm"
+            mode = r["mode"].removeprefix("qemu10-")
+            pairs.setdefault((mode, r["size"]), {"pyvmm": [], "qemu10": []})[vmm].append(r)
+    if not pairs:
+        return []
+    name = {"pyvmm": "pyvmm", "qemu10": f"QEMU {QEMU10_VERSION}"}
+    cols = ["switch_gap_us", "window_gap_us", "guest_tick_gap_us", "host_us"]
+    rows = ["| update | RAM | VMM | n | switch gap ms | window gap ms | guest t_us tick gap ms | "
+            "self-reported downtime ms | steady gap ms (median / max) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    ratios = ["| update | RAM | switch gap | window gap | self-reported |", "|---|---|---|---|---|"]
+    for (mode, size), by in sorted(pairs.items()):
+        for vmm in ("pyvmm", "qemu10"):
+            rs = by[vmm]
+            if not rs:
+                continue
+            steady = summary([r.get("steady_median_gap_us") for r in rs])
+            smax = summary([r.get("steady_max_gap_us") for r in rs])
+            rows.append(f"| cpr-{mode} | {size_name(size)} | {name[vmm]} | {len(rs)} | " +
+                        " | ".join(fmt_triplet(summary([r.get(c) for r in rs])) for c in cols) +
+                        f" | {steady['median'] / 1000 if steady else 0:.2f} / "
+                        f"{smax['max'] / 1000 if smax else 0:.2f} |")
+        cells = []
+        for c in ("switch_gap_us", "window_gap_us", "host_us"):
+            a, b = (summary([r.get(c) for r in by[v]]) for v in ("pyvmm", "qemu10"))
+            cells.append(f"{a['median'] / 1000:.2f} / {b['median'] / 1000:.2f} = "
+                         f"{a['median'] / b['median']:.2f}" if a and b else "–")
+        ratios.append(f"| cpr-{mode} | {size_name(size)} | " + " | ".join(cells) + " |")
+    binary = qemu10_binary()
+    return [f"## pyvmm beside QEMU {QEMU10_VERSION} (interleaved, same guest, same measure)", "",
+            f"QEMU: {binary or '?'} (Debian source qemu {qemu10_source() or '?'}, built by "
+            "bench/qemu10.py), `-M microvm`, RAM `memory-backend-memfd,share=on`, "
+            "`aux-ram-share=on`; cpr-transfer with `main` and `cpr` `-incoming` channels (unix "
+            "sockets), cpr-exec with `cpr-exec-command` and `-incoming file:`. Each rep is one "
+            "pyvmm update then one QEMU update of the ticker guest (period_us=1000), both "
+            "VMMs' stdout (the serial line) a FIFO read with poll() and stamped on arrival. "
+            "switch gap: the gap between heartbeat lines that contains the VMM's own stop..resume; "
+            "window gap: the largest gap within ±0.5 s of the stop; guest t_us tick gap: the "
+            "guest's own clock across the update; self-reported: pyvmm `x-downtime-us`, QEMU "
+            "src-downtime-start -> dst-precopy-bh-vm-started (its vmstate_downtime_checkpoint "
+            "trace); steady gap: the heartbeat gaps in the second before the update (median of "
+            "the medians / largest). Cells: median / p95 / max.", "", *rows, "",
+            f"### pyvmm / QEMU {QEMU10_VERSION} (medians, ms)", "", *ratios, ""]
 
 
 def host_description() -> str:
@@ -119,4 +177,6 @@ def host_description() -> str:
     return (f"kernel {run('uname', '-r')}, {run('nproc')} CPUs ({cpu}), "
             f"RAM: {' '.join(mem[1].split()[:2]) if len(mem) > 1 else '?'} GiB total (free -g), "
             f"Python {platform.python_version()}, "
-            f"{run(QEMU, '--version').splitlines()[0] if QEMU else 'no QEMU'}")
+            f"{run(QEMU, '--version').splitlines()[0] if QEMU else 'no QEMU'}, "
+            f"QEMU {QEMU10_VERSION}: "
+            f"{'built, Debian ' + qemu10_source() if qemu10_binary() else 'not built'}")

@@ -27,8 +27,16 @@ def summary(values):
     return {"n": len(v), "median": statistics.median(v), "p95": pct(v, 0.95), "max": max(v)}
 
 
+def paired(r) -> bool:
+    """A pyvmm update run beside QEMU 10 (bench/downtime/qemu10.py): measured through
+    the serial FIFO, reported in its own section, not mixed into the sweep's rows."""
+    return r.get("vs") == "qemu10" and r["mode"] in ("exec", "transfer")
+
+
 def group(records):
     groups: dict[tuple, list] = {}
     for r in records:
+        if paired(r):
+            continue
         groups.setdefault((r["mode"], r["size"], r["ram"], r["load"]), []).append(r)
     return groups

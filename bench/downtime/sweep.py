@@ -14,8 +14,10 @@ from pathlib import Path
 
 from bench.downtime.baselines import QEMU, run_naive, run_qemu
 from bench.downtime.plots import plots
+from bench.downtime.qemu10 import run_qemu10
 from bench.downtime.report import MODE_NAME, host_description, size_name, table
 from bench.downtime.runs import run_pyvmm
+from bench import qemu10
 from bench.release_tree import ReleaseTreeError
 from bench.vmms import BUILD, ROOT, BenchError, Cleanup, Source, on_sigterm
 from vmm import __version__
@@ -27,6 +29,7 @@ def plan(args) -> tuple[list[tuple], list[str]]:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     modes = args.modes.split(",")
     rams = args.ram.split(",")
+    bases = set(args.baselines.split(",")) - {""}
     jobs, baselines, skipped = [], [], []
     touched_max = parse_size(args.touched_max)
     naive_max = parse_size(args.naive_max)
@@ -40,18 +43,25 @@ def plan(args) -> tuple[list[tuple], list[str]]:
                 jobs.append(("pyvmm", mode, size, ram, "idle", args.reps))
             if "udp" in args.loads and (args.udp_sizes is None or size in args.udp_sizes):
                 jobs.append(("pyvmm", mode, size, "untouched", "udp", args.udp_reps or args.reps))
-        if "naive" in args.baselines:
+        if "naive" in bases:
             if size <= naive_max:
                 baselines.append(("naive", "naive", size, "untouched", "idle", args.reps))
             else:
                 skipped.append(f"naive snapshot at {size_name(size)}: above --naive-max "
                                f"{args.naive_max} (the copy would need {size_name(size)} more "
                                "host RAM)")
-        if "qemu" in args.baselines:
+        if "qemu" in bases:
             if QEMU:
                 baselines.append(("qemu", "qemu", size, "untouched", "idle", args.reps))
             else:
                 skipped.append("QEMU baseline: qemu-system-x86_64 is not installed")
+        if "qemu10" in bases:
+            if qemu10.binary():
+                baselines += [("qemu10", mode, size, "untouched", "idle", args.reps)
+                              for mode in modes]
+            elif size == sizes[0]:
+                skipped.append(f"QEMU {qemu10.VERSION} baseline: not built; build it with "
+                               f"{qemu10.HOW_TO_BUILD}")
     # Baselines last: the naive one writes GiBs through the page cache, whose
     # after-effects would otherwise land on the next pyvmm runs.
     return jobs + baselines, skipped
@@ -67,7 +77,10 @@ def parse_args(argv):
     ap.add_argument("--ram", default="untouched,touched",
                     help="untouched (ticker) and/or touched (pattern guest, after pass 1)")
     ap.add_argument("--loads", default="idle,udp", help="idle and/or udp (netecho + 1 ms stream)")
-    ap.add_argument("--baselines", default="naive,qemu", help="naive,qemu or none")
+    ap.add_argument("--baselines", default="naive,qemu,qemu10",
+                    help="naive, qemu (QEMU 7.2 x-ignore-shared), qemu10 (QEMU 10's "
+                         "cpr-exec/cpr-transfer, interleaved with pyvmm; bench/qemu10.py "
+                         "builds it), comma-separated, or none (default naive,qemu,qemu10)")
     ap.add_argument("--reps", type=int, default=5, help="updates per configuration (default 5)")
     ap.add_argument("--udp-reps", type=int, default=None,
                     help="updates per UDP-load configuration (default: --reps)")
@@ -92,6 +105,10 @@ def parse_args(argv):
             ap.exit(1, f"{ap.prog}: error: --sizes: {e}\n")
     if not set(args.modes.split(",")) <= {"exec", "transfer"}:
         ap.exit(1, f"{ap.prog}: error: --modes {args.modes!r}: use exec, transfer or both\n")
+    if args.baselines != "none" and not set(args.baselines.split(",")) <= {
+            "naive", "qemu", "qemu10"}:
+        ap.exit(1, f"{ap.prog}: error: --baselines {args.baselines!r}: use naive, qemu, "
+                   "qemu10 (comma-separated) or none\n")
     if args.reps < 1 or (args.udp_reps is not None and args.udp_reps < 1):
         ap.exit(1, f"{ap.prog}: error: --reps and --udp-reps take a whole number above 0\n")
     if args.quick:
@@ -140,7 +157,8 @@ def main(argv=None) -> int:
         with progress:
             task = progress.add_task("downtime", total=total)
             for kind, mode, size, ram, load, reps in jobs:
-                what = f"{MODE_NAME[mode]} {size_name(size)} {ram} {load}"
+                what = f"{MODE_NAME[mode if kind != 'qemu10' else 'qemu10-' + mode]} " \
+                       f"{size_name(size)} {ram} {load}"
                 progress.update(task, description=what)
                 advance = lambda: progress.advance(task)   # noqa: E731
                 try:
@@ -149,6 +167,8 @@ def main(argv=None) -> int:
                                              source)
                     elif kind == "naive":
                         records += run_naive(reg, size, reps, advance)
+                    elif kind == "qemu10":
+                        records += run_qemu10(reg, mode, size, reps, advance)
                     else:
                         records += run_qemu(reg, size, reps, advance)
                 except BenchError as e:
