@@ -443,3 +443,28 @@ def test_a_silent_peer_does_not_hold_the_socket(waiting, saved):
         silent.close()
     lines = new.lines(1)
     assert len(lines) == 1 and "timed out" in lines[0] and "still waiting" in lines[0], lines
+
+
+def test_a_socket_path_appears_only_once_it_accepts(tmp_path):
+    """A client that waits for the path and connects at once (a script's `while [ ! -S
+    ...]`, the old VMM of a cpr-transfer, a benchmark) is never refused: the cpr and
+    the QMP socket are listening before their paths exist (a bound, not yet listening
+    socket answers ECONNREFUSED; a benchmark under load hit it)."""
+    for rep in range(8):
+        sock, qmp = tmp_path / f"n{rep}.cpr", tmp_path / f"n{rep}.qmp"
+        p = subprocess.Popen(pyvmm_cmd("run", "--incoming", f"cpr-transfer:{sock}", "--qmp",
+                                       str(qmp)), cwd=ROOT, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            pending = {sock: socket.SOCK_SEQPACKET, qmp: socket.SOCK_STREAM}
+            deadline = time.monotonic() + 15
+            while pending:
+                assert p.poll() is None and time.monotonic() < deadline
+                for path, kind in list(pending.items()):
+                    if os.path.exists(path):    # connect the instant it appears
+                        with socket.socket(socket.AF_UNIX, kind) as c:
+                            c.connect(str(path))     # ECONNREFUSED here is the bug
+                        del pending[path]
+        finally:
+            p.terminate()
+            p.wait(10)

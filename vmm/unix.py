@@ -33,6 +33,31 @@ def bind_owner_only(sock: socket.socket, path: str) -> None:
         os.chmod(path, OWNER_ONLY)      # still before listen(): nobody can connect yet
 
 
+def listen_owner_only(sock: socket.socket, path: str, backlog: int) -> None:
+    """bind_owner_only() and listen(), so that `path` appears only once it accepts.
+
+    A client that waits for the path to exist and then connects (a script, the old
+    VMM of a cpr-transfer) must not find a socket that is bound but not listening
+    yet: that connect() fails with ECONNREFUSED.  So the socket is bound and put in
+    listen state under a temporary name beside `path`, then hard-linked to `path`
+    (which, unlike rename, never replaces what may have appeared there meanwhile)."""
+    tmp = f"{path}.{os.getpid()}~"
+    if len(os.fsencode(tmp)) >= 108:   # (no room for the longer name in sun_path)
+        bind_owner_only(sock, path)
+        sock.listen(backlog)
+        return
+    try:
+        os.unlink(tmp)                  # (left by a process of our pid that died)
+    except FileNotFoundError:
+        pass
+    bind_owner_only(sock, tmp)
+    try:
+        sock.listen(backlog)
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+
+
 def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end (SO_PEERCRED: as it was at connect)."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

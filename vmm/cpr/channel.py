@@ -174,14 +174,12 @@ def _log_stderr(line: str) -> None:
 def listen(path: str) -> socket.socket:
     """The new VMM's end: a listening SEQPACKET socket at path, mode 0600 (never
     replacing a file, or a socket that a live process serves)."""
-    from ..unix import claim_socket_path
-    from ..unix import bind_owner_only
+    from ..unix import claim_socket_path, listen_owner_only
     claim_socket_path(path, "--incoming")
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        bind_owner_only(s, path)
+        listen_owner_only(s, path, 1)   # the path appears already accepting
     except OSError as e:
         s.close()
         raise ChannelError(f"cannot listen on {path}: {e.strerror}") from None
-    s.listen(1)
     return s

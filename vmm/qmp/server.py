@@ -29,7 +29,7 @@ import time
 
 from ..errors import VmmError
 from ..log import get_logger, log_safely
-from ..unix import bind_owner_only, claim_socket_path, someone_listens
+from ..unix import claim_socket_path, listen_owner_only, someone_listens
 from .commands import Commands, error_reply, greeting
 from .framing import MAX_INPUT, JsonStream
 
@@ -104,8 +104,8 @@ class Monitor:
         claim_socket_path(path, "monitor")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            bind_owner_only(sock, path)   # 0600: QMP can run anything as us (docs/QMP.md)
-            sock.listen(16)
+            # 0600: QMP can run anything as us (docs/QMP.md); the path appears accepting
+            listen_owner_only(sock, path, 16)
         except OSError as e:
             sock.close()
             raise VmmError(f"cannot listen on monitor socket {path}: {e.strerror}") from None
