@@ -238,6 +238,26 @@ class Machine:
             for fd in fds.values():   # an fd nobody claimed must not linger in this process
                 os.close(fd)
 
+    def warm_up_restore(self, kinds) -> None:
+        """Run the device save/restore path once, before a live update's stop, on
+        throwaway devices of these kinds: a first run in a fresh process is the slow
+        one (State classes, their schema maps, the models' code paths), and in the
+        new VMM the real one runs inside the downtime.  Kinds that pass fds (a net
+        device's tap) are left out: creating one would open what it owns.  The
+        throwaways sit on buses of their own, never the machine's."""
+        from .devices import Device, DeviceContext, device_class, entry
+        from .devices.bus import Bus
+        from .kvm.ffi import ffi
+        ctx = DeviceContext(self.vm, self.memory, Bus(), Bus(), lambda data: None,
+                            lambda code: None, ffi.NULL)
+        for kind in kinds:
+            cls = device_class(kind)
+            if cls.fds is not Device.fds:
+                continue
+            tree = entry(cls.create(ctx, 0, ""))["state"]
+            cls.State.check(tree, "warm-up")
+            cls.restore(ctx, cls.State.from_tree(tree), {}).close()
+
     def quiesce_devices(self) -> None:
         for d in self.devices:
             d.quiesce()

@@ -299,6 +299,7 @@ class Incoming:
             # own state written back): a first run in a fresh process is the slow one.
             state_format.loads(state_format.dumps({"warm-up": shape}))
             self.machine.restore_state(self.machine.save_state(), advance_time=False)
+            self.machine.warm_up_restore(shape.get("devices", ()))
         except Exception as e:
             for fd in fds:
                 _close(fd)
