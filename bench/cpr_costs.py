@@ -6,8 +6,9 @@ Prints medians of: the interpreter's start as the cpr-exec image runs it
 (`-I -S`), importing `threading` in a fresh interpreter, creating a KVM VM and
 its memory slots per RAM size (and destroying it), a vCPU's get_state() and
 set_state() (the first call, cffi types cold, then warm), the VM's get_state() and
-set_state(), saving and encoding a machine's state, decoding it, and pausing a
-running vCPU.
+set_state(), saving and encoding a machine's state, decoding it, pausing a
+running vCPU, and saving and restoring the paused machine's state (its threads
+parked, as in a live update).
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def vcpu_state_and_pause(reps: int = 200) -> None:
             pauses.append(ms(t0) * 1000)
             m.resume()
         print(f"pause a running vCPU: median {statistics.median(pauses):.0f} us")
+        m.pause()   # as in a live update: the vCPU threads exist, parked
+        saved = m.save_state()
+        saves, restores = alternating(m.save_state,
+                                      lambda: m.restore_state(saved, advance_time=False), reps)
+        print(f"paused machine: save_state median {saves:.0f} us, restore_state {restores:.0f} us")
     finally:
         m.close()
         os.close(fd)
