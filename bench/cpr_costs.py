@@ -4,9 +4,11 @@
 
 Prints medians of: the interpreter's start as the cpr-exec image runs it
 (`-I -S`), importing `threading` in a fresh interpreter, creating a KVM VM and
-its memory slots per RAM size (and destroying it), a vCPU's first and second
-get_state() (cffi types cold and warm), saving and encoding a machine's state,
-decoding it, and pausing a running vCPU.
+its memory slots per RAM size (and destroying it), a vCPU's get_state() and
+set_state() (the first call, cffi types cold, then warm), the VM's get_state() and
+set_state(), saving and encoding a machine's state, decoding it, pausing a
+running vCPU, and saving and restoring the paused machine's state (its threads
+parked, as in a live update).
 """
 
 from __future__ import annotations
@@ -28,6 +30,22 @@ from vmm.memory import GiB, MiB, GuestMemory  # noqa: E402
 
 def ms(t0: int) -> float:
     return (time.perf_counter_ns() - t0) / 1e6
+
+
+def timed(call) -> tuple[float, object]:
+    """How long call() took in us, and what it returned."""
+    t0 = time.perf_counter_ns()
+    out = call()
+    return (time.perf_counter_ns() - t0) / 1000, out
+
+
+def alternating(first, second, reps: int) -> tuple[float, float]:
+    """Median us of first() and of second(), called one after the other `reps` times."""
+    a, b = [], []
+    for _ in range(reps):
+        a.append(timed(first)[0])
+        b.append(timed(second)[0])
+    return statistics.median(a), statistics.median(b)
 
 
 def interpreter(reps: int = 20) -> None:
@@ -68,23 +86,19 @@ def vcpu_state_and_pause(reps: int = 200) -> None:
         m.boot()
         v = m.vcpus[0]
         v.msr_indices()
-        t0 = time.perf_counter_ns()
-        v.get_state()
-        cold = ms(t0)
-        t0 = time.perf_counter_ns()
-        v.get_state()
-        print(f"vCPU get_state: first {cold * 1000:.0f} us, second {ms(t0) * 1000:.0f} us")
+        first_get, saved = timed(v.get_state)
+        first_set, _ = timed(lambda: v.set_state(saved))
+        gets, sets = alternating(v.get_state, lambda: v.set_state(saved), reps // 4)
+        print(f"vCPU get_state: first {first_get:.0f} us, then median {gets:.0f} us;"
+              f" set_state: first {first_set:.0f} us, then median {sets:.0f} us")
+        vm_state = m.vm.get_state()
+        gets, sets = alternating(m.vm.get_state, lambda: m.vm.set_state(vm_state), reps // 4)
+        print(f"VM get_state median {gets:.0f} us, set_state {sets:.0f} us")
         blob = state.dumps(m.save_state())
-        enc, dec = [], []
-        for _ in range(reps // 4):
-            t0 = time.perf_counter_ns()
-            state.dumps(m.save_state())
-            enc.append(ms(t0) * 1000)
-            t0 = time.perf_counter_ns()
-            state.loads(blob)
-            dec.append(ms(t0) * 1000)
+        enc, dec = alternating(lambda: state.dumps(m.save_state()), lambda: state.loads(blob),
+                               reps // 4)
         print(f"state blob ({len(blob)} bytes): save_state + encode median "
-              f"{statistics.median(enc):.0f} us, decode {statistics.median(dec):.0f} us")
+              f"{enc:.0f} us, decode {dec:.0f} us")
         m.start()
         time.sleep(0.3)
         pauses = []
@@ -95,6 +109,11 @@ def vcpu_state_and_pause(reps: int = 200) -> None:
             pauses.append(ms(t0) * 1000)
             m.resume()
         print(f"pause a running vCPU: median {statistics.median(pauses):.0f} us")
+        m.pause()   # as in a live update: the vCPU threads exist, parked
+        saved = m.save_state()
+        saves, restores = alternating(m.save_state,
+                                      lambda: m.restore_state(saved, advance_time=False), reps)
+        print(f"paused machine: save_state median {saves:.0f} us, restore_state {restores:.0f} us")
     finally:
         m.close()
         os.close(fd)

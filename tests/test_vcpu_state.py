@@ -43,7 +43,7 @@ def arm_tsc_deadline(vcpu) -> int:
     ffi.buffer(lapic)[:] = bytes(regs)
     vcpu.set("lapic", lapic)
     deadline = read_msr(vcpu, MSR_IA32_TSC) + 10**13   # an hour or more away
-    vcpu._set_msr_entries(struct.pack("<IIQ", MSR_IA32_TSC_DEADLINE, 0, deadline))
+    vcpu.set_state({"msrs": struct.pack("<IIQ", MSR_IA32_TSC_DEADLINE, 0, deadline)})
     assert read_msr(vcpu, MSR_IA32_TSC_DEADLINE) == deadline
     return deadline
 

@@ -225,7 +225,7 @@ def _build():
     from .cpr.faults import POINTS
     from .devices import KINDS
     from .kvm.ffi import ffi
-    from .kvm.vcpu import _SIMPLE_STATE, MSR_ENTRY_SIZE, cpuid_bytes_problem
+    from .kvm.vcpu import _SIMPLE_STATE, MAX_MSRS, MSR_ENTRY_SIZE, cpuid_bytes_problem
     from .kvm.vm import IRQCHIPS, MAX_VCPUS
     from .memory import MIN_RAM
 
@@ -251,7 +251,7 @@ def _build():
     }, optional=("kernel", "cmdline", "devices"), rule=shape_rule)
 
     vcpu = Map({name: Bytes(ffi.sizeof(ctype)) for name, (ctype, *_) in _SIMPLE_STATE.items()}
-               | {"msrs": Bytes(unit=MSR_ENTRY_SIZE, most=4096 * MSR_ENTRY_SIZE)},
+               | {"msrs": Bytes(unit=MSR_ENTRY_SIZE, most=MAX_MSRS * MSR_ENTRY_SIZE)},
                optional=list(_SIMPLE_STATE) + ["msrs"])
     vm = Map({"irqchip": Map({name: Bytes(ffi.sizeof("struct kvm_irqchip")) for name in IRQCHIPS}),
               "pit": Bytes(ffi.sizeof("struct kvm_pit_state2")),

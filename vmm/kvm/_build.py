@@ -164,8 +164,9 @@ CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
 # The C parts of this module, declared by their headers (the contract, one copy):
 # csrc/vcpu_run.c, the vCPU run loop with the UART fast path and the kick;
 # csrc/build_vm.c, the one way a VM is built (normal boot and cpr-exec prebuilder);
-# csrc/cpr_exec.c, the cpr-exec prebuilder and holder.
-for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h"):
+# csrc/cpr_exec.c, the cpr-exec prebuilder and holder;
+# csrc/kvm_state.c, a vCPU's and the VM's state in one call each.
+for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h", "kvm_state.h"):
     CDEF += cdef_from_header(os.path.join(ROOT, "csrc", header))
 
 ffibuilder.cdef(CDEF)
@@ -178,9 +179,10 @@ ffibuilder.set_source(
 #include <linux/kvm.h>
 #include "build_vm.h"
 #include "cpr_exec.h"
+#include "kvm_state.h"
 #include "vcpu_run.h"
 """,
-    sources=["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c"],
+    sources=["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c", "csrc/kvm_state.c"],
     include_dirs=["csrc"],
     libraries=["pthread"],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",

@@ -31,19 +31,13 @@ def ioctl_int(fd: int, request: int, arg: int = 0, *, what: str = "") -> int:
     return r
 
 
-def to_bytes(cdata) -> bytes:
-    """The raw bytes of a struct (exact, for saving state)."""
-    return bytes(ffi.buffer(cdata))
-
-
-def from_bytes(ctype: str, data: bytes):
-    """A new struct of `ctype` filled from `data`, which must have its exact size."""
-    obj = ffi.new(ctype + " *")
-    size = ffi.sizeof(ctype)
-    if len(data) != size:
-        raise KvmError(f"saved {ctype} is {len(data)} bytes, this kernel's is {size}")
-    ffi.buffer(obj)[:] = data
-    return obj
+def put_bytes(buf, span: tuple[int, int], ctype: str, data: bytes) -> None:
+    """Copy `data`, a saved `ctype`, into the cffi buffer `buf` at `span` (start, end:
+    where that struct lies in it): it must have this kernel's exact size."""
+    start, end = span
+    if len(data) != end - start:
+        raise KvmError(f"saved {ctype} is {len(data)} bytes, this kernel's is {end - start}")
+    buf[start:end] = data
 
 
 def to_dict(cdata) -> dict | list | int:

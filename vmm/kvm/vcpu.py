@@ -25,6 +25,13 @@ the format (RESTORE_ORDER), each step for a reason:
 7. events: last but the debug registers, so nothing after them clears the
    exception, interrupt or NMI they inject.
 8. debugregs: independent of the rest.
+
+get_state() and set_state() make all of a vCPU's ioctls in one C call
+(csrc/kvm_state.c) on one struct pyvmm_vcpu_state, which Python fills from the
+saved bytes and slices into them: one ioctl at a time from Python added a cffi
+struct, a copy and a call to each (~25 us of a vCPU's ~95 us save and restore
+here, inside a live update's downtime).  The order stays here: C sets the
+pieces in the order set_state() gives it, RESTORE_ORDER's.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import errno
 import os
 
 from ..errors import KvmError
-from .ffi import SharedMapping, ffi, from_bytes, ioctl, lib, to_bytes
+from .ffi import SharedMapping, ffi, ioctl, lib, put_bytes
 from .system import MAX_CPUID_ENTRIES
 
 # Timing leaf (as QEMU and VMware expose it): EAX = TSC kHz, EBX = APIC bus kHz.
@@ -58,6 +65,25 @@ _SIMPLE_STATE = {
 # Restore order, each step for a reason: see the module docstring.
 RESTORE_ORDER = ["regs", "xsave", "fpu", "xcrs", "sregs", "mp_state", "lapic", "msrs",
                  "events", "debugregs"]
+# Each piece's number in csrc/kvm_state.h (PYVMM_VCPU_REGS ...).
+_PIECE = {name: getattr(lib, "PYVMM_VCPU_" + name.upper()) for name in RESTORE_ORDER}
+MAX_MSRS = lib.PYVMM_VCPU_MAX_MSRS   # KVM's own limit per GET_MSRS/SET_MSRS
+_STATE = "struct pyvmm_vcpu_state"
+_layout: dict | None = None
+
+
+def _spans() -> dict:
+    """Where each piece lies in struct pyvmm_vcpu_state, as (start, end); "msrs" and
+    "order" are where those arrays start.  Asked of cffi on first use, not at import
+    (building the struct's type, and every kernel struct's in it, takes ~0.25 ms)."""
+    global _layout
+    if _layout is None:
+        _layout = {name: (ffi.offsetof(_STATE, name),
+                          ffi.offsetof(_STATE, name) + ffi.sizeof(ctype))
+                   for name, (ctype, *_) in _SIMPLE_STATE.items()}
+        _layout["msrs"] = ffi.offsetof(_STATE, "msrs", "entries")
+        _layout["order"] = ffi.offsetof(_STATE, "order")
+    return _layout
 
 
 MSR_ENTRY_SIZE = ffi.sizeof("struct kvm_msr_entry")
@@ -71,6 +97,18 @@ def advance_msr(raw: bytes, index: int, delta: int) -> bytes:
             value = (int.from_bytes(out[off + 8:off + 16], "little") + delta) % (1 << 64)
             out[off + 8:off + 16] = value.to_bytes(8, "little")
     return bytes(out)
+
+
+def msr_count(raw) -> int:
+    """How many struct kvm_msr_entry `raw`, saved MSRs, holds; KvmError if it is not
+    such an array or holds more than KVM takes at once."""
+    if not isinstance(raw, bytes) or len(raw) % MSR_ENTRY_SIZE:
+        raise KvmError("saved MSRs are not an array of struct kvm_msr_entry "
+                       "(a state from another pyvmm version?)")
+    n = len(raw) // MSR_ENTRY_SIZE
+    if n > MAX_MSRS:
+        raise KvmError(f"saved MSRs: {n} entries, KVM takes at most {MAX_MSRS}")
+    return n
 
 
 CPUID_HEADER_SIZE = ffi.sizeof("struct kvm_cpuid2")
@@ -106,6 +144,8 @@ class Vcpu:
         if "xsave" in self._pieces:
             self._pieces.remove("fpu")  # xsave holds the FPU state and more
         self._msr_indices: list[int] | None = None
+        self._msr_entries: bytes | None = None   # what get_state() reads (_msr_template)
+        self._save_order = bytes(_PIECE[name] for name in self._pieces + ["msrs"])
         self._tsc_khz: int | None = None
 
     # -- running -------------------------------------------------------------------
@@ -192,17 +232,20 @@ class Vcpu:
     def msr_indices(self) -> list[int]:
         """The MSRs this vCPU can really read back (KVM lists some a CPU may lack)."""
         if self._msr_indices is None:
-            good = []
-            for index in self.vm.kvm.msr_index_list():
-                if self._read_msrs([index], quiet=True) is not None:
-                    good.append(index)
-            self._msr_indices = good
+            if self._msr_entries is not None:   # a restore wrote these: readable here
+                raw = self._msr_entries
+                self._msr_indices = [int.from_bytes(raw[off:off + 4], "little")
+                                     for off in range(0, len(raw), MSR_ENTRY_SIZE)]
+            else:
+                self._msr_indices = [index for index in self.vm.kvm.msr_index_list()
+                                     if self._read_msrs([index], quiet=True) is not None]
         return self._msr_indices
 
     def _read_msrs(self, indices, quiet=False):
         """KVM_GET_MSRS of `indices` as a `struct kvm_msrs *` (None if quiet and it fails)."""
         n = len(indices)
-        msrs = self._msrs_struct(n)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        msrs.nmsrs = n
         for i, index in enumerate(indices):
             msrs.entries[i].index = index
         r = lib.pyvmm_ioctl(self.fd, lib.KVM_GET_MSRS, msrs)
@@ -212,53 +255,89 @@ class Vcpu:
             raise KvmError(f"KVM GET_MSRS read {r} of {n} MSRs on vCPU {self.index}")
         return msrs
 
+    def _msr_template(self) -> bytes:
+        """The struct kvm_msr_entry array get_state() asks KVM to fill: the indices of
+        msr_indices() (C zeroes the values before the ioctl)."""
+        if self._msr_entries is None:
+            indices = self.msr_indices()
+            if len(indices) > MAX_MSRS:
+                raise KvmError(f"vCPU {self.index} has {len(indices)} MSRs to save, "
+                               f"KVM reads at most {MAX_MSRS} at once")
+            self._msr_entries = b"".join(index.to_bytes(4, "little") + bytes(12)
+                                         for index in indices)
+        return self._msr_entries
+
     # -- all of it ----------------------------------------------------------------------
     def get_state(self) -> dict:
         """Every piece of vCPU state as exact struct bytes; "msrs" is the array of
         struct kvm_msr_entry (one bytes value, not 2 x 50 numbers: it is decoded
         inside the downtime)."""
-        state = {name: to_bytes(self.get(name)) for name in self._pieces}
-        msrs = self._read_msrs(self.msr_indices())
-        state["msrs"] = bytes(ffi.buffer(msrs.entries, msrs.nmsrs * MSR_ENTRY_SIZE))
+        msrs = self._msr_template()
+        s, buf = self._new_state()
+        span = _spans()
+        start = span["msrs"]
+        s.msrs.nmsrs = len(msrs) // MSR_ENTRY_SIZE
+        buf[start:start + len(msrs)] = msrs
+        self._call(lib.pyvmm_vcpu_save, s, buf, self._save_order)
+        state = {}
+        for name in self._pieces:
+            a, b = span[name]
+            state[name] = buf[a:b]
+        state["msrs"] = buf[start:start + len(msrs)]
         return state
 
     def set_state(self, state: dict) -> None:
+        """Write a state get_state() saved (here or in another process), the pieces
+        it has in RESTORE_ORDER.  Every piece is checked before the first ioctl."""
+        s, buf = self._new_state()
+        span = _spans()
+        order = []
         for name in RESTORE_ORDER:
             if name not in state:
                 continue
             if name == "msrs":
-                self._set_msr_entries(state["msrs"])
+                raw = state["msrs"]
+                s.msrs.nmsrs = msr_count(raw)
+                buf[span["msrs"]:span["msrs"] + len(raw)] = raw
             else:
-                self.set(name, from_bytes(_SIMPLE_STATE[name][0], state[name]))
+                put_bytes(buf, span[name], _SIMPLE_STATE[name][0], state[name])
+            order.append(_PIECE[name])
+        self._call(lib.pyvmm_vcpu_restore, s, buf, bytes(order))
+        if "msrs" in state and self._msr_indices is None and self._msr_entries is None:
+            self._msr_entries = state["msrs"]   # the same MSRs are readable here
+
+    def _new_state(self):
+        """A zeroed struct pyvmm_vcpu_state and its bytes (a new one each time: cffi
+        lets go of the GIL in the C call, so two threads must not share one)."""
+        s = ffi.new(_STATE + " *")
+        return s, ffi.buffer(s)
+
+    def _call(self, func, s, buf, order: bytes) -> None:
+        """pyvmm_vcpu_save or _restore of the pieces in `order`; a failure raises the
+        same one-line KvmError as the ioctl made on its own."""
+        s.npieces = len(order)
+        start = _spans()["order"]
+        buf[start:start + len(order)] = order
+        r = func(self.fd, s, len(buf))
+        if r == 0:
+            return
+        if s.failed != lib.PYVMM_VCPU_MSRS:
+            raise KvmError(f"{ffi.string(s.step).decode()} (vCPU {self.index}) failed: "
+                           f"{os.strerror(-r)}")
+        n, done = s.msrs.nmsrs, s.result
+        if func is lib.pyvmm_vcpu_save:
+            raise KvmError(f"KVM GET_MSRS read {done} of {n} MSRs on vCPU {self.index}")
+        bad = f" (refused MSR {s.msrs.entries[done].index:#x})" if 0 <= done < n else ""
+        raise KvmError(f"KVM SET_MSRS wrote {done} of {n} MSRs on vCPU {self.index}{bad}")
 
     def warm_up(self) -> None:
-        """Build each state struct type once, without an ioctl (so it can run while the
-        vCPU is in KVM_RUN): cffi's first use of a type costs ~50 us, ~0.4 ms for all of
-        them, which would otherwise land in a live update's save."""
-        for name in self._pieces:
-            ffi.new(_SIMPLE_STATE[name][0] + " *")
-        self._msrs_struct(1)
-
-    @staticmethod
-    def _msrs_struct(n: int):
-        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
-        msrs.nmsrs = n
-        return msrs
-
-    def _set_msr_entries(self, raw) -> None:
-        if not isinstance(raw, bytes) or len(raw) % MSR_ENTRY_SIZE:
-            raise KvmError("saved MSRs are not an array of struct kvm_msr_entry "
-                           "(a state from another pyvmm version?)")
-        n = len(raw) // MSR_ENTRY_SIZE
-        msrs = self._msrs_struct(n)
-        ffi.buffer(msrs.entries, len(raw))[:] = raw
-        r = lib.pyvmm_ioctl(self.fd, lib.KVM_SET_MSRS, msrs)
-        if r != n:
-            bad = msrs.entries[r].index if 0 <= r < n else None
-            raise KvmError(f"KVM SET_MSRS wrote {r} of {n} MSRs on vCPU {self.index}"
-                           + (f" (refused MSR {bad:#x})" if bad is not None else ""))
-        if self._msr_indices is None:   # the same MSRs are readable here
-            self._msr_indices = [msrs.entries[i].index for i in range(n)]
+        """Build the state struct's cffi type and the MSR list once, without an ioctl
+        (so it can run while the vCPU is in KVM_RUN): cffi's first use of the type
+        costs ~0.25 ms, which would otherwise land in a live update's save."""
+        self._new_state()
+        _spans()
+        if self._msr_indices is not None:
+            self._msr_template()
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -10,10 +10,26 @@ from __future__ import annotations
 import os
 
 from ..errors import KvmError
-from .ffi import ffi, from_bytes, ioctl, lib, to_bytes
+from .ffi import ffi, ioctl, lib, put_bytes
 
-IRQCHIPS = {"pic_master": 0, "pic_slave": 1, "ioapic": 2}
+IRQCHIPS = {"pic_master": 0, "pic_slave": 1, "ioapic": 2}   # name: chip id (and index)
+assert len(IRQCHIPS) == lib.PYVMM_VM_NIRQCHIPS
 MAX_VCPUS = lib.PYVMM_VM_MAX_VCPUS   # csrc/build_vm.h: the most vCPUs build() takes
+_STATE = "struct pyvmm_vm_state"
+_layout: dict | None = None
+
+
+def _spans() -> dict:
+    """Where each irqchip (by name) and the PIT lie in struct pyvmm_vm_state, as
+    (start, end); asked of cffi on first use, not at import."""
+    global _layout
+    if _layout is None:
+        chips, size = ffi.offsetof(_STATE, "irqchip"), ffi.sizeof("struct kvm_irqchip")
+        _layout = {name: (chips + i * size, chips + (i + 1) * size)
+                   for name, i in IRQCHIPS.items()}
+        pit = ffi.offsetof(_STATE, "pit")
+        _layout["pit"] = (pit, pit + ffi.sizeof("struct kvm_pit_state2"))
+    return _layout
 
 
 def layout(memory, nvcpus: int):
@@ -127,48 +143,45 @@ class Vm:
         ioctl(self.fd, lib.KVM_IRQFD, arg, what="IRQFD deassign")
 
     # -- state -------------------------------------------------------------------
-    def get_clock(self):
-        clock = ffi.new("struct kvm_clock_data *")
-        ioctl(self.fd, lib.KVM_GET_CLOCK, clock, what="GET_CLOCK")
-        return clock
-
-    def set_clock(self, clock_ns: int) -> None:
-        clock = ffi.new("struct kvm_clock_data *", {"clock": clock_ns})
-        ioctl(self.fd, lib.KVM_SET_CLOCK, clock, what="SET_CLOCK")
-
-    def get_irqchip(self, chip_id: int):
-        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        ioctl(self.fd, lib.KVM_GET_IRQCHIP, chip, what="GET_IRQCHIP")
-        return chip
-
-    def set_irqchip(self, chip) -> None:
-        ioctl(self.fd, lib.KVM_SET_IRQCHIP, chip, what="SET_IRQCHIP")
-
-    def get_pit(self):
-        pit = ffi.new("struct kvm_pit_state2 *")
-        ioctl(self.fd, lib.KVM_GET_PIT2, pit, what="GET_PIT2")
-        return pit
-
-    def set_pit(self, pit) -> None:
-        ioctl(self.fd, lib.KVM_SET_PIT2, pit, what="SET_PIT2")
-
     def get_state(self) -> dict:
-        """Irqchips (with their pending bits), PIT and KVM clock, as exact struct bytes."""
+        """Irqchips (with their pending bits), PIT and KVM clock, as exact struct bytes
+        (read in one C call, csrc/kvm_state.c)."""
+        s, buf = self._new_state("irqchip" if self.has_irqchip else None,
+                                 "pit" if self.has_pit else None)
+        self._call(lib.pyvmm_vm_save, s, buf)
         state = {}
+        span = _spans()
         if self.has_irqchip:
-            state["irqchip"] = {name: to_bytes(self.get_irqchip(i)) for name, i in IRQCHIPS.items()}
+            state["irqchip"] = {name: buf[slice(*span[name])] for name in IRQCHIPS}
         if self.has_pit:
-            state["pit"] = to_bytes(self.get_pit())
-        state["clock_ns"] = int(self.get_clock().clock)
+            state["pit"] = buf[slice(*span["pit"])]
+        state["clock_ns"] = s.clock_ns
         return state
 
     def set_state(self, state: dict) -> None:
+        """Write a state get_state() saved: irqchips, PIT, then the clock."""
+        s, buf = self._new_state(*(name for name in ("irqchip", "pit") if name in state))
         if "irqchip" in state:
             for name in IRQCHIPS:
-                self.set_irqchip(from_bytes("struct kvm_irqchip", state["irqchip"][name]))
+                put_bytes(buf, _spans()[name], "struct kvm_irqchip", state["irqchip"][name])
         if "pit" in state:
-            self.set_pit(from_bytes("struct kvm_pit_state2", state["pit"]))
-        self.set_clock(state["clock_ns"])
+            put_bytes(buf, _spans()["pit"], "struct kvm_pit_state2", state["pit"])
+        s.clock_ns = state["clock_ns"]
+        self._call(lib.pyvmm_vm_restore, s, buf)
+
+    @staticmethod
+    def _new_state(*pieces):
+        """A zeroed struct pyvmm_vm_state for `pieces` ("irqchip", "pit"), and its bytes."""
+        s = ffi.new(_STATE + " *")
+        s.flags = ((lib.PYVMM_VM_STATE_IRQCHIP if "irqchip" in pieces else 0)
+                   | (lib.PYVMM_VM_STATE_PIT if "pit" in pieces else 0))
+        return s, ffi.buffer(s)
+
+    def _call(self, func, s, buf) -> None:
+        """pyvmm_vm_save or _restore; a failure raises the ioctl's one-line KvmError."""
+        r = func(self.fd, s, len(buf))
+        if r < 0:
+            raise KvmError(f"{ffi.string(s.step).decode()} failed: {os.strerror(-r)}")
 
     def close(self) -> None:
         if self.fd >= 0:
