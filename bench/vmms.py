@@ -119,7 +119,7 @@ class Source:
     own directory so that `-m vmm` imports its own code."""
 
     def __init__(self, rev: str | None = None, log=None):
-        self.rev, self.cwd, self.command, self.label = rev, ROOT, [sys.executable, "-m", "vmm"], None
+        self.rev, self.cwd, self.command = rev, ROOT, [sys.executable, "-m", "vmm"]
         if rev is not None:
             from bench import release_tree
             self.cwd = release_tree.release_tree(rev, log=log)

@@ -11,7 +11,7 @@ import json
 import os
 import socket
 
-from ..compat import PROTOCOL as PROTOCOL_VERSION   # each version's: vmm/compat.py
+from ..compat import PROTOCOL as PROTOCOL_VERSION  # noqa: F401 (for source, target)
 from ..compat import peer_problem
 from ..errors import VmmError
 
