@@ -194,6 +194,9 @@ class Incoming:
         self.started = not deferred
         self.aborted = False
         self._inode = None
+        from ..sync import Event
+        self.settled = Event()   # clear from the state's arrival to the resume (hold_off)
+        self.settled.set()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         if path is not None:
             self._listen(path)
@@ -318,6 +321,14 @@ class Incoming:
         self.faults.crash("target-crash-before-fds")
         msg, fds = self.channel.expect("state", timeout=None)
         gc.disable()   # the guest is stopped until resume_guest(), which enables it again
+        self.settled.clear()
+        try:
+            return self._complete(msg, fds)
+        finally:
+            self.settled.set()
+
+    def _complete(self, msg, fds):
+        from .channel import ChannelError
         self.timeline.mark("restore")
         try:
             from ..schema import check
