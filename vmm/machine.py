@@ -155,12 +155,16 @@ class Machine:
         return next((d for d in self.devices if d.id == id), None)
 
     def boot(self) -> None:
-        """Load the PVH kernel and point the boot vCPU at its 32-bit entry."""
+        """Write the ACPI tables (the MADT lists every vCPU), load the PVH kernel and
+        point the boot vCPU at its 32-bit entry.  The other vCPUs wait for the guest
+        to start them (INIT-SIPI-SIPI: KVM keeps an AP in KVM_RUN until then)."""
+        from .boot import acpi
         from .boot.pvh import load_pvh
         from .boot.regs import setup_pvh_boot
 
         cmdline = " ".join(filter(None, [self.config.cmdline] + self.cmdline_extra))
-        info = load_pvh(self.config.kernel, self.memory, cmdline)
+        rsdp = acpi.write(self.memory, len(self.vcpus))
+        info = load_pvh(self.config.kernel, self.memory, cmdline, rsdp=rsdp)
         setup_pvh_boot(self.vcpus[0], info.entry, info.start_info)
 
     # -- state -----------------------------------------------------------------------

@@ -62,6 +62,14 @@ static inline u64 tsc_to_us(u64 ticks) { return ticks * 1000 / g_tsc_khz; }
 static inline u64 us_to_tsc(u64 us) { return us * g_tsc_khz / 1000; }
 
 /* ---- ring 0 ---- */
+/* the 64-bit TSS and an IDT gate (kernel.c's for the boot CPU; an SMP guest makes one per CPU) */
+struct tss {
+    u32 reserved0;
+    u64 rsp0, rsp1, rsp2, reserved1, ist[7], reserved2;
+    u16 reserved3, iomap_base;
+} __attribute__((packed));
+
+struct idt_entry { u16 off0, sel; u8 ist, attr; u16 off1; u32 off2, zero; } __attribute__((packed));
 void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void serial_write(const char *s, size_t n);
 int serial_getc(u64 us);
@@ -69,6 +77,9 @@ NORETURN void dbg_exit(u32 code);
 /* iretq into fn(arg) at CPL 3 on the shared user stack; returning from fn == exit(0) */
 NORETURN void enter_user(void (*fn)(void *), void *arg);
 void guest_main(void);         /* provided by each guest; runs in ring 0 after setup */
+/* a guest's own syscalls (nr > SYS_WRITE), in ring 0 with interrupts off; weak default: -ENOSYS */
+long guest_syscall(u64 nr, u64 a, u64 b, u64 c);
+extern u32 pvh_info_paddr;     /* the PVH start_info's address (boot.S) */
 
 /* ---- ring 3 helpers ---- */
 NORETURN void u_exit(int code);

@@ -62,8 +62,9 @@ class _Segment:
     memsz: int
 
 
-def load_pvh(path: str, mem: GuestMemory, cmdline: str = "") -> BootInfo:
-    """Load the PVH kernel at `path` into `mem`; raise BootError naming the file if it can't."""
+def load_pvh(path: str, mem: GuestMemory, cmdline: str = "", rsdp: int = 0) -> BootInfo:
+    """Load the PVH kernel at `path` into `mem`; raise BootError naming the file if it can't.
+    `rsdp`: the ACPI RSDP's guest-physical address for start_info (0: none)."""
     data = _read_image(path)
     segments, entry = _parse(path, data)
     cmd = _encode_cmdline(cmdline)
@@ -90,7 +91,7 @@ def load_pvh(path: str, mem: GuestMemory, cmdline: str = "") -> BootInfo:
         for s in segments:
             mem.write(s.paddr, data[s.offset:s.offset + s.filesz])
             _zero(mem, s.paddr + s.filesz, s.memsz - s.filesz)
-        _write_start_info(mem, cmd)
+        _write_start_info(mem, cmd, rsdp)
     except GuestMemoryError as e:   # checked above; kept so a slip can't escape as a crash
         raise BootError(f"{path}: {e}: give more --memory") from None
 
@@ -211,13 +212,13 @@ def _encode_cmdline(cmdline: str) -> bytes:
     return cmd
 
 
-def _write_start_info(mem: GuestMemory, cmd: bytes) -> None:
+def _write_start_info(mem: GuestMemory, cmd: bytes, rsdp: int) -> None:
     memmap_addr = START_INFO_ADDR + START_INFO.size
     memmap = b"".join(MEMMAP_ENTRY.pack(r.gpa, r.size, HVM_MEMMAP_TYPE_RAM, 0)
                       for r in mem.regions)
     assert memmap_addr + len(memmap) <= CMDLINE_ADDR
     info = START_INFO.pack(HVM_START_MAGIC, 1, 0, 0,   # magic, version, flags, nr_modules
-                           0, CMDLINE_ADDR, 0,         # modlist, cmdline, rsdp
+                           0, CMDLINE_ADDR, rsdp,      # modlist, cmdline, rsdp
                            memmap_addr, len(mem.regions), 0)
     mem.write(START_INFO_ADDR, info + memmap)
     mem.write(CMDLINE_ADDR, cmd + b"\0")
