@@ -212,7 +212,7 @@ def _encode_cmdline(cmdline: str) -> bytes:
     return cmd
 
 
-def _write_start_info(mem: GuestMemory, cmd: bytes, rsdp: int) -> None:
+def _write_start_info(mem: GuestMemory, cmd: bytes, rsdp: int = 0) -> None:
     memmap_addr = START_INFO_ADDR + START_INFO.size
     memmap = b"".join(MEMMAP_ENTRY.pack(r.gpa, r.size, HVM_MEMMAP_TYPE_RAM, 0)
                       for r in mem.regions)
