@@ -19,10 +19,13 @@
  *      "cpu <i> beat <n> work=<w> shared=<s> sent=<s> recv=<r> tsc_back=<b>"
  * With sleeper=1 the last CPU instead halts in ring 0 and only CPU 0 wakes it, one
  * IPI every wake_ms (default 1000); it prints "cpu <i> woke <n>" each time.
- * A 'q' on the serial line ends the run: the CPUs stop sending, wait for what is in
- * flight, and CPU 0 prints "smp: done cpus=<n> sent=<s> recv=<r> tsc_back=<b>
- * shared=<ok|bad>" and exits 0 if every IPI sent was received once and no TSC went
- * back (else exit 1).  A doubled IPI ends it at once: "smp: doubled ..." exit 4.
+ * A 'c' on the serial line (CPU 0 reads it at its heartbeat) is a check: the CPUs stop
+ * sending, wait for what is in flight, CPU 0 prints "smp: check cpus=<n> sent=<s>
+ * recv=<r> tsc_back=<b> shared=<ok|bad>" (shared: the shared counter equals the sum
+ * of the CPUs' own) and they go on.  A 'q' does the same, prints "smp: done ..." and
+ * exits 0 if every IPI sent was received once, no TSC went back and the counters
+ * agree (else exit 1).  A doubled IPI ends it at once: "smp: doubled ..." exit 4.
+ * maxcpus=N starts only the first N CPUs: the others stay waiting for their SIPI.
  */
 #include "guest.h"
 
@@ -42,7 +45,7 @@
 
 struct cpu {
     u32 apic_id, index;
-    volatile u32 online, done;
+    volatile u32 online, acked;    /* acked: the last check (epoch) it drained for */
     volatile u64 work, beats, wakes;
     volatile u64 sent[MAX_CPUS];   /* to CPU j */
     volatile u64 recv[MAX_CPUS];   /* from CPU i */
@@ -53,7 +56,7 @@ struct cpu {
 static struct cpu cpus[MAX_CPUS];
 static u32 ncpus = 1, sleeper = MAX_CPUS;   /* sleeper: the halting CPU's index, if any */
 static volatile u64 shared;
-static volatile u32 quiesce, doubled, out_lock;
+static volatile u32 epoch, released, ending, doubled, out_lock;
 static u64 gdts[MAX_CPUS][8] __attribute__((aligned(16)));
 static struct tss tsss[MAX_CPUS];
 static struct idt_entry idt[256] __attribute__((aligned(16)));
@@ -299,13 +302,13 @@ static void send_ipi(struct cpu *me, u32 to)
     syscall3(SYS_IPI, cpus[to].apic_id, IPI_VECTOR + me->index, 0);
 }
 
-static void finish(void)
+/* CPU 0, once every sending CPU has drained for this epoch: the totals, and the end. */
+static void report(void)
 {
     u64 sent = 0, recv = 0, back = 0, work = 0;
-    for (u32 i = 0; i < ncpus; i++) {
-        while (!cpus[i].done)
+    for (u32 i = 0; i < ncpus; i++)
+        while (i != sleeper && cpus[i].acked != epoch)
             cpu_relax();
-    }
     for (u32 i = 0; i < ncpus; i++) {
         sent += sum_sent(&cpus[i]);
         recv += sum_recv(&cpus[i]);
@@ -319,10 +322,28 @@ static void finish(void)
             if (cpus[i].sent[j] != cpus[j].recv[i])
                 uprintf("smp: lost: cpu %u sent cpu %u %lu IPIs, it received %lu\n", i, j,
                         cpus[i].sent[j], cpus[j].recv[i]);
-    uprintf("smp: done cpus=%u sent=%lu recv=%lu tsc_back=%lu shared=%s\n", ncpus, sent, recv,
-            back, shared == work ? "ok" : "bad");
+    uprintf("smp: %s cpus=%u sent=%lu recv=%lu tsc_back=%lu shared=%s\n",
+            ending ? "done" : "check", ncpus, sent, recv, back, shared == work ? "ok" : "bad");
     unlock();
-    u_exit(ok && shared == work ? 0 : 1);
+    if (ending)
+        u_exit(ok && shared == work ? 0 : 1);
+    released = epoch;
+}
+
+/* A check ('c' on the serial line) or the end ('q'): stop sending, let what is in
+ * flight arrive, and (CPU 0) count; the others wait until CPU 0 lets them go on. */
+static void drain(struct cpu *me, u64 now)
+{
+    u32 e = epoch;
+    for (u32 j = 0; j < ncpus; j++)
+        for (u64 end = now + us_to_tsc(2000000);
+             me->sent[j] != cpus[j].recv[me->index] && rdtsc() < end;)
+            cpu_relax();
+    me->acked = e;
+    if (me->index == 0)
+        report();
+    while (released != e)
+        cpu_relax();
 }
 
 static void user_main(void *arg)
@@ -344,16 +365,9 @@ static void user_main(void *arg)
             uprintf("smp: doubled IPI seen (cpu %u)\n", me->index);
             u_exit(4);
         }
-        if (quiesce) {
-            for (u32 j = 0; j < ncpus; j++)    /* what is in flight arrives, or never */
-                for (u64 end = now + us_to_tsc(2000000);
-                     me->sent[j] != cpus[j].recv[me->index] && rdtsc() < end;)
-                    cpu_relax();
-            me->done = 1;
-            if (me->index == 0)
-                finish();
-            for (;;)
-                cpu_relax();
+        if (epoch != me->acked) {
+            drain(me, now);
+            now = check_clock(me);
         }
         if ((i64)(now - next_ipi) >= 0 && ncpus > 1) {
             for (u32 tries = 0; tries < ncpus; tries++) {   /* the next other CPU that is ready */
@@ -381,8 +395,11 @@ static void user_main(void *arg)
             lock();
             u_write(buf, len);
             unlock();
-            if (me->index == 0 && syscall3(SYS_GETC, 0, 0, 0) == 'q')
-                quiesce = 1;
+            long ch = me->index == 0 ? syscall3(SYS_GETC, 0, 0, 0) : -1;
+            if (ch == 'q' || ch == 'c') {
+                ending = ch == 'q';
+                epoch++;
+            }
             next_beat += beat_period;
             if ((i64)(now - next_beat) >= 0)
                 next_beat = now + beat_period;
@@ -394,7 +411,6 @@ static void user_main(void *arg)
 static NORETURN void sleep_loop(struct cpu *me)
 {
     u64 seen = 0;
-    me->done = 1;
     for (;;) {
         __asm__ __volatile__("sti; hlt; cli" ::: "memory");
         if (me->wakes != seen) {
@@ -528,6 +544,11 @@ void guest_main(void)
     outb(0x21, 0xff);                              /* the 8259s: all masked */
     outb(0xa1, 0xff);
     find_cpus();
+    u64 max = cmdline_u64("maxcpus", MAX_CPUS);
+    if (max >= 1 && max < ncpus) {             /* the rest stay waiting for their SIPI */
+        kprintf("smp: using %lu of %u CPUs\n", max, ncpus);
+        ncpus = (u32)max;
+    }
     u32 me_id = lapic_read(LAPIC_ID) >> 24;
     if (cpus[0].apic_id != me_id) {                /* the boot CPU is index 0 */
         for (u32 i = 1; i < ncpus; i++)
@@ -547,13 +568,16 @@ void guest_main(void)
     u32 up = 1;
     for (u32 i = 1; i < ncpus; i++) {
         if (!start_ap(&cpus[i])) {
+            lock();
             kprintf("smp: cpu %u (APIC ID %u) did not start\n", i, cpus[i].apic_id);
             dbg_exit(2);
         }
         up++;
     }
+    lock();                                        /* the APs print already */
     kprintf("smp: %u CPUs online (INIT-SIPI), ipi_us=%lu beat_ms=%lu%s\n", up,
             cmdline_u64("ipi_us", 2000), cmdline_u64("beat_ms", 500),
             sleeper < ncpus ? " sleeper" : "");
+    unlock();
     run_cpu(&cpus[0]);
 }
