@@ -246,9 +246,9 @@ def threads(pid):
     return names
 
 
-def start_netecho(vmm_procs, tmp_path, ns, tap, name="old"):
+def start_netecho(vmm_procs, tmp_path, ns, tap, name="old", vcpus=1):
     qmp_path = tmp_path / f"{name}.qmp"
-    p = vmm_procs(["run", "--kernel", str(ROOT / "guest/build/netecho.elf"),
+    p = vmm_procs(["run", "--kernel", str(ROOT / "guest/build/netecho.elf"), "--vcpus", str(vcpus),
                    "--net", f"tap,ifname={tap}", "--cmdline", f"ip={GUEST_IP} stats=0",
                    "--qmp", str(qmp_path)], ns=ns)
     p.wait_for(r"netecho: up")

@@ -193,7 +193,8 @@ class Machine:
 
         With advance_time the guest's TSC moves on by the host time that passed
         since the save, so the guest sees the pause as a gap in time (as after
-        a real stop) instead of time standing still.
+        a real stop) instead of time standing still.  All vCPUs get one TSC value
+        (see below), so the guest's cross-CPU clock stays monotonic.
         """
         shape = require(state, "machine", dict)
         if shape.get("arch") != "x86_64":
@@ -212,10 +213,16 @@ class Machine:
             t = require(state, "time", dict)
             elapsed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - t["host_ns"]
             delta_tsc = max(elapsed, 0) * t["tsc_khz"] // 1_000_000
-        from .kvm.vcpu import MSR_IA32_TSC, advance_msr
+        from .kvm.vcpu import MSR_IA32_TSC, msr_value, set_msr
+        # One clock: every vCPU's TSC is written with the same value, vCPU 0's (the vCPUs
+        # were saved one after the other, their TSCs read microseconds apart).  KVM takes
+        # host writes of one value within a second of each other as a TSC sync and gives
+        # every vCPU the same offset, so the guest's TSCs stay exactly in step.
+        saved = vcpu_states[0].get("msrs")
+        tsc = msr_value(saved, MSR_IA32_TSC) if isinstance(saved, bytes) else None
         for vcpu, vs in zip(self.vcpus, vcpu_states):
-            if delta_tsc and isinstance(vs.get("msrs"), bytes):
-                vs = dict(vs, msrs=advance_msr(vs["msrs"], MSR_IA32_TSC, delta_tsc))
+            if tsc is not None and isinstance(vs.get("msrs"), bytes):
+                vs = dict(vs, msrs=set_msr(vs["msrs"], MSR_IA32_TSC, tsc + delta_tsc))
             vcpu.set_state(vs)
 
     # -- devices: one list, walked for every step of a live update --------------------------

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from .kvm.ffi import to_dict
 
+# struct kvm_mp_state's values (KVM_MP_STATE_*), by name
+MP_STATES = {0: "runnable", 1: "uninitialized", 2: "init_received", 3: "halted",
+             4: "sipi_received", 5: "stopped", 6: "check_stop", 7: "operating", 8: "load"}
 REG_NAMES = ["rip", "rsp", "rflags", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"]
 
@@ -23,8 +26,10 @@ def machine_summary(machine) -> dict:
         for v in machine.vcpus:
             r = to_dict(v.get_regs())
             s = v.get_sregs()
+            mp = v.get("mp_state").mp_state
             vcpus.append({
                 "index": v.index,
+                "mp_state": MP_STATES.get(mp, str(mp)),
                 "regs": {n: f"{r[n]:#x}" for n in REG_NAMES},
                 "cr0": f"{s.cr0:#x}", "cr3": f"{s.cr3:#x}", "cr4": f"{s.cr4:#x}",
                 "efer": f"{s.efer:#x}", "cpl": int(s.cs.dpl),

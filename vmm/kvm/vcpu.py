@@ -89,13 +89,20 @@ def _spans() -> dict:
 MSR_ENTRY_SIZE = ffi.sizeof("struct kvm_msr_entry")
 
 
-def advance_msr(raw: bytes, index: int, delta: int) -> bytes:
-    """Saved MSRs with MSR `index` moved on by `delta` (mod 2**64)."""
+def msr_value(raw: bytes, index: int) -> int | None:
+    """The value of MSR `index` in saved MSRs (None if they do not hold it)."""
+    for off in range(0, len(raw) - MSR_ENTRY_SIZE + 1, MSR_ENTRY_SIZE):
+        if int.from_bytes(raw[off:off + 4], "little") == index:
+            return int.from_bytes(raw[off + 8:off + 16], "little")
+    return None
+
+
+def set_msr(raw: bytes, index: int, value: int) -> bytes:
+    """Saved MSRs with MSR `index` set to `value` (mod 2**64)."""
     out = bytearray(raw)
     for off in range(0, len(out) - MSR_ENTRY_SIZE + 1, MSR_ENTRY_SIZE):
         if int.from_bytes(out[off:off + 4], "little") == index:
-            value = (int.from_bytes(out[off + 8:off + 16], "little") + delta) % (1 << 64)
-            out[off + 8:off + 16] = value.to_bytes(8, "little")
+            out[off + 8:off + 16] = (value % (1 << 64)).to_bytes(8, "little")
     return bytes(out)
 
 

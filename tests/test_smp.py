@@ -1,0 +1,288 @@
+"""SMP guests end to end: guest/smp.c on 1-8 vCPUs, under pyvmm, through live updates, on QEMU.
+
+The guest starts its APs itself (ACPI MADT, INIT-SIPI-SIPI), every CPU works in ring 3,
+they send each other IPIs (one in flight per sender and receiver, so none can merge),
+and each checks that its TSC is never behind what another CPU last published.  A 'c'
+on the serial line makes it drain the IPIs in flight and print the totals ("smp: check
+... sent=S recv=R"), a 'q' does that and exits (0 only if all was well).  The host has
+2 cores: 4 and 8 vCPUs are oversubscribed on purpose.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT
+from test_cpr import (close, cpr_exec, cpr_transfer, new_info, qmp, qmp_connect,
+                      start_incoming, start_netecho, threads)
+from test_guest_qemu import BASE as QEMU_BASE, QEMU, qexit
+from bench.lab import netns_with_tap
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+SMP = ROOT / "guest/build/smp.elf"
+BEAT = re.compile(r"^cpu (\d+) beat (\d+) work=(\d+) shared=(\d+) sent=(\d+) recv=(\d+) "
+                  r"tsc_back=(\d+)$", re.M)
+TOTALS = r"smp: (check|done) cpus=(\d+) sent=(\d+) recv=(\d+) tsc_back=(\d+) shared=(\w+)"
+
+
+@pytest.fixture(scope="module")
+def kvm():
+    from conftest import need_kvm
+    need_kvm()
+
+
+def start_smp(vmm_procs, tmp_path, vcpus, extra="", name="old"):
+    qmp_path = tmp_path / f"{name}.qmp"
+    p = vmm_procs(["run", "--kernel", str(SMP), "--vcpus", str(vcpus),
+                   "--cmdline", f"beat_ms=200 ipi_us=1000 {extra}".strip(),
+                   "--qmp", str(qmp_path)], stdin=subprocess.PIPE)
+    return p, qmp_path
+
+
+def type_(p, ch: str) -> None:
+    p.proc.stdin.write(ch.encode())
+    p.proc.stdin.flush()
+
+
+def beats(text: str) -> dict[int, list[tuple[int, ...]]]:
+    """{cpu: [(beat, work, shared, sent, recv, tsc_back), ...]} from the heartbeat lines."""
+    out: dict[int, list] = {}
+    for m in BEAT.finditer(text):
+        out.setdefault(int(m.group(1)), []).append(tuple(int(g) for g in m.groups()[1:]))
+    return out
+
+
+def assert_beats_continuous(text: str, cpus: int) -> None:
+    """Every CPU's beat counter goes 1, 2, 3 ... and its work never goes back; no TSC
+    regression was ever seen."""
+    seen = beats(text)
+    assert sorted(seen) == list(range(cpus)), f"CPUs with heartbeats: {sorted(seen)}"
+    for cpu, rows in seen.items():
+        ns = [r[0] for r in rows]
+        assert ns == list(range(ns[0], ns[0] + len(ns))), f"cpu {cpu} beats skipped: {ns}"
+        works = [r[1] for r in rows]
+        assert works == sorted(works), f"cpu {cpu}'s work counter went back"
+        assert all(r[5] == 0 for r in rows), f"cpu {cpu} saw another CPU's TSC ahead of its own"
+
+
+def wait_beats(p, cpus: int, more: int = 2, before: str = "") -> None:
+    """Each CPU prints `more` heartbeats after the ones already seen (in `before`, the
+    output of the VMMs that ran the guest before p, then p's)."""
+    last = {cpu: rows[-1][0] for cpu, rows in beats(join_output(before, p.text())).items()}
+    for cpu in range(cpus):
+        p.wait_for(rf"^cpu {cpu} beat {last.get(cpu, 0) + more} ", timeout=30)
+
+
+def check_totals(p, ch="c") -> tuple[int, int]:
+    """Type a check (or the end): every IPI sent was received, once; returns (sent, count
+    of checks so far)."""
+    start = len(p.lines)
+    type_(p, ch)
+    m = p.wait_for(TOTALS, timeout=30, start=start)
+    kind, _, sent, recv, back, shared = m.groups()
+    assert (sent, back, shared) == (recv, "0", "ok"), m.group(0)
+    return int(sent)
+
+
+def finish(p, cpus: int) -> None:
+    assert_beats_continuous(p.text(), cpus)
+    check_totals(p, "q")
+    assert p.wait(15) == 0
+
+
+# -- boot and IPIs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("vcpus", [1, 2, 4, 8])
+def test_smp_guest_runs_every_vcpu(guests, vmm_procs, tmp_path, vcpus):
+    p, qmp_path = start_smp(vmm_procs, tmp_path, vcpus)
+    p.wait_for(rf"smp: ACPI MADT \(RSDP at e0000 by start_info\): {vcpus} CPUs")
+    p.wait_for(rf"smp: {vcpus} CPUs online \(INIT-SIPI\)")
+    wait_beats(p, vcpus, 2)
+    q = qmp_connect(qmp_path)
+    try:
+        cpus = qmp(q, "query-cpus-fast")
+        tids = {int(t) for t in threads_by_name(p.pid, "vcpu")}
+        assert [c["cpu-index"] for c in cpus] == list(range(vcpus))
+        assert {c["thread-id"] for c in cpus} == tids and len(tids) == vcpus
+        assert all(c["target"] == "x86_64" and c["props"]["core-id"] == c["cpu-index"]
+                   for c in cpus)
+        state = qmp(q, "x-query-state")
+        assert [v["mp_state"] for v in state["vcpus"]] != []
+        assert all(v["mode"] == "64-bit" for v in state["vcpus"])
+    finally:
+        close(q)
+    if vcpus > 1:
+        assert check_totals(p) > 0
+    wait_beats(p, vcpus, 1)
+    finish(p, vcpus)
+
+
+def threads_by_name(pid: int, prefix: str) -> list[str]:
+    import os
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith(prefix):
+                    out.append(tid)
+        except OSError:
+            pass
+    return out
+
+
+def test_stop_and_cont_act_on_every_vcpu(guests, vmm_procs, tmp_path):
+    p, qmp_path = start_smp(vmm_procs, tmp_path, 4)
+    wait_beats(p, 4, 1)
+    q = qmp_connect(qmp_path)
+    try:
+        qmp(q, "stop")
+        n = len(p.lines)
+        time.sleep(0.6)                        # three beats' time: nobody prints
+        assert not beats("\n".join(line for _, line in p.lines[n:])), "a vCPU ran while stopped"
+        qmp(q, "cont")
+    finally:
+        close(q)
+    wait_beats(p, 4, 2)
+    finish(p, 4)
+
+
+# -- live update ----------------------------------------------------------------------------
+@pytest.mark.parametrize("vcpus,rounds", [(2, 10), (4, 2), (8, 2)])
+def test_cpr_exec_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds):
+    p, qmp_path = start_smp(vmm_procs, tmp_path, vcpus)
+    wait_beats(p, vcpus, 1)
+    for _ in range(rounds):
+        assert cpr_exec(qmp_path) is None
+        assert new_info(qmp_path)["status"] == "completed"
+        wait_beats(p, vcpus, 1)
+        check_totals(p)
+    finish(p, vcpus)
+
+
+@pytest.mark.parametrize("vcpus,rounds", [(2, 10), (4, 2), (8, 2)])
+def test_cpr_transfer_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds):
+    p, qmp_path = start_smp(vmm_procs, tmp_path, vcpus)
+    wait_beats(p, vcpus, 1)
+    text = ""
+    for i in range(rounds):
+        new, sock, new_qmp = start_incoming_smp(vmm_procs, tmp_path, f"new{i}")
+        cpr_transfer(qmp_path, sock)
+        assert p.wait(15) == 0
+        assert new_info(new_qmp)["status"] == "completed"
+        text = join_output(text, p.text())
+        p, qmp_path = new, new_qmp
+        wait_beats(p, vcpus, 1, before=text)
+        check_totals(p)
+    assert_beats_continuous(join_output(text, p.text()), vcpus)
+    check_totals(p, "q")
+    assert p.wait(15) == 0
+
+
+def join_output(old: str, new: str) -> str:
+    """The serial output of two VMMs in turn: a heartbeat line the old one was half-way
+    through is finished by the new one (joined), any other boundary is a line break."""
+    if not old:
+        return new
+    head, _, last = old.rpartition("\n")
+    first, _, tail = new.partition("\n")
+    if not BEAT.fullmatch(last) and BEAT.fullmatch(last + first):
+        return f"{head}\n{last}{first}\n{tail}"
+    return f"{old}\n{new}"
+
+
+def start_incoming_smp(vmm_procs, tmp_path, name):
+    """A cpr-transfer target whose stdin the test can type into (the guest's serial)."""
+    sock = tmp_path / f"{name}.cpr"
+    qmp_path = tmp_path / f"{name}.qmp"
+    p = vmm_procs(["run", "--incoming", f"cpr-transfer:{sock}", "--qmp", str(qmp_path)],
+                  stdin=subprocess.PIPE)
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert time.monotonic() < deadline, p.stderr
+        time.sleep(0.01)
+    return p, sock, qmp_path
+
+
+def mp_states(qmp_path) -> list[str]:
+    q = qmp_connect(qmp_path)
+    try:
+        return [v["mp_state"] for v in qmp(q, "x-query-state")["vcpus"]]
+    finally:
+        close(q)
+
+
+@pytest.mark.parametrize("mode", ["cpr-exec", "cpr-transfer"])
+def test_halted_and_waiting_vcpus_stay_so(guests, vmm_procs, tmp_path, mode):
+    """vCPU 2 sleeps in HLT and is woken by one IPI a second; vCPU 3 was never started
+    (maxcpus=3): both come back as they were, and the sleeper wakes on the next IPI."""
+    p, qmp_path = start_smp(vmm_procs, tmp_path, 4, "sleeper=1 maxcpus=3 wake_ms=1000")
+    p.wait_for(r"^cpu 2 woke 1$")
+    assert mp_states(qmp_path)[2:] == ["halted", "uninitialized"]
+    woke = int(re.findall(r"^cpu 2 woke (\d+)$", p.text(), re.M)[-1])
+    if mode == "cpr-exec":
+        assert cpr_exec(qmp_path) is None
+        assert new_info(qmp_path)["status"] == "completed"
+    else:
+        new, sock, new_qmp = start_incoming_smp(vmm_procs, tmp_path, "new")
+        cpr_transfer(qmp_path, sock)
+        assert p.wait(15) == 0
+        p, qmp_path = new, new_qmp
+    assert mp_states(qmp_path)[2:] == ["halted", "uninitialized"]
+    p.wait_for(rf"^cpu 2 woke {woke + 1}$", timeout=10)
+    check_totals(p, "q")
+    assert p.wait(15) == 0
+
+
+def test_order_devices_released_before_fds_leave_with_vcpus(guests, vmm_procs, tmp_path):
+    """test_cpr's order test with 4 vCPU threads: the data path has stopped before the
+    fds leave, and every vCPU thread is back in the new VMM."""
+    with netns_with_tap() as (ns, tap):
+        old, old_qmp = start_netecho(vmm_procs, tmp_path, ns, tap, vcpus=4)
+        new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns,
+                                            env={"PYVMM_CPR_RECORD_PEER": "1"})
+        cpr_transfer(old_qmp, sock)
+        assert old.wait(15) == 0
+        info = new_info(new_qmp)
+        at_fds = info["x-peer-threads-at-transfer"]
+        assert {"vcpu0", "vcpu1", "vcpu2", "vcpu3"} <= set(at_fds), at_fds
+        assert "vnet-io" not in at_fds
+        t = {m: ts for m, ts in info["x-timeline"]}
+        assert t["stop"] < t["quiesce"] < t["notify"] < t["save"] < t["transfer"] < t["restore"]
+        assert {"vcpu0", "vcpu1", "vcpu2", "vcpu3", "vnet-io"} <= set(threads(new.pid))
+
+
+# -- the same guest on QEMU ----------------------------------------------------------------------
+@pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
+@pytest.mark.parametrize("machine,vcpus", [("microvm", 2), ("microvm", 4), ("q35", 2)])
+def test_smp_guest_on_qemu(guests, machine, vcpus):
+    """QEMU's own MADT (its RSDP comes in start_info too) and INIT-SIPI: the same results."""
+    base = list(QEMU_BASE)
+    if machine == "q35":
+        base[base.index("-M") + 1] = "q35"
+    cmd = [QEMU, *base, "-smp", str(vcpus), "-kernel", str(SMP), "-append", "beat_ms=200"]
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT)
+    try:
+        out = b""
+        deadline = time.monotonic() + 30
+        while f"cpu {vcpus - 1} beat 3 ".encode() not in out:   # no select: read what comes
+            assert time.monotonic() < deadline and p.poll() is None, out.decode()
+            out += p.stdout.read1(4096)
+        p.stdin.write(b"q")
+        p.stdin.flush()
+        rest, _ = p.communicate(timeout=30)
+        text = (out + rest).decode(errors="replace").replace("\r\n", "\n")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert re.search(rf"smp: ACPI MADT \(RSDP at \w+ by \w+\): {vcpus} CPUs", text), text
+    assert f"smp: {vcpus} CPUs online (INIT-SIPI)" in text
+    m = re.search(TOTALS, text)
+    assert m and m.group(1) == "done" and m.group(3) == m.group(4) and m.group(5) == "0", text
+    assert_beats_continuous(text, vcpus)
+    assert p.returncode == qexit(0), text
