@@ -65,12 +65,21 @@ class VcpuThread:
 
     def pause(self) -> None:
         """Return once the vCPU is out of the guest with its state consistent."""
+        self.request_pause()
+        self.wait_paused()
+
+    def request_pause(self) -> None:
+        """Ask the vCPU to leave the guest (kick it), without waiting: a machine asks
+        all its vCPUs first, then waits for each (wait_paused), so N vCPUs stop in
+        about the time of one."""
         with self._cond:
-            if self._paused or not self.alive:
-                self._want_pause = True
-                return
             self._want_pause = True
+            if self._paused or not self.alive:
+                return
         self._kick()
+
+    def wait_paused(self) -> None:
+        """After request_pause(): until the vCPU is parked with its exit completed."""
         with self._cond:
             while not self._paused and self.alive:
                 self._cond.wait(0.05)

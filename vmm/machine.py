@@ -306,8 +306,12 @@ class Machine:
         self.running = not paused
 
     def pause(self) -> None:
+        """Every vCPU out of the guest, each with its last exit completed (none is left
+        half-way through one): all are kicked at once, then waited for."""
         for t in self.threads:
-            t.pause()
+            t.request_pause()
+        for t in self.threads:
+            t.wait_paused()
         self.running = False
 
     def resume(self) -> None:
