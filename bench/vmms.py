@@ -142,9 +142,14 @@ def pyvmm_cmd(*args: str, ns: str | None = None, source: Source = THIS) -> list[
 class Guest:
     """One guest configuration: which kernel, its cmdline, what the run waits for."""
 
-    def __init__(self, ram: str, load: str, size: int):
-        self.ram, self.load, self.size = ram, load, size
-        if load == "udp":
+    def __init__(self, ram: str, load: str, size: int, vcpus: int | None = None):
+        """vcpus: the vCPU sweep's smp guest on that many vCPUs (every one busy, IPIs
+        between them) instead of the RAM/load matrix's guests."""
+        self.ram, self.load, self.size, self.vcpus = ram, load, size, vcpus
+        if vcpus is not None:
+            self.kernel, self.cmdline, self.ready = "smp", "beat_ms=1000", \
+                rf"smp: {vcpus} CPUs online"
+        elif load == "udp":
             self.kernel, self.cmdline, self.ready = "netecho", f"ip={GUEST_IP} stats=0", \
                 r"netecho: up"
         elif ram == "touched":
@@ -166,6 +171,8 @@ def start_vmm(reg: Cleanup, g: Guest, name: str, ns=None, tap=None,
     qmp_path = reg.tmp / f"{name}.qmp"
     args = ["run", "--kernel", str(BUILD / f"{g.kernel}.elf"), "--memory", f"{g.size // MiB}M",
             "--cmdline", g.cmdline, "--qmp", str(qmp_path)]
+    if g.vcpus is not None:
+        args += ["--vcpus", str(g.vcpus)]
     if tap:
         args += ["--net", f"tap,ifname={tap}"]
     p = Proc(pyvmm_cmd(*args, ns=ns, source=source), reg, cwd=source.cwd)

@@ -117,3 +117,30 @@ def test_qemu10_beside_pyvmm(guests, tmp_path):
         assert re.search(rf"^\| cpr-{mode} \| 256M \| [\d.]+ / [\d.]+ = [\d.]+ \|", table,
                          re.M), table
     assert (out / "vs_qemu10.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vcpu_sweep_reports_downtime_per_vcpu_count(guests, tmp_path):
+    """`--vcpus 1,2`: the smp guest on each count, a row each and the slope per vCPU."""
+    need_kvm()
+    out = tmp_path / "results"
+    r = subprocess.run([sys.executable, "-m", "bench.downtime", "--sizes", "256M",
+                        "--reps", "1", "--modes", "transfer", "--vcpus", "1,2",
+                        "--baselines", "none", "--no-progress", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    for n in (1, 2):
+        assert re.search(rf"^\| pyvmm cpr-transfer \| 256M \| {n} \| 1 \| [\d.]+ / ", table,
+                         re.M), table
+    assert re.search(r"^\| pyvmm cpr-transfer \| 256M \| -?[\d.]+ \|$", table, re.M), table
+    records = json.loads((out / "results.json").read_text())
+    assert sorted(r["vcpus"] for r in records) == [1, 2]
+
+
+def test_vcpus_must_be_counts(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bench.downtime", "--vcpus", "1,x",
+                        "--baselines", "none", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().endswith("--vcpus: give vCPU counts above 0, comma-separated"), \
+        r.stderr

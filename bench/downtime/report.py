@@ -105,10 +105,50 @@ def table(records, skipped: list[str]) -> str:
         out += ["## pyvmm / baseline (median host downtime, untouched RAM, idle)", "",
                 "| RAM | pyvmm | baseline | pyvmm ms | baseline ms | ratio |",
                 "|---|---|---|---|---|---|", *ratios, ""]
+    out += vcpus_section(records)
     out += qemu10_section(records)
     if skipped:
         out += ["## Not run", "", *[f"- {s}" for s in skipped], ""]
     return "\n".join(out)
+
+
+def vcpus_section(records) -> list[str]:
+    """The vCPU sweep (--vcpus): downtime against the vCPU count, and its growth per
+    added vCPU (the medians' least-squares slope)."""
+    by: dict[tuple, list] = {}
+    for r in records:
+        if "vcpus" in r:
+            by.setdefault((r["mode"], r["size"], r["vcpus"]), []).append(r)
+    if not by:
+        return []
+    rows = ["| mode | RAM | vCPUs | n | host ms (median / p95 / max) | "
+            + " | ".join(f"{ph} µs" for ph in PHASES) + " |",
+            "|---|---|---|---|---|" + "---|" * len(PHASES)]
+    slopes = []
+    for mode, size in sorted({(k[0], k[1]) for k in by}):
+        points = []
+        for n in sorted(k[2] for k in by if k[:2] == (mode, size)):
+            rs = by[(mode, size, n)]
+            host = summary([r["host_us"] for r in rs])
+            points.append((n, host["median"]))
+            cells = [summary([r["phases_us"].get(ph) for r in rs]) for ph in PHASES]
+            rows.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {n} | {len(rs)} | "
+                        f"{fmt_triplet(host)} | "
+                        + " | ".join("–" if not c else f"{c['median']:.0f}" for c in cells)
+                        + " |")
+        if len(points) > 1:
+            mx = statistics.mean(n for n, _ in points)
+            my = statistics.mean(y for _, y in points)
+            slope = sum((n - mx) * (y - my) for n, y in points) / \
+                sum((n - mx) ** 2 for n, _ in points)
+            slopes.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {slope / 1000:.3f} |")
+    out = ["## Downtime by vCPU count (smp guest: every vCPU busy, IPIs between them)", "",
+           *rows, "", "Phases: medians. The guest is updated --reps times in a row per count "
+           "(chained new VMMs for cpr-transfer).", ""]
+    if slopes:
+        out += ["| mode | RAM | ms per added vCPU (slope of the medians) |", "|---|---|---|",
+                *slopes, ""]
+    return out
 
 
 def qemu10_section(records) -> list[str]:

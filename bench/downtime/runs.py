@@ -25,15 +25,16 @@ def steps_after_stop(info: dict) -> list:
 
 
 def run_pyvmm(reg: Cleanup, mode: str, size: int, ram: str, load: str, reps: int,
-              on_rep, source=THIS) -> list[dict]:
+              on_rep, source=THIS, vcpus: int | None = None) -> list[dict]:
     """`reps` live updates of one configuration; one record per update.
 
     The ticker guest is booted afresh for each update (its maxgap is a running
     maximum); the pattern guest is booted once, touches all its RAM, and then
-    is updated `reps` times in a row (chained new VMMs for cpr-transfer).  With an
+    is updated `reps` times in a row (chained new VMMs for cpr-transfer), and so is
+    the vCPU sweep's smp guest (`vcpus`: every vCPU busy, IPIs in flight).  With an
     older `source` (an upgrade) every update starts from a guest booted under it.
     """
-    g = Guest(ram, load, size)
+    g = Guest(ram, load, size, vcpus)
     results = []
     ns = tap = None
     if load == "udp":
@@ -79,6 +80,8 @@ def run_pyvmm(reg: Cleanup, mode: str, size: int, ram: str, load: str, reps: int
                "steps_us": steps_after_stop(info)}
         if from_version:
             rec["from"] = from_version
+        if vcpus is not None:
+            rec["vcpus"] = vcpus
         if mode == "transfer":
             chain.append(new)
             if cur.proc.wait(30) != 0:

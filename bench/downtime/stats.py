@@ -34,9 +34,11 @@ def paired(r) -> bool:
 
 
 def group(records):
+    """The RAM/load matrix's records by (mode, size, ram, load); the vCPU sweep's
+    (`vcpus` set) and the QEMU 10 pairs have sections of their own."""
     groups: dict[tuple, list] = {}
     for r in records:
-        if paired(r):
+        if paired(r) or "vcpus" in r:
             continue
         groups.setdefault((r["mode"], r["size"], r["ram"], r["load"]), []).append(r)
     return groups

@@ -35,29 +35,34 @@ def plan(args) -> tuple[list[tuple], list[str]]:
     naive_max = parse_size(args.naive_max)
     for size in sizes:
         for mode in modes:
+            if args.vcpus:   # the vCPU sweep replaces the RAM/load matrix
+                jobs += [("pyvmm", mode, size, "untouched", "idle", n, args.reps)
+                         for n in args.vcpus]
+                continue
             for ram in rams:
                 if ram == "touched" and size > touched_max:
                     skipped.append(f"cpr-{mode}, {size_name(size)} touched: above --touched-max "
                                    f"{args.touched_max} (touching it takes too long)")
                     continue
-                jobs.append(("pyvmm", mode, size, ram, "idle", args.reps))
-            if "udp" in args.loads and (args.udp_sizes is None or size in args.udp_sizes):
-                jobs.append(("pyvmm", mode, size, "untouched", "udp", args.udp_reps or args.reps))
+                jobs.append(("pyvmm", mode, size, ram, "idle", None, args.reps))
+            if "udp" in args.loads and not args.vcpus and (args.udp_sizes is None or size in args.udp_sizes):
+                jobs.append(("pyvmm", mode, size, "untouched", "udp", None,
+                             args.udp_reps or args.reps))
         if "naive" in bases:
             if size <= naive_max:
-                baselines.append(("naive", "naive", size, "untouched", "idle", args.reps))
+                baselines.append(("naive", "naive", size, "untouched", "idle", None, args.reps))
             else:
                 skipped.append(f"naive snapshot at {size_name(size)}: above --naive-max "
                                f"{args.naive_max} (the copy would need {size_name(size)} more "
                                "host RAM)")
         if "qemu" in bases:
             if QEMU:
-                baselines.append(("qemu", "qemu", size, "untouched", "idle", args.reps))
+                baselines.append(("qemu", "qemu", size, "untouched", "idle", None, args.reps))
             else:
                 skipped.append("QEMU baseline: qemu-system-x86_64 is not installed")
         if "qemu10" in bases:
             if qemu10.binary():
-                baselines += [("qemu10", mode, size, "untouched", "idle", args.reps)
+                baselines += [("qemu10", mode, size, "untouched", "idle", None, args.reps)
                               for mode in modes]
             elif size == sizes[0]:
                 skipped.append(f"QEMU {qemu10.VERSION} baseline: not built; build it with "
@@ -95,6 +100,11 @@ def parse_args(argv):
                     help="an upgrade's downtime: run each guest under an older pyvmm (a "
                          "version in RELEASES.md, e.g. 0.1.0, or a git commit; built once "
                          "into ~/.cache/pyvmm/releases) and update it to this one")
+    ap.add_argument("--vcpus", metavar="LIST",
+                    help="the vCPU sweep: vCPU counts, comma-separated (e.g. 1,2,4,8); runs "
+                         "the smp guest (every vCPU busy, IPIs between them, untouched RAM) "
+                         "updated --reps times in a row for each count, instead of the "
+                         "--ram/--loads matrix")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.udp_sizes = None
@@ -111,6 +121,14 @@ def parse_args(argv):
                    "qemu10 (comma-separated) or none\n")
     if args.reps < 1 or (args.udp_reps is not None and args.udp_reps < 1):
         ap.exit(1, f"{ap.prog}: error: --reps and --udp-reps take a whole number above 0\n")
+    if args.vcpus:
+        try:
+            args.vcpus = [int(n) for n in args.vcpus.split(",")]
+        except ValueError:
+            args.vcpus = [0]
+        if min(args.vcpus) < 1:
+            ap.exit(1, f"{ap.prog}: error: --vcpus: give vCPU counts above 0, "
+                       "comma-separated\n")
     if args.quick:
         args.sizes, args.reps = "256M,1G", 2
         args.udp_sizes, args.udp_reps = [256 * MiB], 1
@@ -128,7 +146,8 @@ def main(argv=None) -> int:
         print("pyvmm bench downtime: UDP load needs root (netns + tap); use --loads idle",
               file=sys.stderr)
         return 1
-    missing = [g for g in ("ticker", "pattern", "netecho") if not (BUILD / f"{g}.elf").exists()]
+    missing = [g for g in ("ticker", "pattern", "netecho", "smp")
+               if not (BUILD / f"{g}.elf").exists()]
     if missing:
         print(f"pyvmm bench downtime: build the guests first (make -C guest): missing {missing}",
               file=sys.stderr)
@@ -156,15 +175,15 @@ def main(argv=None) -> int:
     try:
         with progress:
             task = progress.add_task("downtime", total=total)
-            for kind, mode, size, ram, load, reps in jobs:
+            for kind, mode, size, ram, load, vcpus, reps in jobs:
                 what = f"{MODE_NAME[mode if kind != 'qemu10' else 'qemu10-' + mode]} " \
-                       f"{size_name(size)} {ram} {load}"
+                       f"{size_name(size)} {ram} {load}" + (f" {vcpus} vCPUs" if vcpus else "")
                 progress.update(task, description=what)
                 advance = lambda: progress.advance(task)   # noqa: E731
                 try:
                     if kind == "pyvmm":
                         records += run_pyvmm(reg, mode, size, ram, load, reps, advance,
-                                             source)
+                                             source, vcpus)
                     elif kind == "naive":
                         records += run_naive(reg, size, reps, advance)
                     elif kind == "qemu10":
