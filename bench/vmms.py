@@ -143,11 +143,13 @@ class Guest:
     """One guest configuration: which kernel, its cmdline, what the run waits for."""
 
     def __init__(self, ram: str, load: str, size: int, vcpus: int | None = None):
-        """vcpus: the vCPU sweep's smp guest on that many vCPUs (every one busy, IPIs
-        between them) instead of the RAM/load matrix's guests."""
+        """vcpus: the vCPU sweep's smp guest on that many vCPUs instead of the RAM/load
+        matrix's guests; its load "busy" (every vCPU works and sends IPIs) or "idle"
+        (vCPU 0 works, the others halt and are woken by an IPI twice a second)."""
         self.ram, self.load, self.size, self.vcpus = ram, load, size, vcpus
         if vcpus is not None:
-            self.kernel, self.cmdline, self.ready = "smp", "beat_ms=1000", \
+            sleep = f" sleepers={vcpus - 1} wake_ms=500" if load == "idle" and vcpus > 1 else ""
+            self.kernel, self.cmdline, self.ready = "smp", "beat_ms=1000" + sleep, \
                 rf"smp: {vcpus} CPUs online"
         elif load == "udp":
             self.kernel, self.cmdline, self.ready = "netecho", f"ip={GUEST_IP} stats=0", \

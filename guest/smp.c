@@ -17,8 +17,9 @@
  *    own TSC is behind (tsc_back) -- a cross-CPU clock regression;
  *  - every beat_ms (default 500) prints one heartbeat line:
  *      "cpu <i> beat <n> work=<w> shared=<s> sent=<s> recv=<r> tsc_back=<b>"
- * With sleeper=1 the last CPU instead halts in ring 0 and only CPU 0 wakes it, one
- * IPI every wake_ms (default 1000); it prints "cpu <i> woke <n>" each time.
+ * With sleepers=K the last K CPUs (at most all but CPU 0) instead halt in ring 0 and
+ * only CPU 0 wakes them, one IPI every wake_ms (default 1000) to each in turn; a
+ * sleeper prints "cpu <i> woke <n>" each time.
  * A 'c' on the serial line (CPU 0 reads it at its heartbeat) is a check: the CPUs stop
  * sending, wait for what is in flight, CPU 0 prints "smp: check cpus=<n> sent=<s>
  * recv=<r> tsc_back=<b> shared=<ok|bad>" (shared: the shared counter equals the sum
@@ -54,7 +55,7 @@ struct cpu {
 } __attribute__((aligned(64)));
 
 static struct cpu cpus[MAX_CPUS];
-static u32 ncpus = 1, sleeper = MAX_CPUS;   /* sleeper: the halting CPU's index, if any */
+static u32 ncpus = 1, sleeper = MAX_CPUS;   /* sleeper: the first halting CPU's index */
 static volatile u64 shared;
 static volatile u32 epoch, released, ending, doubled, out_lock;
 static u64 gdts[MAX_CPUS][8] __attribute__((aligned(16)));
@@ -191,7 +192,7 @@ void irq_handler(i64 sender)
         u64 n = ++me->recv[sender];
         if (n > cpus[sender].sent[me->index])
             doubled = 1;
-        if (me->index == sleeper)
+        if (me->index >= sleeper)
             me->wakes++;
         lapic_write(LAPIC_EOI, 0);
     } else {
@@ -307,7 +308,7 @@ static void report(void)
 {
     u64 sent = 0, recv = 0, back = 0, work = 0;
     for (u32 i = 0; i < ncpus; i++)
-        while (i != sleeper && cpus[i].acked != epoch)
+        while (i < sleeper && cpus[i].acked != epoch)
             cpu_relax();
     for (u32 i = 0; i < ncpus; i++) {
         sent += sum_sent(&cpus[i]);
@@ -354,7 +355,7 @@ static void user_main(void *arg)
     u64 wake_period = us_to_tsc(cmdline_u64("wake_ms", 1000) * 1000);
     u64 now = check_clock(me), next_ipi = now + ipi_period, next_beat = now + beat_period;
     u64 next_wake = now + wake_period;
-    u32 to = me->index;
+    u32 to = me->index, wake = ncpus;
     char buf[160];
     for (;;) {
         me->work++;
@@ -372,7 +373,7 @@ static void user_main(void *arg)
         if ((i64)(now - next_ipi) >= 0 && ncpus > 1) {
             for (u32 tries = 0; tries < ncpus; tries++) {   /* the next other CPU that is ready */
                 to = (to + 1) % ncpus;
-                if (to != me->index && to != sleeper && can_send(me, to)) {
+                if (to != me->index && to < sleeper && can_send(me, to)) {
                     send_ipi(me, to);
                     break;
                 }
@@ -382,8 +383,9 @@ static void user_main(void *arg)
                 next_ipi = now + ipi_period;
         }
         if (me->index == 0 && sleeper < ncpus && (i64)(now - next_wake) >= 0) {
-            if (can_send(me, sleeper))
-                send_ipi(me, sleeper);
+            wake = wake + 1 < ncpus && wake + 1 >= sleeper ? wake + 1 : sleeper;
+            if (can_send(me, wake))
+                send_ipi(me, wake);
             next_wake = now + wake_period;
         }
         if ((i64)(now - next_beat) >= 0) {
@@ -424,7 +426,7 @@ static NORETURN void sleep_loop(struct cpu *me)
 
 static NORETURN void run_cpu(struct cpu *me)
 {
-    if (me->index == sleeper)
+    if (me->index >= sleeper)
         sleep_loop(me);
     enter_user_on(user_main, me, (u64)ustacks[me->index] + sizeof ustacks[me->index]);
 }
@@ -557,8 +559,9 @@ void guest_main(void)
                 cpus[0].apic_id = me_id;
             }
     }
-    if (cmdline_u64("sleeper", 0) && ncpus >= 2)
-        sleeper = ncpus - 1;
+    u64 sleepers = cmdline_u64("sleepers", 0);
+    if (sleepers)
+        sleeper = sleepers < ncpus ? ncpus - (u32)sleepers : 1;
     idt_init();
     cpu_init(&cpus[0]);
     cpus[0].online = 1;
@@ -577,7 +580,7 @@ void guest_main(void)
     lock();                                        /* the APs print already */
     kprintf("smp: %u CPUs online (INIT-SIPI), ipi_us=%lu beat_ms=%lu%s\n", up,
             cmdline_u64("ipi_us", 2000), cmdline_u64("beat_ms", 500),
-            sleeper < ncpus ? " sleeper" : "");
+            sleeper < ncpus ? " sleepers" : "");
     unlock();
     run_cpu(&cpus[0]);
 }

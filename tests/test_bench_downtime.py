@@ -130,9 +130,10 @@ def test_vcpu_sweep_reports_downtime_per_vcpu_count(guests, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "results.md").read_text()
     for n in (1, 2):
-        assert re.search(rf"^\| pyvmm cpr-transfer \| 256M \| {n} \| 1 \| [\d.]+ / ", table,
-                         re.M), table
-    assert re.search(r"^\| pyvmm cpr-transfer \| 256M \| -?[\d.]+ \|$", table, re.M), table
+        assert re.search(rf"^\| pyvmm cpr-transfer \| 256M \| busy \| {n} \| 1 \| [\d.]+ / ",
+                         table, re.M), table
+    assert re.search(r"^\| pyvmm cpr-transfer \| 256M \| busy \| -?[\d.]+ \|$", table,
+                     re.M), table
     records = json.loads((out / "results.json").read_text())
     assert sorted(r["vcpus"] for r in records) == [1, 2]
 

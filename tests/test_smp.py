@@ -219,7 +219,7 @@ def mp_states(qmp_path) -> list[str]:
 def test_halted_and_waiting_vcpus_stay_so(guests, vmm_procs, tmp_path, mode):
     """vCPU 2 sleeps in HLT and is woken by one IPI a second; vCPU 3 was never started
     (maxcpus=3): both come back as they were, and the sleeper wakes on the next IPI."""
-    p, qmp_path = start_smp(vmm_procs, tmp_path, 4, "sleeper=1 maxcpus=3 wake_ms=1000")
+    p, qmp_path = start_smp(vmm_procs, tmp_path, 4, "sleepers=1 maxcpus=3 wake_ms=1000")
     p.wait_for(r"^cpu 2 woke 1$")
     assert mp_states(qmp_path)[2:] == ["halted", "uninitialized"]
     woke = int(re.findall(r"^cpu 2 woke (\d+)$", p.text(), re.M)[-1])

@@ -118,21 +118,21 @@ def vcpus_section(records) -> list[str]:
     by: dict[tuple, list] = {}
     for r in records:
         if "vcpus" in r:
-            by.setdefault((r["mode"], r["size"], r["vcpus"]), []).append(r)
+            by.setdefault((r["mode"], r["size"], r["load"], r["vcpus"]), []).append(r)
     if not by:
         return []
-    rows = ["| mode | RAM | vCPUs | n | host ms (median / p95 / max) | "
+    rows = ["| mode | RAM | guest | vCPUs | n | host ms (median / p95 / max) | "
             + " | ".join(f"{ph} µs" for ph in PHASES) + " |",
-            "|---|---|---|---|---|" + "---|" * len(PHASES)]
+            "|---|---|---|---|---|---|" + "---|" * len(PHASES)]
     slopes = []
-    for mode, size in sorted({(k[0], k[1]) for k in by}):
+    for mode, size, load in sorted({k[:3] for k in by}):
         points = []
-        for n in sorted(k[2] for k in by if k[:2] == (mode, size)):
-            rs = by[(mode, size, n)]
+        for n in sorted(k[3] for k in by if k[:3] == (mode, size, load)):
+            rs = by[(mode, size, load, n)]
             host = summary([r["host_us"] for r in rs])
             points.append((n, host["median"]))
             cells = [summary([r["phases_us"].get(ph) for r in rs]) for ph in PHASES]
-            rows.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {n} | {len(rs)} | "
+            rows.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {load} | {n} | {len(rs)} | "
                         f"{fmt_triplet(host)} | "
                         + " | ".join("–" if not c else f"{c['median']:.0f}" for c in cells)
                         + " |")
@@ -141,13 +141,15 @@ def vcpus_section(records) -> list[str]:
             my = statistics.mean(y for _, y in points)
             slope = sum((n - mx) * (y - my) for n, y in points) / \
                 sum((n - mx) ** 2 for n, _ in points)
-            slopes.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {slope / 1000:.3f} |")
-    out = ["## Downtime by vCPU count (smp guest: every vCPU busy, IPIs between them)", "",
-           *rows, "", "Phases: medians. The guest is updated --reps times in a row per count "
-           "(chained new VMMs for cpr-transfer).", ""]
+            slopes.append(f"| {MODE_NAME[mode]} | {size_name(size)} | {load} | "
+                          f"{slope / 1000:.3f} |")
+    out = ["## Downtime by vCPU count (the smp guest)", "", *rows, "",
+           "guest busy: every vCPU works in ring 3 and sends IPIs; idle: vCPU 0 works, the "
+           "others halt and are woken by an IPI twice a second. Phases: medians. The guest is "
+           "updated --reps times in a row per count (chained new VMMs for cpr-transfer).", ""]
     if slopes:
-        out += ["| mode | RAM | ms per added vCPU (slope of the medians) |", "|---|---|---|",
-                *slopes, ""]
+        out += ["| mode | RAM | guest | ms per added vCPU (slope of the medians) |",
+                "|---|---|---|---|", *slopes, ""]
     return out
 
 

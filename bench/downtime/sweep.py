@@ -36,8 +36,8 @@ def plan(args) -> tuple[list[tuple], list[str]]:
     for size in sizes:
         for mode in modes:
             if args.vcpus:   # the vCPU sweep replaces the RAM/load matrix
-                jobs += [("pyvmm", mode, size, "untouched", "idle", n, args.reps)
-                         for n in args.vcpus]
+                jobs += [("pyvmm", mode, size, "untouched", load, n, args.reps)
+                         for load in args.vcpu_load.split(",") for n in args.vcpus]
                 continue
             for ram in rams:
                 if ram == "touched" and size > touched_max:
@@ -105,6 +105,10 @@ def parse_args(argv):
                          "the smp guest (every vCPU busy, IPIs between them, untouched RAM) "
                          "updated --reps times in a row for each count, instead of the "
                          "--ram/--loads matrix")
+    ap.add_argument("--vcpu-load", default="busy", metavar="busy,idle",
+                    help="the vCPU sweep's guest load: busy (every vCPU works and sends "
+                         "IPIs), idle (vCPU 0 works, the others halt between IPIs), or both "
+                         "(default busy)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     args.udp_sizes = None
@@ -129,6 +133,9 @@ def parse_args(argv):
         if min(args.vcpus) < 1:
             ap.exit(1, f"{ap.prog}: error: --vcpus: give vCPU counts above 0, "
                        "comma-separated\n")
+    if not set(args.vcpu_load.split(",")) <= {"busy", "idle"}:
+        ap.exit(1, f"{ap.prog}: error: --vcpu-load {args.vcpu_load!r}: use busy, idle or "
+                   "both\n")
     if args.quick:
         args.sizes, args.reps = "256M,1G", 2
         args.udp_sizes, args.udp_reps = [256 * MiB], 1
