@@ -101,8 +101,9 @@ class Controller:
                        "it again")
 
     def system_powerdown(self) -> None:
-        """QEMU presses the ACPI power button; pyvmm's machine has no ACPI, so, as for a
-        QEMU guest without ACPI support, the request is made and the guest does not react."""
+        """QEMU presses the ACPI power button; pyvmm's ACPI tables have no FADT (no
+        power button), so, as for a QEMU guest without one, the request is made and
+        the guest does not react."""
         self.emit("POWERDOWN")
 
     # -- migration parameters -------------------------------------------------------------
