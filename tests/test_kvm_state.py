@@ -16,7 +16,7 @@ import pytest
 from conftest import need_kvm
 from vmm.errors import KvmError
 from vmm.kvm.ffi import ffi, ioctl, lib
-from vmm.kvm.vcpu import MAX_MSRS, MSR_ENTRY_SIZE, MSR_IA32_TSC
+from vmm.kvm.vcpu import MAX_MSRS, MSR_ENTRY_SIZE, MSR_IA32_TSC, msr_offset, set_msr
 from vmm.kvm.vm import IRQCHIPS
 from vmm.machine import Machine, MachineConfig
 from vmm.memory import GuestMemory, MiB
@@ -198,3 +198,20 @@ def test_c_refuses_a_wrong_buffer_size_or_count(empty):
     vm.flags = 4
     assert lib.pyvmm_vm_restore(empty.vm.fd, vm, vm_size) == -22
     assert ffi.string(vm.step) == b"check the VM state's flags"
+
+
+def test_set_msr_takes_a_right_hint_and_searches_past_a_wrong_one():
+    """restore_state writes every vCPU's TSC at the offset found in vCPU 0's MSRs; a
+    vCPU whose list differs is searched, never patched at the wrong entry."""
+    def entries(*pairs):
+        return b"".join(struct.pack("<IIQ", i, 0, v) for i, v in pairs)
+    raw = entries((0x3B, 7), (MSR_IA32_TSC, 5))
+    at = msr_offset(raw, MSR_IA32_TSC)
+    assert at == MSR_ENTRY_SIZE
+    assert set_msr(raw, MSR_IA32_TSC, 9, at) == entries((0x3B, 7), (MSR_IA32_TSC, 9))
+    other = entries((MSR_IA32_TSC, 5), (0x3B, 7))          # the TSC first: hint is wrong
+    assert set_msr(other, MSR_IA32_TSC, 9, at) == entries((MSR_IA32_TSC, 9), (0x3B, 7))
+    assert set_msr(other, MSR_IA32_TSC, -1, 10 * MSR_ENTRY_SIZE) == \
+        entries((MSR_IA32_TSC, 2 ** 64 - 1), (0x3B, 7))     # past the end: searched; mod 2**64
+    assert set_msr(entries((0x3B, 7)), MSR_IA32_TSC, 9, 0) == entries((0x3B, 7))
+

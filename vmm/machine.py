@@ -213,16 +213,17 @@ class Machine:
             t = require(state, "time", dict)
             elapsed = time.clock_gettime_ns(time.CLOCK_MONOTONIC) - t["host_ns"]
             delta_tsc = max(elapsed, 0) * t["tsc_khz"] // 1_000_000
-        from .kvm.vcpu import MSR_IA32_TSC, msr_value, set_msr
+        from .kvm.vcpu import MSR_IA32_TSC, msr_offset, set_msr
         # One clock: every vCPU's TSC is written with the same value, vCPU 0's (the vCPUs
         # were saved one after the other, their TSCs read microseconds apart).  KVM takes
         # host writes of one value within a second of each other as a TSC sync and gives
         # every vCPU the same offset, so the guest's TSCs stay exactly in step.
         saved = vcpu_states[0].get("msrs")
-        tsc = msr_value(saved, MSR_IA32_TSC) if isinstance(saved, bytes) else None
+        at = msr_offset(saved, MSR_IA32_TSC) if isinstance(saved, bytes) else None
+        tsc = None if at is None else int.from_bytes(saved[at + 8:at + 16], "little")
         for vcpu, vs in zip(self.vcpus, vcpu_states):
             if tsc is not None and isinstance(vs.get("msrs"), bytes):
-                vs = dict(vs, msrs=set_msr(vs["msrs"], MSR_IA32_TSC, tsc + delta_tsc))
+                vs = dict(vs, msrs=set_msr(vs["msrs"], MSR_IA32_TSC, tsc + delta_tsc, at))
             vcpu.set_state(vs)
 
     # -- devices: one list, walked for every step of a live update --------------------------

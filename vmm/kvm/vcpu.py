@@ -89,21 +89,24 @@ def _spans() -> dict:
 MSR_ENTRY_SIZE = ffi.sizeof("struct kvm_msr_entry")
 
 
-def msr_value(raw: bytes, index: int) -> int | None:
-    """The value of MSR `index` in saved MSRs (None if they do not hold it)."""
+def msr_offset(raw: bytes, index: int) -> int | None:
+    """Where MSR `index`'s entry starts in saved MSRs (None if they do not hold it)."""
     for off in range(0, len(raw) - MSR_ENTRY_SIZE + 1, MSR_ENTRY_SIZE):
         if int.from_bytes(raw[off:off + 4], "little") == index:
-            return int.from_bytes(raw[off + 8:off + 16], "little")
+            return off
     return None
 
 
-def set_msr(raw: bytes, index: int, value: int) -> bytes:
-    """Saved MSRs with MSR `index` set to `value` (mod 2**64)."""
-    out = bytearray(raw)
-    for off in range(0, len(out) - MSR_ENTRY_SIZE + 1, MSR_ENTRY_SIZE):
-        if int.from_bytes(out[off:off + 4], "little") == index:
-            out[off + 8:off + 16] = (value % (1 << 64)).to_bytes(8, "little")
-    return bytes(out)
+def set_msr(raw: bytes, index: int, value: int, at: int | None = None) -> bytes:
+    """Saved MSRs with MSR `index` set to `value` (mod 2**64).  `at`: where the entry
+    probably is (every vCPU saves the same MSR list): checked, then used without a
+    search (the search costs ~20 us a vCPU inside a live update's downtime)."""
+    if at is None or at + MSR_ENTRY_SIZE > len(raw) or \
+            int.from_bytes(raw[at:at + 4], "little") != index:
+        at = msr_offset(raw, index)
+        if at is None:
+            return raw
+    return raw[:at + 8] + (value % (1 << 64)).to_bytes(8, "little") + raw[at + 16:]
 
 
 def msr_count(raw) -> int:
