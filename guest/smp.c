@@ -337,7 +337,7 @@ static void drain(struct cpu *me, u64 now)
 {
     u32 e = epoch;
     for (u32 j = 0; j < ncpus; j++)
-        for (u64 end = now + us_to_tsc(2000000);
+        for (u64 end = now + us_to_tsc(10000000);   /* 10 s: the host may be oversubscribed */
              me->sent[j] != cpus[j].recv[me->index] && rdtsc() < end;)
             cpu_relax();
     me->acked = e;
