@@ -16,6 +16,8 @@ def plots(records, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     groups = group(records)
+    if not groups:   # the vCPU sweep alone: its table is the report (no RAM axis to plot)
+        return []
     sizes = sorted({k[1] for k in groups})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     styles = {"naive": ("k", "--", "s"), "qemu": ("tab:red", "--", "^")}
