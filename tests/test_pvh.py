@@ -272,3 +272,32 @@ def test_cmdline_limits(kernel, mem):
         load_pvh(str(kernel), mem, "a" * 4096)
     with pytest.raises(BootError, match="NUL"):
         load_pvh(str(kernel), mem, "a\0b")
+
+
+def test_acpi_tables_list_every_vcpu_with_valid_checksums():
+    """vmm/boot/acpi.py: RSDP (both checksums) -> XSDT and RSDT -> a MADT with one
+    enabled Local APIC per vCPU (APIC ID = index) and the I/O APIC."""
+    from vmm.boot import acpi
+    blob = acpi.build(5)
+    at = lambda addr, n: blob[addr - acpi.ACPI_ADDR:addr - acpi.ACPI_ADDR + n]   # noqa: E731
+    rsdp = at(acpi.ACPI_ADDR, 36)
+    assert rsdp[:8] == b"RSD PTR " and rsdp[15] == 2
+    assert sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    rsdt, xsdt = struct.unpack_from("<I", rsdp, 16)[0], struct.unpack_from("<Q", rsdp, 24)[0]
+
+    def table(addr, sig):
+        length = struct.unpack_from("<I", at(addr, 8), 4)[0]
+        raw = at(addr, length)
+        assert raw[:4] == sig and sum(raw) % 256 == 0, sig
+        return raw
+    madt_at = struct.unpack_from("<Q", table(xsdt, b"XSDT"), 36)[0]
+    assert struct.unpack_from("<I", table(rsdt, b"RSDT"), 36)[0] == madt_at
+    madt = table(madt_at, b"APIC")
+    assert struct.unpack_from("<II", madt, 36) == (0xFEE00000, 1)
+    entries, off = [], 44
+    while off < len(madt):
+        entries.append(madt[off:off + madt[off + 1]])
+        off += madt[off + 1]
+    assert [(e[0], e[3], e[4]) for e in entries[:5]] == [(0, i, 1) for i in range(5)]
+    assert entries[5][0] == 1 and struct.unpack_from("<I", entries[5], 4)[0] == 0xFEC00000
+    assert len(entries) == 6
