@@ -12,4 +12,6 @@ piece on its own.
 * `demo.py`: `pyvmm demo` (`make demo`), a live update with traffic flowing
 * `lab.py`: network namespaces with a tap, watched child processes (tests, demo, benchmarks)
 * `traffic.py`: the numbered UDP stream run inside such a namespace
+* `twohosts.py`: two hosts, a migration link and a client in namespaces (live migration)
+* `sockcopy.py`: a plain socket copy over that link, the yardstick for a migration's pass 1
 """

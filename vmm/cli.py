@@ -113,6 +113,22 @@ def _parser() -> argparse.ArgumentParser:
     cpr.add_argument("--timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
                      help="how long to wait for the update to finish (default 60 s)")
 
+    mig = sub.add_parser("migrate", help="move a running guest to another host (QMP migrate "
+                                         "over TCP; drives pyvmm or QEMU)")
+    mig.add_argument("--socket", required=True, metavar="QMP",
+                     help="the source VMM's QMP socket")
+    mig.add_argument("--to", required=True, metavar="tcp:HOST:PORT",
+                     help="where the destination waits (pyvmm run --incoming tcp:HOST:PORT)")
+    mig.add_argument("--downtime-limit", type=int, metavar="MS",
+                     help="the longest pause allowed for the last pass, in ms (QEMU's "
+                          "downtime-limit; its default is 300)")
+    mig.add_argument("--max-bandwidth", metavar="RATE",
+                     help="cap the stream, bytes/s like 100M or 1G (K/M/G are powers of 1024)")
+    mig.add_argument("--no-live", action="store_true",
+                     help="one plain line per pass, even on a terminal")
+    mig.add_argument("--timeout", type=_positive_seconds, default=600.0, metavar="SECONDS",
+                     help="how long to wait for the migration to finish (default 600 s)")
+
     sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
 
     bench = sub.add_parser("bench", help="benchmarks: `pyvmm bench downtime --help`")
@@ -139,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cpr":
             from .client.cpr import cmd_cpr
             return cmd_cpr(args)
+        if args.command == "migrate":
+            from .client.migrate import cmd_migrate
+            return cmd_migrate(args)
         if args.command == "bench" and args.suite == "soak":
             from bench.soak import main as soak_main
             return soak_main(args.args)
