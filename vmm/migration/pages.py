@@ -111,8 +111,9 @@ class DirtyTracker:
         try:
             self.machine.log_dirty_devices(None)
             self._set_slots(0)
-        except VmmError:
-            pass
+        except VmmError as e:   # (never in the way of a rollback: say it and go on)
+            import sys
+            print(f"pyvmm: migration: cannot turn dirty logging off: {e}", file=sys.stderr)
 
 
 class Applier:

@@ -182,6 +182,10 @@ class Outgoing:
         or failed if the destination never said it runs it)."""
         try:
             return self._run()
+        except Exception as e:   # (a bug): query-migrate must not say "active" forever
+            self.error = f"internal error: {type(e).__name__}: {e}"
+            self._set_status("failed")
+            return False
         finally:
             self.t_end = self.t_end or time.monotonic_ns()
             if self.sock is not None:
