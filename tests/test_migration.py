@@ -83,8 +83,9 @@ def start_destination(procs, hosts, tmp_path, net=False, defer=False):
     return p, qmp_path, f"tcp:{host}:{port}"
 
 
-def migrate(qmp_path, uri, *, events=True, wait=True, **params):
-    """migrate over qemu.qmp (uri form); the settled query-migrate and the events seen."""
+def migrate(qmp_path, uri, *, events=True, wait=True, channels=False, **params):
+    """migrate over qemu.qmp (uri form, or channels: one main tcp channel); the settled
+    query-migrate and the events seen."""
     q = qmp_connect(qmp_path)
     try:
         if events:
@@ -92,7 +93,12 @@ def migrate(qmp_path, uri, *, events=True, wait=True, **params):
                 capabilities=[{"capability": "events", "state": True}])
         if params:
             qmp(q, "migrate-set-parameters", **params)
-        qmp(q, "migrate", uri=uri)
+        if channels:
+            _, host, port = uri.split(":")
+            addr = {"transport": "socket", "type": "inet", "host": host, "port": port}
+            qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr}])
+        else:
+            qmp(q, "migrate", uri=uri)
         if not wait:
             return None, []
         info = wait_migration(q, 60)
@@ -170,7 +176,7 @@ def test_every_page_arrives(procs, hosts, tmp_path, paused):
         qmp(q, "stop")
         close(q)
     dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
-    info, events = migrate(src_qmp, uri, **{"max-bandwidth": 0})
+    info, events = migrate(src_qmp, uri, channels=paused, **{"max-bandwidth": 0})
     assert_figures_sane(info, events)
     if paused:   # a paused guest moves paused: the destination leaves it so, nothing stopped
         assert "STOP" not in [e["event"] for e in events]
@@ -354,3 +360,51 @@ def test_python_backend_is_refused_before_anything_stops(procs, hosts, tmp_path)
     assert info["status"] == "failed" and "backend=c" in info["error-desc"], info
     assert "STOP" not in [e["event"] for e in events]
     assert status(qmp_path) == "running"
+
+
+# -- convergence -------------------------------------------------------------------------------
+def test_downtime_limit_holds_and_auto_converge_makes_a_fast_dirtier_converge(procs, hosts,
+                                                                              tmp_path):
+    """The pattern guest rewrites 24 MiB as fast as it can, the link gives 32 MiB/s: the
+    rest never fits in 200 ms, so the source keeps copying (the guest running) instead of
+    stopping; with auto-converge the vCPUs are throttled until it does fit."""
+    src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=24")
+    progress = int(src.wait_for(r"pattern: progress=(0x[0-9a-f]+)").group(1), 16)
+    src.wait_for(r"^pass 2$")
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
+    params = {"max-bandwidth": 32 << 20, "downtime-limit": 200}
+    migrate(src_qmp, uri, wait=False, **params)
+    time.sleep(2.5)
+    q = qmp_connect(src_qmp)
+    try:
+        info = qmp(q, "query-migrate")
+        assert info["status"] == "active", info
+        assert info["ram"]["dirty-sync-count"] >= 2 and info["expected-downtime"] > 200, info
+        assert qmp(q, "query-status")["status"] == "running"
+        qmp(q, "migrate_cancel")
+        assert wait_migration(q, 20)["status"] == "cancelled"
+    finally:
+        close(q)
+    assert_destination_gone(dst, dst_qmp, "truncated")
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
+    q = qmp_connect(src_qmp)
+    try:
+        qmp(q, "migrate-set-capabilities",
+            capabilities=[{"capability": "auto-converge", "state": True}])
+        qmp(q, "migrate", uri=uri)
+        throttled = 0
+        while (info := qmp(q, "query-migrate"))["status"] in ("setup", "active"):
+            throttled = max(throttled, info.get("cpu-throttle-percentage", 0))
+            time.sleep(0.05)
+        info = wait_migration(q, 60)
+    finally:
+        close(q)
+    assert info["status"] == "completed", info
+    assert throttled >= 20 and info["ram"]["dirty-sync-count"] >= 3, (throttled, info)
+    assert info["downtime"] < 1000 and "cpu-throttle-percentage" in info, info
+    q = qmp_connect(dst_qmp)
+    try:
+        qmp(q, "stop")
+        check_pattern(ram_of(dst.proc.pid), progress)
+    finally:
+        close(q)

@@ -50,9 +50,10 @@ class PageSet:
             try:
                 start = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as e:
-                if e.errno != errno.ENXIO:   # (ENXIO: no data past pos)
-                    raise
-                break
+                if e.errno == errno.ENXIO:   # no data past pos
+                    break
+                self.add((1 << self.npages) - 1)   # (a file system without SEEK_DATA)
+                return
             end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
             first, last = start // PAGE, (end + PAGE - 1) // PAGE
             pages |= ((1 << (last - first)) - 1) << first

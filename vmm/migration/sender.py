@@ -69,10 +69,12 @@ class Throttle:
         m = self.machine
         while not self._stop.is_set():
             off = self.PERIOD * self.percent / 100
-            if m.running:
-                m.pause()
+            if m.running:   # (the vCPU threads alone: the run state stays "running")
+                for t in m.threads:
+                    t.pause()
                 self._stop.wait(off)
-                m.resume()
+                for t in m.threads:
+                    t.resume()
             self._stop.wait(self.PERIOD - off)
 
     def stop(self) -> None:
