@@ -133,6 +133,7 @@ class Receiver(Waiting):
         self.listener.close()
         self.listener = None
         self.sock.settimeout(self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # (RSTD, RUNS)
         self.t_start = time.monotonic_ns()
         self._set_status("active")
         try:

@@ -306,8 +306,9 @@ class Outgoing:
         else:
             self.precopy_bytes += sent
         self.transferred = self.precopy_bytes + self.downtime_bytes
-        pages = counts.zero_pages + counts.normal_pages - before
-        self.pages_per_second = int(pages / seconds) if seconds > 0 else 0
+        if not final:   # (QEMU's figure is the precopy's)
+            pages = counts.zero_pages + counts.normal_pages - before
+            self.pages_per_second = int(pages / seconds) if seconds > 0 else 0
         return sent, seconds
 
     def _send(self, tag: bytes, payload) -> int:
