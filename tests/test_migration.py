@@ -265,13 +265,20 @@ def assert_destination_gone(dst, dst_qmp, says):
     assert not dst_qmp.exists()
 
 
-def test_cancel_mid_precopy_resumes_the_source(procs, hosts, tmp_path):
+def in_precopy(procs, hosts, tmp_path, rate):
+    """The pattern guest (48 MiB) on its way to hostB at `rate` bytes/s, 0.3 s into pass 1:
+    (source, its QMP path, destination, its QMP path)."""
     src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=48")
     src.wait_for(r"^pass 2$")
     dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
-    migrate(src_qmp, uri, wait=False, **{"max-bandwidth": 4 << 20})   # ~12 s for pass 1
+    migrate(src_qmp, uri, wait=False, **{"max-bandwidth": rate})
     assert wait_status(src_qmp, ("active",))["status"] == "active"
-    time.sleep(0.5)
+    time.sleep(0.3)
+    return src, src_qmp, dst, dst_qmp
+
+
+def test_cancel_mid_precopy_resumes_the_source(procs, hosts, tmp_path):
+    src, src_qmp, dst, dst_qmp = in_precopy(procs, hosts, tmp_path, 4 << 20)  # pass 1: ~12 s
     q = qmp_connect(src_qmp)
     try:
         assert qmp(q, "query-status")["status"] == "running"   # the guest runs meanwhile
@@ -294,12 +301,7 @@ def test_cancel_mid_precopy_resumes_the_source(procs, hosts, tmp_path):
 
 
 def test_destination_killed_mid_stream_resumes_the_source(procs, hosts, tmp_path):
-    src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=48")
-    src.wait_for(r"^pass 2$")
-    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
-    migrate(src_qmp, uri, wait=False, **{"max-bandwidth": 4 << 20})
-    assert wait_status(src_qmp, ("active",))["status"] == "active"
-    time.sleep(0.5)
+    src, src_qmp, dst, dst_qmp = in_precopy(procs, hosts, tmp_path, 4 << 20)
     dst.proc.kill()
     info = wait_status(src_qmp, ("failed", "completed", "cancelled"))
     assert info["status"] == "failed", info
@@ -310,12 +312,7 @@ def test_destination_killed_mid_stream_resumes_the_source(procs, hosts, tmp_path
 def test_link_cut_mid_stream_resumes_the_source(procs, hosts, tmp_path):
     """`ip link set down` on the migration link: the source's sends stall, and after
     PYVMM_MIGRATION_TIMEOUT (3 s here) it gives up and the guest goes on."""
-    src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=48")
-    src.wait_for(r"^pass 2$")
-    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
-    migrate(src_qmp, uri, wait=False, **{"max-bandwidth": 16 << 20})
-    assert wait_status(src_qmp, ("active",))["status"] == "active"
-    time.sleep(0.3)
+    src, src_qmp, dst, dst_qmp = in_precopy(procs, hosts, tmp_path, 16 << 20)
     hosts.sh(hosts.host_a, "ip", "link", "set", "mig0", "down")
     try:
         info = wait_status(src_qmp, ("failed", "completed", "cancelled"), timeout=30)
@@ -326,6 +323,52 @@ def test_link_cut_mid_stream_resumes_the_source(procs, hosts, tmp_path):
         hosts.sh(hosts.host_a, "ip", "link", "set", "mig0", "up")
     # (the link is back before its own 9 s: it sees the source hang up)
     assert_destination_gone(dst, dst_qmp, "truncated|stalled")
+
+
+# A relay on hostB between the source and the destination that flips one byte of the
+# stream (at offset FLIP), both directions relayed; it prints its port, then serves once.
+FLIPPER = r"""
+import socket, sys, threading
+FLIP, host, port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+lsock = socket.create_server((host, 0))
+print(lsock.getsockname()[1], flush=True)
+a, _ = lsock.accept()
+b = socket.create_connection((host, port))
+def back():
+    while (data := b.recv(65536)):
+        a.sendall(data)
+    a.shutdown(socket.SHUT_WR)
+threading.Thread(target=back, daemon=True).start()
+seen = 0
+while (data := bytearray(a.recv(65536))):
+    if seen <= FLIP < seen + len(data):
+        data[FLIP - seen] ^= 0x40
+    seen += len(data)
+    b.sendall(data)
+b.shutdown(socket.SHUT_WR)
+"""
+
+
+def test_corrupted_stream_resumes_the_source(procs, hosts, tmp_path):
+    """One bit flipped on the way, in pass 1: the destination's CRC check refuses the
+    section, says why, and the source resumes its guest with that reason."""
+    src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=48")
+    src.wait_for(r"^pass 2$")
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
+    _, host, port = uri.split(":")
+    relay = subprocess.Popen(hosts.run(hosts.host_b, sys.executable, "-c", FLIPPER,
+                                       str(3 << 20), host, port),
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        via = f"tcp:{host}:{relay.stdout.readline().strip()}"
+        info, events = migrate(src_qmp, via)
+        assert info["status"] == "failed", info
+        assert "CRC-32 does not match" in info["error-desc"], info
+        assert_source_runs(src, src_qmp)
+        assert_destination_gone(dst, dst_qmp, "CRC-32 does not match")
+    finally:
+        relay.kill()
+        relay.wait()
 
 
 def test_destination_refusing_resumes_the_source(procs, hosts, tmp_path):
