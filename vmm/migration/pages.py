@@ -131,7 +131,10 @@ class Applier:
         """Write one PAGE section's pages, or raise StreamError."""
         from .stream import StreamError
         r = lib.pyvmm_mig_apply(ffi.from_buffer("uint8_t[]", payload), len(payload),
-                                self.ram, self.npages, self.touched, self.counts)
-        if r < 0:
+                                self.memory.fd, self.ram, self.npages, self.touched,
+                                self.counts)
+        if r == -errno.EINVAL:
             raise StreamError("migration stream is corrupt: a PAGE section names a page "
                               "outside guest RAM or is cut short")
+        if r < 0:
+            raise VmmError(f"cannot write the guest's RAM here: {os.strerror(-r)}")

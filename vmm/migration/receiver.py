@@ -222,12 +222,18 @@ class Receiver(Waiting):
         return m
 
     def _refuse(self, error: BaseException) -> None:
-        """Tell the source why (it resumes its guest), best effort."""
+        """Tell the source why (it resumes its guest), best effort; then read what it still
+        sends until it hangs up (at most 2 s), so that closing with unread data (a TCP
+        reset) does not throw the reason away before the source has read it."""
         if self.sock is None or self.aborted:
             return
         try:
             self.sock.settimeout(1.0)
             send_section(self.sock, b"FAIL", str(error).encode()[:4000])
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
         except OSError:
             pass
         self._set_status("failed")

@@ -20,6 +20,7 @@ the guest is the destination's: this pyvmm stays paused (postmigrate) until quit
 from __future__ import annotations
 
 import os
+import select
 import socket
 import sys
 import threading
@@ -312,6 +313,10 @@ class Outgoing:
         return sent, seconds
 
     def _send(self, tag: bytes, payload) -> int:
+        """Send a section; a destination that said FAIL meanwhile stops us with its reason
+        (it waits for us to hang up: one select per ~1 MiB section)."""
+        if select.select([self.sock], [], [], 0)[0]:
+            raise StreamError(self._peer_reason() or "the destination hung up")
         try:
             return send_section(self.sock, tag, payload)
         except socket.timeout:
