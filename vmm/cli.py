@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on unix socket PATH")
     run.add_argument("--incoming", action="append", metavar="cpr-transfer:PATH",
                      help="wait for a live update from another pyvmm on unix socket PATH "
-                          "(or QEMU's forms: a JSON channel, unix:PATH, defer; docs/CPR.md)")
+                          "(or QEMU's forms: a JSON channel, unix:PATH, defer; docs/CPR.md); "
+                          "tcp:HOST:PORT with --net: a migration from another host "
+                          "(docs/MIGRATION.md)")
 
     cpr = sub.add_parser("cpr", help="live-update a running pyvmm through its QMP socket")
     cpr.add_argument("--mode", choices=["exec", "transfer"], required=True,
@@ -223,15 +225,27 @@ def _remove_if_empty(path: str) -> None:
 
 
 def _run_incoming(args, config, console) -> int:
-    """Wait for a live update (cpr-transfer), then run the guest it brings."""
+    """Wait for a live update (cpr-transfer) or a migration over TCP, then run the guest
+    it brings."""
     import signal
     from .cpr.target import Incoming, IncomingAborted, parse_incoming
+    from .migration.receiver import Receiver, parse_incoming as parse_tcp_incoming
 
+    tcp = parse_tcp_incoming(args.incoming, args.net)
     for given, what in ((args.kernel, "--kernel"), (args.net, "--net"), (args.device, "--device")):
-        if given:
+        if given and not (tcp and what == "--net"):
             raise VmmError(f"{what} cannot be given with --incoming: the guest's kernel, RAM "
-                           "and devices (NICs with their taps) come from the old VMM in the update")
-    path, deferred = parse_incoming(args.incoming)
+                           "and devices (NICs with their taps) come from the old VMM in the update"
+                           + ("" if what != "--net" else " (a TCP migration, "
+                              "--incoming tcp:HOST:PORT, takes this host's taps with --net)"))
+    if tcp:
+        def make():
+            return Receiver(tcp[0], args.net, console=console, deferred=tcp[1])
+    else:
+        path, deferred = parse_incoming(args.incoming)
+
+        def make():
+            return Incoming(path, console=console, deferred=deferred)
     exit_code: list[int] = []   # set by a signal (128+signo) or by QMP quit
 
     def on_signal(signo, frame):   # SIGTERM, Ctrl-C: clean up, exit 128+signo quietly
@@ -250,7 +264,7 @@ def _run_incoming(args, config, console) -> int:
         # so the cleanup below removes each one that exists.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
-            incoming = Incoming(path, console=console, deferred=deferred)
+            incoming = make()
             monitor = _start_monitor(config, None, status="inmigrate", incoming=incoming,
                                      on_exit=on_quit)
         finally:
