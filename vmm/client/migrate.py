@@ -134,7 +134,7 @@ class Progress:
             self.bar.update(self.task, total=max(f["total"], 1), completed=done,
                             remaining=_mib(f["remaining"]), dirty=f"{f['dirty_MBps']:.1f} MB/s",
                             mbps=f"{f['mbps']:.0f} Mbit/s", **{"pass": f["pass"]})
-        elif f["pass"] != self.last_pass and f["remaining"]:   # (0: the pass not sized yet)
+        elif f["pass"] != self.last_pass:
             print(f"pass {f['pass']}: remaining {_mib(f['remaining'])} of {_mib(f['total'])}, "
                   f"dirty {f['dirty_MBps']:.1f} MB/s, {f['mbps']:.0f} Mbit/s", flush=True)
             self.last_pass = f["pass"]
