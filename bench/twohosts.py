@@ -34,6 +34,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -126,15 +127,28 @@ class TwoHosts:
 
     def port_of(self, mac: str) -> str | None:
         """The host whose uplink the switch has learned `mac` on, or None."""
+        return self.guests_seen().get(mac.lower())
+
+    def guests_seen(self) -> dict[str, str]:
+        """{MAC: host} the switch (the client's bridge) has learned behind a host's uplink,
+        leaving out the topology's own interfaces (the host bridges' frames)."""
+        own = set()
+        for ns in self.namespaces:
+            for line in self.sh(ns, "ip", "-br", "link").stdout.splitlines():
+                f = line.split()
+                if len(f) > 2:
+                    own.add(f[2].lower())
+        seen = {}
         out = self.sh(self.client, "bridge", "fdb", "show", "br", BRIDGE).stdout
         for line in out.splitlines():
             f = line.split()
-            if f and f[0].lower() == mac.lower() and "dev" in f:
-                port = f[f.index("dev") + 1]
-                for host in self.hosts:
-                    if port == self.switch_port(host):
-                        return host
-        return None
+            if not f or "permanent" in f or "dev" not in f or f[0].lower() in own:
+                continue
+            port = f[f.index("dev") + 1]
+            for host in self.hosts:
+                if port == self.switch_port(host):
+                    seen[f[0].lower()] = host
+        return seen
 
     def socket_copy(self, nbytes: int, port: int = 4445, src: str | None = None) -> dict:
         """Copy `nbytes` over the migration link with a plain TCP socket (bench.sockcopy),
@@ -172,10 +186,9 @@ class TwoHosts:
         if self.exists():
             out.append(f"migration link: {self.link_ip(self.host_a)} <-> "
                        f"{self.link_ip(self.host_b)}, {self.link_shaping() or 'unshaped'}")
-            learned = self.sh(self.client, "bridge", "fdb", "show", "br", BRIDGE).stdout
-            macs = [line for line in learned.splitlines() if "permanent" not in line]
-            out.append("switch (client br0) has learned: " + (", ".join(
-                f"{m.split()[0]} on {m.split()[2]}" for m in macs) or "nothing yet"))
+            guests = [f"{mac} on {self.switch_port(host)} ({host})"
+                      for mac, host in self.guests_seen().items()]
+            out.append("guests the switch has seen: " + (", ".join(guests) or "none yet"))
         return "\n".join(out)
 
 
@@ -236,6 +249,10 @@ def _build(t: TwoHosts) -> None:
         t.sh(host, "ip", "link", "set", BRIDGE, "up")
         t.sh(t.client, "ip", "link", "set", port, "master", BRIDGE)
         t.sh(t.client, "ip", "link", "set", port, "up")
+    deadline = time.monotonic() + 5         # veths report UP a moment after `set up`
+    while time.monotonic() < deadline and any(
+            "state UP" not in t.sh(h, "ip", "link", "show", LINK_DEV).stdout for h in t.hosts):
+        time.sleep(0.02)
 
 
 def down(t: TwoHosts) -> None:

@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
 
     bench = sub.add_parser("bench", help="benchmarks: `pyvmm bench downtime --help`")
-    bench.add_argument("suite", choices=["downtime", "soak"])
+    bench.add_argument("suite", choices=["downtime", "soak", "migration"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own options")
 
     state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             from .client.migrate import cmd_migrate
             return cmd_migrate(args)
+        if args.command == "bench" and args.suite == "migration":
+            from bench.migration import main as migration_main
+            return migration_main(args.args)
         if args.command == "bench" and args.suite == "soak":
             from bench.soak import main as soak_main
             return soak_main(args.args)

@@ -137,7 +137,7 @@ class Progress:
         elif f["pass"] != self.last_pass:
             print(f"pass {f['pass']}: remaining {_mib(f['remaining'])} of {_mib(f['total'])}, "
                   f"dirty {f['dirty_MBps']:.1f} MB/s, {f['mbps']:.0f} Mbit/s", flush=True)
-        self.last_pass = f["pass"]
+            self.last_pass = f["pass"]
 
 
 def summary_rows(info: dict) -> list[tuple[str, str]]:
