@@ -280,9 +280,13 @@ class Outgoing:
         from ..kvm.ffi import ffi
         self.passes += 1
         self.emit("MIGRATION_PASS", {"pass": self.passes})
-        cap = BATCH_BYTES
         if self._out is None:
-            self._out = ffi.new("uint8_t[]", cap)
+            self._out = ffi.new("uint8_t[]", BATCH_BYTES)
+        cap = BATCH_BYTES
+        if self.max_bandwidth > 0 and not final:
+            # sections of ~0.1 s at a low rate: a smooth pace, and no pause between two
+            # sections long enough for the destination to take it for a stall
+            cap = max(ENTRY, min(cap, self.max_bandwidth // 10))
         counts = self.pages.counts
         before = counts.zero_pages + counts.normal_pages
         base = self.precopy_bytes + self.downtime_bytes
