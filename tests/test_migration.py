@@ -23,6 +23,7 @@ import pytest
 from conftest import ROOT, VmmProcess, need_kvm
 from bench.twohosts import two_hosts
 from test_cpr import QmpFailed, check_pattern, close, qmp, qmp_connect, ram_of, wait_migration
+from vmm.state import dumps as state_blob
 
 MAC = "52:54:00:12:34:56"     # the first NIC's default MAC
 PATTERN = str(ROOT / "guest/build/pattern.elf")
@@ -412,6 +413,7 @@ def section(tag: bytes, payload: bytes, crc=None) -> bytes:
 
 
 HEADER = b"PYVMMIG\0" + struct.pack("<I", 1)
+NOT_A_HELLO = state_blob({"shape": 1})   # a well-formed blob, but not a HELO
 
 
 @pytest.mark.parametrize("data, says", [
@@ -420,7 +422,9 @@ HEADER = b"PYVMMIG\0" + struct.pack("<I", 1)
     (HEADER + section(b"HELO", b"x" * 64, crc=1), "CRC-32C does not match"),
     (HEADER + section(b"HELO", b"x" * 64)[:40], "truncated"),
     (HEADER + section(b"ZZZZ", b""), "unknown section"),
-], ids=["foreign", "version", "crc", "truncated", "tag"])
+    (HEADER + section(b"HELO", b"\x00" * 40), "not a pyvmm state blob"),
+    (HEADER + section(b"HELO", NOT_A_HELLO), "does not name the guest's NICs"),
+], ids=["foreign", "version", "crc", "truncated", "tag", "blob", "hello"])
 def test_corrupt_or_foreign_stream_is_refused(procs, hosts, tmp_path, data, says):
     dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
     _, host, port = uri.split(":")

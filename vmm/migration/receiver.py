@@ -149,8 +149,11 @@ class Receiver(Waiting):
         from ..memory import GuestMemory
         from ..schema import check
         hello = state_format.loads(bytes(payload))
+        nets = hello.get("nets")   # (a blob's body is always a map)
+        if not isinstance(nets, list) or not all(isinstance(n, str) for n in nets):
+            raise StreamError("migration stream is corrupt: its HELO section does not name "
+                              "the guest's NICs")
         shape = check("shape", hello.get("shape"))
-        nets = hello.get("nets", [])
         if len(nets) != len(self.taps):
             raise VmmError(f"the guest has {len(nets)} NIC(s) ({', '.join(nets) or 'none'}) "
                            f"and this pyvmm was given {len(self.taps)} --net: give one "
