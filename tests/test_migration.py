@@ -22,12 +22,15 @@ import pytest
 
 from conftest import ROOT, VmmProcess, need_kvm
 from bench.twohosts import two_hosts
-from test_cpr import QmpFailed, check_pattern, close, qmp, qmp_connect, ram_of, wait_migration
+from test_cpr import (QmpFailed, assert_ticks_continuous, check_pattern, close, qmp, qmp_connect,
+                      ram_of, ticks, wait_migration)
+from test_qemu_recipes import wait_file
 from vmm.state import dumps as state_blob
 
 MAC = "52:54:00:12:34:56"     # the first NIC's default MAC
 PATTERN = str(ROOT / "guest/build/pattern.elf")
 NETECHO = str(ROOT / "guest/build/netecho.elf")
+TICKER = str(ROOT / "guest/build/ticker.elf")
 # a dead or silent peer is noticed within this (s); the destination waits 3x as long
 ENV = dict(os.environ, PYVMM_MIGRATION_TIMEOUT="3")
 
@@ -63,13 +66,14 @@ def start_source(procs, hosts, tmp_path, kernel, cmdline="", net=False):
     return procs(hosts.host_a, args), qmp_path
 
 
-def start_destination(procs, hosts, tmp_path, net=False, defer=False):
+def start_destination(procs, hosts, tmp_path, net=False, defer=False, console=None):
     """A pyvmm in hostB waiting on a free port of the link; (process, QMP path, tcp URI)."""
     qmp_path = tmp_path / "dst.qmp"
     host = hosts.link_ip(hosts.host_b)
     incoming = "defer" if defer else f"tcp:{host}:0"
     p = procs(hosts.host_b, ["run", "--incoming", incoming, "--qmp", str(qmp_path)] +
-              (["--net", f"tap,ifname={hosts.tap}"] if net else []))
+              (["--net", f"tap,ifname={hosts.tap}"] if net else []) +
+              (["--console", str(console)] if console else []))
     q = qmp_connect(qmp_path)
     try:
         if defer:
@@ -508,3 +512,28 @@ def test_downtime_limit_holds_and_auto_converge_makes_a_fast_dirtier_converge(pr
         check_pattern(ram_of(dst.proc.pid), progress)
     finally:
         close(q)
+
+
+def test_there_and_back_again(procs, hosts, tmp_path):
+    """A guest that arrived by migration leaves again: hostA -> hostB -> hostA, its tick
+    counter going on across the three VMMs, never back.  (All three append the guest's
+    serial output to one console file, so a line cut by a move is whole there.)"""
+    console = tmp_path / "console.log"
+    procs(hosts.host_a, ["run", "--kernel", TICKER, "--cmdline", "period_us=20000",
+                         "--console", str(console), "--qmp", str(tmp_path / "a.qmp")])
+    wait_file(console, r"tick 5 ")
+    there, there_qmp, uri = start_destination(procs, hosts, tmp_path, console=console)
+    assert migrate(tmp_path / "a.qmp", uri)[0]["status"] == "completed"
+    n = ticks(console.read_text())[-1][0]
+    wait_file(console, rf"tick {n + 3} ")
+    back_qmp = tmp_path / "back.qmp"
+    host = hosts.link_ip(hosts.host_a)
+    procs(hosts.host_a, ["run", "--incoming", f"tcp:{host}:0", "--console", str(console),
+                         "--qmp", str(back_qmp)])
+    port = wait_status(back_qmp, ("setup",))["socket-address"][0]["port"]
+    info, _ = migrate(there_qmp, f"tcp:{host}:{port}")
+    assert info["status"] == "completed", info
+    assert status(back_qmp) == "running"
+    n = ticks(console.read_text())[-1][0]
+    wait_file(console, rf"tick {n + 3} ")
+    assert_ticks_continuous(console.read_text())
