@@ -122,6 +122,7 @@ class Outgoing:
         self.expected_downtime = None
         self.pages: PageSet | None = None
         self._out = None   # the PAGE sections' buffer (C)
+        self.tracker: DirtyTracker | None = None
         self.throttle = Throttle(machine)
 
     # -- reporting -------------------------------------------------------------------------
@@ -186,6 +187,8 @@ class Outgoing:
         try:
             return self._run()
         except Exception as e:   # (a bug): query-migrate must not say "active" forever
+            if self.tracker is not None:
+                self.tracker.stop()   # (the data path must not keep a pointer to its log)
             self.error = f"internal error: {type(e).__name__}: {e}"
             self._set_status("failed")
             return False
@@ -198,7 +201,8 @@ class Outgoing:
     def _run(self) -> bool:
         m = self.machine
         self._set_status("setup")
-        tracker = DirtyTracker(m)
+        # (kept on self: the data paths hold a pointer to its C log until stop())
+        tracker = self.tracker = DirtyTracker(m)
         try:
             self._connect()
             tracker.start()          # refuses a device that cannot log (backend=python)
