@@ -22,6 +22,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from conftest import ROOT, need_kvm, pyvmm_cmd
 from bench.lab import GUEST_IP, in_ns, netns_with_tap, wait_until_no_child
 from vmm.client.cpr import wait_migration as wait_settled
+from vmm.control import HOLD_OFF_S
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -326,6 +327,12 @@ def test_migrate_cancel_resumes(guests, vmm_procs, tmp_path, fault):
         qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
                                     {"channel-type": "cpr", "addr": addr}])
         time.sleep(0.4)
+        if fault == "target-slow-restore":
+            # The guest is stopped: the monitor holds its clients off (Controller.hold_off)
+            # until the stop ends or HOLD_OFF_S has passed, and still takes the cancel.
+            t = time.monotonic()
+            assert qmp(q, "query-migrate")["status"] == "device"
+            assert time.monotonic() - t >= HOLD_OFF_S * 0.9
         qmp(q, "migrate_cancel")
         info = wait_migration(q)
     finally:

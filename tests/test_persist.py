@@ -21,7 +21,7 @@ from vmm.errors import VmmError
 from vmm.schema import Int, Names, Schema, DeviceEntry
 from vmm.state import StateError, dumps, loads
 
-DEVICES = Schema("devices", Names(DeviceEntry()))
+DEVICES = Schema("devices", Names(DeviceEntry(KINDS)))
 
 
 class FakeVm:

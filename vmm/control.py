@@ -22,6 +22,7 @@ from .cpr.timeline import timeline_info
 from .errors import VmmError
 
 MAX_DOWNTIME_LIMIT_MS = 2_000_000   # QEMU's range: 0 to 2000 seconds
+HOLD_OFF_S = 0.1   # how long the monitor waits out a live update's stop (hold_off)
 
 
 class Controller:
@@ -250,6 +251,19 @@ class Controller:
         if arrival.peer_threads is not None:
             info["x-peer-threads-at-transfer"] = arrival.peer_threads
         return info
+
+    def hold_off(self) -> None:
+        """Called by the monitor before it serves anything: while a live update has the
+        guest stopped (here, or arriving here), wait for that to end, at most
+        HOLD_OFF_S.  QEMU's monitor waits for its big lock the same way.  A client
+        polling query-migrate every few ms would otherwise take the GIL from the
+        update inside its downtime (measured: +0.7 ms at the median of a
+        cpr-transfer polled every 5 ms).  The bound keeps migrate_cancel working
+        when a stop lasts long (a slow new VMM)."""
+        for side in (self.migration, self.incoming):
+            settled = getattr(side, "settled", None)
+            if settled is not None and not settled.is_set():
+                settled.wait(HOLD_OFF_S)
 
     def migrate_cancel(self) -> None:
         if self.migration is not None:

@@ -33,8 +33,8 @@ MOST_DEVICES = 256
 class _Fail(Exception):
     """(internal) a field is wrong: its path from the root, and why."""
 
-    def __init__(self, path: str, why: str):
-        self.path, self.why = path, why
+    def __init__(self, path, why: str):
+        self.path, self.why = _render(path), why
 
 
 def _kind(value) -> str:
@@ -51,11 +51,27 @@ def _show(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _at(path: str, key) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    key = key if len(key) <= 40 else key[:37] + "..."
-    return f"{path}.{key}" if path else key
+def _at(path, key):
+    """The path of a field inside `path`: kept as a (parent, key) pair and only
+    spelled out when a check fails (the check runs inside the downtime, where
+    formatting every field's name cost more than checking it)."""
+    return (path, key)
+
+
+def _render(path) -> str:
+    """A path as people read it: `devices.serial.state.lsr`, `vcpus[0]`."""
+    keys = []
+    while isinstance(path, tuple):
+        path, key = path
+        keys.append(key)
+    text = path or ""
+    for key in reversed(keys):
+        if isinstance(key, int):
+            text += f"[{key}]"
+        else:
+            key = key if len(key) <= 40 else key[:37] + "..."
+            text = f"{text}.{key}" if text else key
+    return text
 
 
 class Int:
@@ -186,15 +202,17 @@ class DeviceEntry:
 
     head = Map({"kind": Str(), "version": Int(0, U32), "fds": List(Str(), 16), "state": Map({})})
 
+    def __init__(self, kinds):
+        self.kinds = kinds   # the device registry (vmm.devices.KINDS)
+
     def resolve(self, v):
         """The State class for entry `v` (a map with a known kind)."""
         from .devices import device_class
         return device_class(v["kind"]).State
 
     def check(self, v, path):
-        from .devices import KINDS
         self.head.check(v, path)
-        if v["kind"] not in KINDS:
+        if v["kind"] not in self.kinds:
             raise _Fail(_at(path, "kind"), f"{_show(v['kind'])} is not a device this pyvmm has")
         state = self.resolve(v)
         if v["version"] != state.VERSION:
@@ -281,7 +299,7 @@ def _build():
         "machine": shape,
         "vm": vm,
         "vcpus": List(vcpu, MAX_VCPUS),
-        "devices": Names(DeviceEntry(), MOST_DEVICES),
+        "devices": Names(DeviceEntry(KINDS), MOST_DEVICES),
         "time": Map({"host_ns": i64, "tsc_khz": u32}),
         "cpr": cpr,
     }, rule=state_rule)
@@ -325,7 +343,7 @@ def undescribed(name: str, tree) -> list[str]:
                 if key in spec.fields:
                     walk(spec.fields[key], x, _at(path, key))
                 else:
-                    out.append(_at(path, key))
+                    out.append(_render(_at(path, key)))
         elif isinstance(spec, Names) and type(v) is dict:
             for key, x in v.items():
                 walk(spec.value, x, _at(path, key))

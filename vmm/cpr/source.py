@@ -196,6 +196,10 @@ class Migration:
         self._cancel = threading.Event()
         self.channel: Channel | None = None
         self.done = threading.Event()
+        # Clear while the guest is stopped here (the downtime, or a rollback): the QMP
+        # monitor holds off its clients meanwhile (Controller.hold_off).
+        self.settled = threading.Event()
+        self.settled.set()
 
     # -- reporting -----------------------------------------------------------------------
     def _set_status(self, status: str) -> None:
@@ -236,6 +240,7 @@ class Migration:
             return self._run()
         finally:
             sys.setswitchinterval(interval)
+            self.settled.set()
             self.done.set()
 
     def _run(self) -> bool:
@@ -261,6 +266,7 @@ class Migration:
         # (1) stop: from here on, any failure resumes the guest.
         was_running = self.was_running = m.running   # a paused guest stays paused (QEMU)
         self._set_status("active")
+        self.settled.clear()
         self._mark("stop")
         m.pause()
         if was_running:
@@ -378,6 +384,7 @@ class Migration:
         # a send that fails delivered nothing: SOCK_SEQPACKET, so we can still roll back)
         self.channel.send({"msg": "go", "steps": self.timeline.steps[-2:]})
         self.committed = True
+        self.settled.set()   # the guest is the new VMM's now
 
     def _wait_restored(self) -> None:
         """"restored" from the new VMM before the guest has been stopped downtime-limit ms;

@@ -173,7 +173,8 @@ class Waiting:
     query-migrate with on_status(status) called at each change, a deferred start
     (QMP migrate-incoming, which may name the address: _listen_on(addr)), and
     abort() from another thread (quit, a signal), which wakes the wait for a peer
-    on `listener` and shuts the connection (`_peer_socket()`) down."""
+    on `listener` and shuts the connection (`_peer_socket()`) down; `settled`, clear
+    while the guest is stopped on its way in (the monitor holds its clients off)."""
 
     def __init__(self, deferred: bool):
         self.listener = None
@@ -182,6 +183,9 @@ class Waiting:
         self.deferred = deferred      # started with defer: accept only after start()
         self.started = not deferred
         self.aborted = False
+        from ..sync import Event
+        self.settled = Event()   # clear from the state's arrival to the resume (hold_off)
+        self.settled.set()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def _set_status(self, status: str) -> None:
@@ -346,6 +350,14 @@ class Incoming(Waiting):
         self.faults.crash("target-crash-before-fds")
         msg, fds = self.channel.expect("state", timeout=None)
         gc.disable()   # the guest is stopped until resume_guest(), which enables it again
+        self.settled.clear()
+        try:
+            return self._complete(msg, fds)
+        finally:
+            self.settled.set()
+
+    def _complete(self, msg, fds):
+        from .channel import ChannelError
         self.timeline.mark("restore")
         try:
             from ..schema import check

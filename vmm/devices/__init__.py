@@ -47,14 +47,21 @@ KINDS = {
 DEFAULT_DEVICES = (("serial", ""), ("debug-exit", ""))
 
 
+_classes: dict = {}   # kind -> class, once imported (looked up inside the downtime)
+
+
 def device_class(kind: str):
     """The class of a registered device kind (its module imported now)."""
+    cls = _classes.get(kind)
+    if cls is not None:
+        return cls
     from ..errors import VmmError
     where = KINDS.get(kind)
     if where is None:
         raise VmmError(f"no device kind {kind!r}: choose one of {', '.join(KINDS)}")
     module, _, name = where.partition(":")
-    return getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)
+    cls = _classes[kind] = getattr(__import__(f"{__name__}.{module}", fromlist=[name]), name)
+    return cls
 
 
 class State:

@@ -225,7 +225,15 @@ class Receiver(Waiting):
             raise failed[0]
 
     def complete(self):
-        """Restore, RSTD, wait for GO!!, resume, RUNS, announce.  Returns the machine."""
+        """Restore, RSTD, wait for GO!!, resume, RUNS, announce.  Returns the machine.
+        (`settled` is clear meanwhile: the guest is stopped on its way here.)"""
+        self.settled.clear()
+        try:
+            return self._complete()
+        finally:
+            self.settled.set()
+
+    def _complete(self):
         from ..schema import check
         m = self.machine
         try:

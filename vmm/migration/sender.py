@@ -107,6 +107,10 @@ class Outgoing:
         self.error: str | None = None
         self.committed = False
         self.done = threading.Event()
+        # Clear while the guest is stopped here (the last pass, or a rollback): the QMP
+        # monitor holds its clients off meanwhile (Controller.hold_off), as for CPR.
+        self.settled = threading.Event()
+        self.settled.set()
         self._cancel = threading.Event()
         self.sock: socket.socket | None = None
         # the figures of query-migrate
@@ -196,6 +200,7 @@ class Outgoing:
             self.t_end = self.t_end or time.monotonic_ns()
             if self.sock is not None:
                 self.sock.close()
+            self.settled.set()
             self.done.set()
 
     def _run(self) -> bool:
@@ -221,6 +226,7 @@ class Outgoing:
             self.throttle.stop()
             was_running = m.running
             self.t_stop = time.monotonic_ns()
+            self.settled.clear()
             m.pause()
             stopped = True
             if was_running:
@@ -236,6 +242,7 @@ class Outgoing:
             self._check_cancel()
             send_section(self.sock, b"GO!!")
             self.committed = True               # the point of no return
+            self.settled.set()
         except Exception as e:
             self.throttle.stop()
             tracker.stop()
@@ -381,6 +388,7 @@ class Outgoing:
             if was_running:
                 m.resume()
                 self.emit("RESUME")
+        self.settled.set()
         self.t_end = time.monotonic_ns()
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")
         print(f"pyvmm: migration {self.status}: {self.error}; the guest goes on here",

@@ -246,7 +246,11 @@ class Monitor:
                 self._accept_after = None
                 timeout = None
                 self._sel.register(self._listener, selectors.EVENT_READ, "listener")
-        for key, mask in self._sel.select(timeout):
+        ready = self._sel.select(timeout)
+        hold_off = getattr(self.controller, "hold_off", None)
+        if ready and hold_off is not None:
+            hold_off()   # not inside a live update's downtime (see Controller.hold_off)
+        for key, mask in ready:
             try:
                 self._ready(key, mask)
             except Exception as e:
