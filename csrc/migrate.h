@@ -31,13 +31,21 @@ uint64_t pyvmm_mig_pack(const uint8_t *ram, uint64_t npages, uint64_t *bits,
 			uint64_t *cursor, uint8_t *out, uint64_t cap,
 			struct pyvmm_mig_counts *counts);
 
-/* Write a PAGE payload into the npages pages of RAM at `ram`.  `touched` has
- * one bit per page, set here for each page written: a zero page is written
- * (memset) only if it was touched before, so the untouched pages of the fresh
- * RAM memfd stay holes (never faulted in, never allocated).  Returns 0, or
- * -EINVAL if an entry is cut short, has unknown flags or names a page past
- * the end (nothing past that entry is written). */
-int pyvmm_mig_apply(const uint8_t *in, uint64_t len, uint8_t *ram, uint64_t npages,
+/* Write a PAGE payload into the npages pages of RAM: the memfd `fd` whose
+ * mapping is `ram`.  Whole pages go in with pwritev() on the memfd, runs of
+ * consecutive pages in one call: the kernel allocates and fills them without a
+ * page fault per page in this process's mapping.  `touched` has one bit per
+ * page, set for each page written; a zero page is written (memset) only if it
+ * was touched before, so the untouched pages of the fresh memfd stay holes
+ * (never allocated).  Returns 0; -EINVAL if an entry is cut short, has unknown
+ * flags or names a page past the end (entries before it are written); or
+ * -errno if pwritev fails. */
+int pyvmm_mig_apply(const uint8_t *in, uint64_t len, int fd, uint8_t *ram, uint64_t npages,
 		    uint64_t *touched, struct pyvmm_mig_counts *counts);
+
+/* CRC-32C (Castagnoli) of n bytes, continuing from crc (0 to start): the
+ * stream's section checksum.  SSE4.2's crc32 instruction when the CPU has it
+ * (several GB/s: the check must not slow a pass down), else a table. */
+uint32_t pyvmm_crc32c(uint32_t crc, const uint8_t *p, uint64_t n);
 
 #endif

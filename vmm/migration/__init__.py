@@ -5,7 +5,7 @@ pyvmm on another host while the guest keeps running, then moves the rest the
 way CPR does (the same stop, device save/restore and state blob, the same
 rollback when anything fails before the destination runs the guest).
 
-    stream.py    the wire format: a versioned header, then framed sections with a CRC-32
+    stream.py    the wire format: a versioned header, then framed sections with a CRC-32C
     pages.py     which pages to send (KVM's dirty log ORed with the data path's), C packing
     sender.py    the source: passes, convergence, auto-converge, stop, commit or roll back
     receiver.py  the destination: listen, rebuild RAM and the machine, resume, announce

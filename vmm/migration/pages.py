@@ -50,9 +50,10 @@ class PageSet:
             try:
                 start = os.lseek(fd, pos, os.SEEK_DATA)
             except OSError as e:
-                if e.errno != errno.ENXIO:   # (ENXIO: no data past pos)
-                    raise
-                break
+                if e.errno == errno.ENXIO:   # no data past pos
+                    break
+                self.add((1 << self.npages) - 1)   # (a file system without SEEK_DATA)
+                return
             end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
             first, last = start // PAGE, (end + PAGE - 1) // PAGE
             pages |= ((1 << (last - first)) - 1) << first
@@ -111,8 +112,9 @@ class DirtyTracker:
         try:
             self.machine.log_dirty_devices(None)
             self._set_slots(0)
-        except VmmError:
-            pass
+        except VmmError as e:   # (never in the way of a rollback: say it and go on)
+            import sys
+            print(f"pyvmm: migration: cannot turn dirty logging off: {e}", file=sys.stderr)
 
 
 class Applier:
@@ -129,7 +131,10 @@ class Applier:
         """Write one PAGE section's pages, or raise StreamError."""
         from .stream import StreamError
         r = lib.pyvmm_mig_apply(ffi.from_buffer("uint8_t[]", payload), len(payload),
-                                self.ram, self.npages, self.touched, self.counts)
-        if r < 0:
+                                self.memory.fd, self.ram, self.npages, self.touched,
+                                self.counts)
+        if r == -errno.EINVAL:
             raise StreamError("migration stream is corrupt: a PAGE section names a page "
                               "outside guest RAM or is cut short")
+        if r < 0:
+            raise VmmError(f"cannot write the guest's RAM here: {os.strerror(-r)}")

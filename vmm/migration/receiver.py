@@ -133,6 +133,7 @@ class Receiver(Waiting):
         self.listener.close()
         self.listener = None
         self.sock.settimeout(self.timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # (RSTD, RUNS)
         self.t_start = time.monotonic_ns()
         self._set_status("active")
         try:
@@ -165,24 +166,60 @@ class Receiver(Waiting):
             raise
 
     def _receive_ram(self) -> None:
+        """PAGE sections into RAM until STAT.  Pages are written on a second thread
+        (its C call drops the GIL) while the next section is received and checked:
+        writing fresh RAM (the kernel allocates and zeroes each page) costs as much as
+        receiving it."""
+        import queue
+        import threading
         from .pages import BATCH_BYTES, Applier
         pages = Applier(self.memory)
-        buf = bytearray(BATCH_BYTES)
-        while True:
-            if self.aborted:
-                raise IncomingAborted("quit while the migration was coming")
-            tag, payload = recv_section(self.sock, buf)
-            self.received += 16 + len(payload)
-            if tag == b"PAGE":
-                pages.apply(payload)
-            elif tag == b"PASS":
-                self.passes += 1
-            elif tag == b"STAT":
-                self.state = bytes(payload)
-                return
-            else:
-                raise StreamError(f"migration stream out of order: {tag.decode()} while "
-                                  "RAM was coming")
+        free: queue.Queue = queue.Queue()
+        for _ in range(3):
+            free.put(bytearray(BATCH_BYTES))
+        work: queue.Queue = queue.Queue()
+        failed: list[BaseException] = []
+
+        def writer():
+            while (item := work.get()) is not None:
+                buf, payload = item
+                try:
+                    if not failed:
+                        pages.apply(payload)
+                except BaseException as e:
+                    failed.append(e)
+                finally:
+                    payload.release()
+                    free.put(buf)
+
+        thread = threading.Thread(target=writer, name="mig-write", daemon=True)
+        thread.start()
+        try:
+            while True:
+                if self.aborted:
+                    raise IncomingAborted("quit while the migration was coming")
+                if failed:
+                    raise failed[0]
+                buf = free.get()
+                tag, payload = recv_section(self.sock, buf)
+                self.received += 16 + len(payload)
+                if tag == b"PAGE":
+                    work.put((buf, payload))
+                    continue
+                free.put(buf)
+                if tag == b"PASS":
+                    self.passes += 1
+                elif tag == b"STAT":
+                    self.state = bytes(payload)
+                    break
+                else:
+                    raise StreamError(f"migration stream out of order: {tag.decode()} "
+                                      "while RAM was coming")
+        finally:
+            work.put(None)
+            thread.join()   # every page is in RAM before the state is restored
+        if failed:
+            raise failed[0]
 
     def complete(self):
         """Restore, RSTD, wait for GO!!, resume, RUNS, announce.  Returns the machine."""
@@ -221,12 +258,18 @@ class Receiver(Waiting):
         return m
 
     def _refuse(self, error: BaseException) -> None:
-        """Tell the source why (it resumes its guest), best effort."""
+        """Tell the source why (it resumes its guest), best effort; then read what it still
+        sends until it hangs up (at most 2 s), so that closing with unread data (a TCP
+        reset) does not throw the reason away before the source has read it."""
         if self.sock is None or self.aborted:
             return
         try:
             self.sock.settimeout(1.0)
             send_section(self.sock, b"FAIL", str(error).encode()[:4000])
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
         except OSError:
             pass
         self._set_status("failed")

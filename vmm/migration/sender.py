@@ -20,6 +20,7 @@ the guest is the destination's: this pyvmm stays paused (postmigrate) until quit
 from __future__ import annotations
 
 import os
+import select
 import socket
 import sys
 import threading
@@ -69,10 +70,12 @@ class Throttle:
         m = self.machine
         while not self._stop.is_set():
             off = self.PERIOD * self.percent / 100
-            if m.running:
-                m.pause()
+            if m.running:   # (the vCPU threads alone: the run state stays "running")
+                for t in m.threads:
+                    t.pause()
                 self._stop.wait(off)
-                m.resume()
+                for t in m.threads:
+                    t.resume()
             self._stop.wait(self.PERIOD - off)
 
     def stop(self) -> None:
@@ -182,6 +185,10 @@ class Outgoing:
         or failed if the destination never said it runs it)."""
         try:
             return self._run()
+        except Exception as e:   # (a bug): query-migrate must not say "active" forever
+            self.error = f"internal error: {type(e).__name__}: {e}"
+            self._set_status("failed")
+            return False
         finally:
             self.t_end = self.t_end or time.monotonic_ns()
             if self.sock is not None:
@@ -273,9 +280,13 @@ class Outgoing:
         from ..kvm.ffi import ffi
         self.passes += 1
         self.emit("MIGRATION_PASS", {"pass": self.passes})
-        cap = BATCH_BYTES
         if self._out is None:
-            self._out = ffi.new("uint8_t[]", cap)
+            self._out = ffi.new("uint8_t[]", BATCH_BYTES)
+        cap = BATCH_BYTES
+        if self.max_bandwidth > 0 and not final:
+            # sections of ~0.1 s at a low rate: a smooth pace, and no pause between two
+            # sections long enough for the destination to take it for a stall
+            cap = max(ENTRY, min(cap, self.max_bandwidth // 10))
         counts = self.pages.counts
         before = counts.zero_pages + counts.normal_pages
         base = self.precopy_bytes + self.downtime_bytes
@@ -300,11 +311,16 @@ class Outgoing:
         else:
             self.precopy_bytes += sent
         self.transferred = self.precopy_bytes + self.downtime_bytes
-        pages = counts.zero_pages + counts.normal_pages - before
-        self.pages_per_second = int(pages / seconds) if seconds > 0 else 0
+        if not final:   # (QEMU's figure is the precopy's)
+            pages = counts.zero_pages + counts.normal_pages - before
+            self.pages_per_second = int(pages / seconds) if seconds > 0 else 0
         return sent, seconds
 
     def _send(self, tag: bytes, payload) -> int:
+        """Send a section; a destination that said FAIL meanwhile stops us with its reason
+        (it waits for us to hang up: one select per ~1 MiB section)."""
+        if select.select([self.sock], [], [], 0)[0]:
+            raise StreamError(self._peer_reason() or "the destination hung up")
         try:
             return send_section(self.sock, tag, payload)
         except socket.timeout:
