@@ -213,6 +213,8 @@ def main(argv=None) -> int:
         args.vmm_list.remove("qemu72")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from vmm.cli import version_text
+    tree = version_text()                       # the code that runs, not what is committed later
     old_term = signal.signal(signal.SIGTERM, on_sigterm)
     reg = Cleanup()
     records, failures = [], []
@@ -244,11 +246,10 @@ def main(argv=None) -> int:
     finally:
         reg.close()
         signal.signal(signal.SIGTERM, old_term)
-    from vmm.cli import version_text
     head = ["# pyvmm live-migration benchmark", "",
             f"- command: `pyvmm bench migration {' '.join(argv)}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-            f"- tree: {version_text()}",
+            f"- tree: {tree}",
             f"- host: {host_description()}",
             f"- link: veth between two network namespaces, "
             f"{args.link_rate or 'unlimited'}; downtime-limit {args.downtime_limit} ms, "
