@@ -147,8 +147,10 @@ def migrate_once(reg: Cleanup, t, vmm: str, size: int, dirty: str, downtime_ms: 
            "passes": ram.get("dirty-sync-count"), "zero_pages": ram.get("duplicate"),
            "normal_pages": ram.get("normal"),
            "copy_bytes": size - 32 * MiB if dirty != "ticker" else None,
+           # (the ticker's RAM is all zero pages: its pass 1 says nothing about the sender)
            "pass1_MBps": ((pass1[-1][2] - pass1[0][2]) / (pass1[-1][0] - pass1[0][0]) / 1e6
-                          if len(pass1) > 1 and pass1[-1][0] - pass1[0][0] >= 0.05 else None)}
+                          if dirty != "ticker" and len(pass1) > 1
+                          and pass1[-1][0] - pass1[0][0] >= 0.05 else None)}
     if dirty == "ticker":
         rec.update(heartbeat_views(joined_lines([src, dst]), t_cmd, t_done))
     elif rec["pass1_MBps"]:
@@ -211,6 +213,8 @@ def main(argv=None) -> int:
         args.vmm_list.remove("qemu72")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from vmm.cli import version_text
+    tree = version_text()                       # the code that runs, not what is committed later
     old_term = signal.signal(signal.SIGTERM, on_sigterm)
     reg = Cleanup()
     records, failures = [], []
@@ -242,11 +246,10 @@ def main(argv=None) -> int:
     finally:
         reg.close()
         signal.signal(signal.SIGTERM, old_term)
-    from vmm.cli import version_text
     head = ["# pyvmm live-migration benchmark", "",
             f"- command: `pyvmm bench migration {' '.join(argv)}`",
             f"- date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
-            f"- tree: {version_text()}",
+            f"- tree: {tree}",
             f"- host: {host_description()}",
             f"- link: veth between two network namespaces, "
             f"{args.link_rate or 'unlimited'}; downtime-limit {args.downtime_limit} ms, "

@@ -38,7 +38,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from bench.lab import GUEST_IP, HOST_IP, sh
+from bench.lab import GUEST_IP, HOST_IP, in_ns, sh
 
 CLIENT_IP = HOST_IP          # the client's address on the guest's segment
 LINK_NET = "192.168.77"      # the migration link: .1 in hostA, .2 in hostB
@@ -92,8 +92,8 @@ class TwoHosts:
         return "up" + host[-1]
 
     def run(self, ns: str, *cmd: str) -> list[str]:
-        """The command line that runs `cmd` inside namespace `ns`."""
-        return ["ip", "netns", "exec", ns, *cmd]
+        """The command line that runs `cmd` inside namespace `ns` (bench.lab.in_ns)."""
+        return in_ns(ns, *cmd)
 
     def sh(self, ns: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return sh(*self.run(ns, *cmd), check=check)
