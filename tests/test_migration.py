@@ -212,6 +212,42 @@ def test_every_page_arrives(procs, hosts, tmp_path, rate):
     assert_source_postmigrate(src, src_qmp)
 
 
+def test_progress_during_pass_1_and_the_destination_events(procs, hosts, tmp_path):
+    """query-migrate's `remaining` counts down through pass 1 (as QEMU's: the RAM bytes
+    still to send), and a client of the destination sees QEMU's events there: the
+    incoming migration's statuses, then RESUME as the guest starts, then completed."""
+    src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=16")
+    src.wait_for(r"^pass 2$")
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path)
+    watch = qmp_connect(dst_qmp)
+    try:
+        q = qmp_connect(src_qmp)
+        try:   # 16 MiB/s: pass 1 (~17 MiB the guest touched) takes about a second
+            qmp(q, "migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+            qmp(q, "migrate", uri=uri)
+            during = []
+            while True:
+                info = qmp(q, "query-migrate")
+                if info["status"] in ("completed", "failed", "cancelled"):
+                    break
+                if info["status"] == "active" and info["ram"]["dirty-sync-count"] == 1:
+                    during.append(info["ram"]["remaining"])
+                time.sleep(0.05)
+        finally:
+            close(q)
+        assert info["status"] == "completed", info
+        assert info["ram"]["remaining"] == 0
+        time.sleep(0.2)
+        events = [e["event"] if e["event"] != "MIGRATION" else e["data"]["status"]
+                  for e in watch.get_events()]
+    finally:
+        close(watch)
+    assert len(during) >= 3, during
+    assert all(0 < r <= 128 << 20 for r in during[:-1]), during
+    assert during == sorted(during, reverse=True) and during[0] > during[-1], during
+    assert events == ["active", "RESUME", "completed"], events
+
+
 # -- the network --------------------------------------------------------------------------------
 def udp_stream(hosts, count, interval):
     return subprocess.Popen(hosts.run(hosts.client, sys.executable, "-m", "bench.traffic",

@@ -292,6 +292,8 @@ def _run_incoming(args, config, console) -> int:
             monitor[0].close()
         machine.close()
         return exit_code[0]
-    if monitor:
+    if monitor:   # (QEMU's order on a destination: RESUME as the guest starts, then this)
+        if machine.running:
+            monitor[1].emit("RESUME")
         monitor[1].emit("MIGRATION", {"status": "completed"})
     return serve(machine, config, monitor=monitor, arrival=incoming.arrival)

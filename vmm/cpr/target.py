@@ -60,6 +60,19 @@ def build_machine(shape: dict, ram_fd: int, config: dict, console=None, *, memor
     return machine
 
 
+def warm_up(machine, shape: dict) -> None:
+    """Run the restore path once before the guest stops, on the new empty VM (its own
+    state written back through the blob encoder, the decoder and the schema check of a
+    whole saved tree, and throwaway devices of the shape's kinds): a first run in a
+    fresh process is the slow one (the cold schema check alone took ~5 ms), and the
+    real one runs inside the downtime.  cpr-transfer's and a TCP migration's
+    destinations both do it."""
+    own = machine.save_state()
+    machine.restore_state(state_format.loads(state_format.dumps(own), "saved"),
+                          advance_time=False)
+    machine.warm_up_restore(shape.get("devices", ()))
+
+
 def restore(machine, state: dict, fds: dict[str, int]) -> None:
     """Write the saved state into the machine and re-own its devices (not resumed yet)."""
     machine.restore_state(state)
@@ -327,14 +340,7 @@ class Incoming(Waiting):
             self.faults.delay("target-slow-prepare")
             self.config = msg.get("config", {})
             self.machine = build_machine(shape, fds[0], self.config, self.console)
-            # Run the blob decoder and the state writers once now, on the empty VM (its
-            # own state written back): a first run in a fresh process is the slow one.
-            # (and the schema check of a whole saved tree: cold, its first run cost
-            # ~5 ms in a fresh process, which the real one after the stop must not)
-            own = self.machine.save_state()
-            self.machine.restore_state(state_format.loads(state_format.dumps(own), "saved"),
-                                       advance_time=False)
-            self.machine.warm_up_restore(shape.get("devices", ()))
+            warm_up(self.machine, shape)
         except Exception as e:
             for fd in fds:
                 _close(fd)

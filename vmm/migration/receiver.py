@@ -145,7 +145,7 @@ class Receiver(Waiting):
             raise
 
     def _build(self, payload) -> None:
-        from ..cpr.target import build_machine
+        from ..cpr.target import build_machine, warm_up
         from ..memory import GuestMemory
         from ..schema import check
         hello = state_format.loads(bytes(payload))
@@ -163,6 +163,7 @@ class Receiver(Waiting):
         self.memory = GuestMemory(mem["size"], hugetlb=mem.get("hugetlb", False))
         try:
             self.machine = build_machine(shape, -1, {}, self.console, memory=self.memory)
+            warm_up(self.machine, shape)
         except BaseException:
             self.memory.close()
             self.memory = None

@@ -217,6 +217,7 @@ class Outgoing:
             return self._failed(e, stopped=False)
         self.pages = PageSet(m.memory)
         self.pages.add_populated()
+        self.remaining = self.pages.count() * PAGE
         self.t_active = time.monotonic_ns()
         self._set_status("active")
         stopped = was_running = False
@@ -273,10 +274,11 @@ class Outgoing:
             self.pages.add(dirty)
             ndirty = dirty.bit_count()
             self.dirty_rate = int(ndirty / seconds) if seconds > 0 else 0
-            self.remaining = self.pages.count() * ENTRY
+            left = self.pages.count()
+            self.remaining = left * PAGE
             rate = sent / seconds if seconds > 0 and sent else 0   # bytes/s
             self.mbps = rate * 8 / 1e6
-            self.expected_downtime = int(self.remaining * 1000 / rate) if rate else 0
+            self.expected_downtime = int(left * ENTRY * 1000 / rate) if rate else 0
             if self.expected_downtime <= self.downtime_limit_ms:
                 return
             if self.auto_converge and self.passes >= 2 and \
@@ -311,6 +313,7 @@ class Outgoing:
                 break
             sent += self._send(b"PAGE", ffi.buffer(self._out, n))
             self.transferred = base + sent
+            self.remaining = self.pages.count() * PAGE   # (QEMU's: RAM bytes still to send)
             if self.max_bandwidth > 0 and not final:   # (never slow the stopped guest down)
                 ahead = sent / self.max_bandwidth - (time.monotonic() - t0)
                 if ahead > 0:
