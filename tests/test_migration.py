@@ -25,6 +25,7 @@ from bench.twohosts import two_hosts
 from test_cpr import (QmpFailed, assert_ticks_continuous, check_pattern, close, qmp, qmp_connect,
                       ram_of, ticks, wait_migration)
 from test_qemu_recipes import wait_file
+from vmm.migration.stream import VERSION as STREAM_VERSION
 from vmm.state import dumps as state_blob
 
 MAC = "52:54:00:12:34:56"     # the first NIC's default MAC
@@ -466,7 +467,7 @@ def section(tag: bytes, payload: bytes, crc=None) -> bytes:
                        len(payload)) + payload
 
 
-HEADER = b"PYVMMIG\0" + struct.pack("<I", 1)
+HEADER = b"PYVMMIG\0" + struct.pack("<I", STREAM_VERSION)
 NOT_A_HELLO = state_blob({"shape": 1})   # a well-formed blob, but not a HELO
 
 

@@ -187,6 +187,13 @@ class Receiver(Waiting):
         def writer():
             while (item := work.get()) is not None:
                 buf, payload = item
+                if buf is None:   # a pass ended and all its pages are in: PACK n
+                    try:
+                        if not failed:
+                            send_section(self.sock, b"PACK", payload)
+                    except OSError as e:
+                        failed.append(StreamError(f"migration connection lost: {e}"))
+                    continue
                 try:
                     if not failed:
                         pages.apply(payload)
@@ -213,6 +220,7 @@ class Receiver(Waiting):
                 free.put(buf)
                 if tag == b"PASS":
                     self.passes += 1
+                    work.put((None, bytes(payload)))   # (acknowledged once applied)
                 elif tag == b"STAT":
                     self.state = bytes(payload)
                     break

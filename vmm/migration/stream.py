@@ -5,9 +5,9 @@
 
 Tags (source to destination): HELO (the machine's shape, a state blob),
 PAGE (RAM pages, csrc/migrate.h), PASS (end of a pass), STAT (device, vCPU
-and VM state, a state blob), GO!! (resume now).  Destination to source: RSTD
-(restored, waiting for GO!!), RUNS (the guest runs here), FAIL (why not,
-UTF-8).  A blob is vmm/state.py's format (never pickle).  Anything else (a
+and VM state, a state blob), GO!! (resume now).  Destination to source: PACK
+(every page of precopy pass N, a u64, is in RAM here), RSTD (restored, waiting
+for GO!!), RUNS (the guest runs here), FAIL (why not, UTF-8).  A blob is vmm/state.py's format (never pickle).  Anything else (a
 foreign stream, a bad CRC, a section cut short, an unknown tag) is refused
 with a one-line StreamError.  The CRC is CRC-32C, computed in C with SSE4.2's
 crc32 instruction (csrc/migrate.c): zlib's CRC-32 ran at a third of the link's
@@ -23,10 +23,10 @@ from ..errors import VmmError
 from ..kvm.ffi import ffi, lib
 
 MAGIC = b"PYVMMIG\0"
-VERSION = 1
+VERSION = 2   # 2: PACK after each precopy pass
 STREAM_HEADER = struct.Struct("<8sI")
 SECTION = struct.Struct("<4sIQ")
-TAGS = (b"HELO", b"PAGE", b"PASS", b"STAT", b"GO!!", b"RSTD", b"RUNS", b"FAIL")
+TAGS = (b"HELO", b"PAGE", b"PASS", b"STAT", b"GO!!", b"PACK", b"RSTD", b"RUNS", b"FAIL")
 MAX_PAYLOAD = 64 << 20   # a PAGE section is at most ~1 MiB, a state blob a few
 
 
@@ -110,10 +110,15 @@ def recv_into_exact(sock: socket.socket, view: memoryview, what: str) -> None:
 def expect(sock: socket.socket, tag: bytes) -> memoryview:
     """The next section, which must be `tag` (a FAIL from the peer raises its reason)."""
     got, payload = recv_section(sock)
+    if got != tag:
+        expect_failed(got, payload, tag)
+    return payload
+
+
+def expect_failed(got: bytes, payload, tag: bytes):
+    """Raise why section `got` came where `tag` was expected."""
     if got == b"FAIL":
         raise StreamError(f"the destination refused the migration: "
                           f"{bytes(payload).decode(errors='replace')}")
-    if got != tag:
-        raise StreamError(f"migration stream out of order: {got.decode()} where "
-                          f"{tag.decode()} was expected")
-    return payload
+    raise StreamError(f"migration stream out of order: {got.decode()} where "
+                      f"{tag.decode()} was expected")
