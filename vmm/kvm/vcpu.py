@@ -162,7 +162,10 @@ class Vcpu:
     def run_once(self, uart=ffi.NULL) -> int:
         """KVM_RUN (again and again while `uart`, a UART fast path, takes the exits);
         returns the exit reason, or KVM_EXIT_INTR when a kick interrupted it."""
-        r = lib.pyvmm_vcpu_run(self.fd, self.run, uart)
+        return self.exit_reason(lib.pyvmm_vcpu_run(self.fd, self.run, uart))
+
+    def exit_reason(self, r: int) -> int:
+        """pyvmm_vcpu_run's result as run_once() returns it."""
         if r < 0:
             if r in (-errno.EINTR, -errno.EAGAIN):
                 return lib.KVM_EXIT_INTR
