@@ -101,6 +101,7 @@ class VcpuThread:
             if self._want_pause:
                 self._gate.entered = 0
             self._want_pause = False
+            self.vcpu.ran()
             if self._paused:    # at the gate, closed: open it
                 self._paused = False
                 self.vcpu.run.immediate_exit = 0   # before the gate opens: a kick after wins
