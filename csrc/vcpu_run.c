@@ -110,9 +110,15 @@ int pyvmm_vcpu_gate_run(struct pyvmm_vcpu_gate *g, int fd, struct kvm_run *run,
 {
     uint32_t how;
 
-    /* A spurious wake-up or a kick's EINTR just looks again. */
-    while ((how = __atomic_load_n(&g->open, __ATOMIC_ACQUIRE)) == PYVMM_GATE_CLOSED)
-        futex_wait(&g->open, PYVMM_GATE_CLOSED, NULL);
+    /* The bell is read before the gate: a ring after that read makes the wait
+     * return at once.  A spurious wake-up or a kick's EINTR just looks again. */
+    for (;;) {
+        uint32_t rung = __atomic_load_n(g->bell, __ATOMIC_ACQUIRE);
+        how = __atomic_load_n(&g->open, __ATOMIC_ACQUIRE);
+        if (how != PYVMM_GATE_CLOSED)
+            break;
+        futex_wait(g->bell, rung, NULL);
+    }
     if (how != PYVMM_GATE_RUN)
         return -ECANCELED;
     __atomic_store_n(&g->entered_ns, now_ns(), __ATOMIC_RELAXED);
@@ -121,10 +127,10 @@ int pyvmm_vcpu_gate_run(struct pyvmm_vcpu_gate *g, int fd, struct kvm_run *run,
     return pyvmm_vcpu_run(fd, run, uart);
 }
 
-void pyvmm_vcpu_gate_open(struct pyvmm_vcpu_gate *g, uint32_t how)
+void pyvmm_vcpu_gate_ring(uint32_t *bell)
 {
-    __atomic_store_n(&g->open, how, __ATOMIC_RELEASE);
-    futex_wake_all(&g->open);
+    __atomic_fetch_add(bell, 1, __ATOMIC_ACQ_REL);
+    futex_wake_all(bell);
 }
 
 int64_t pyvmm_vcpu_gate_wait_entered(struct pyvmm_vcpu_gate *g, int64_t timeout_ns)

@@ -32,14 +32,19 @@ int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart);
  * GIL in turn before it could go back into KVM_RUN (~40 us a vCPU on an idle
  * host, milliseconds for 4-8 vCPUs on a loaded one).  At the gate the thread
  * waits on a futex and goes straight from the wake-up into KVM_RUN, all in C.
- * `open` is the futex word: Python closes it (under the thread's lock) before
- * the thread parks, and opens it with PYVMM_GATE_RUN or PYVMM_GATE_STOP.
- * `entered` (a futex word too) is set to 1, and `entered_ns` (CLOCK_MONOTONIC)
- * written, when the thread passes an open gate on its way into KVM_RUN. */
+ * Python closes `open` (under the thread's lock) before the thread parks, and
+ * sets it to PYVMM_GATE_RUN or PYVMM_GATE_STOP, then rings `bell`: the futex
+ * word every gate of a machine shares, so that one FUTEX_WAKE wakes all its
+ * vCPU threads at once (woken one by one, the first vCPU back in the guest
+ * could preempt the thread still waking the others, for milliseconds on a
+ * loaded host).  `entered` (a futex word too) is set to 1, and `entered_ns`
+ * (CLOCK_MONOTONIC) written, when the thread passes an open gate on its way
+ * into KVM_RUN. */
 struct pyvmm_vcpu_gate {
     uint32_t open;
     uint32_t entered;
     int64_t entered_ns;
+    uint32_t *bell;
 };
 #define PYVMM_GATE_CLOSED 0
 #define PYVMM_GATE_RUN 1
@@ -51,8 +56,8 @@ struct pyvmm_vcpu_gate {
 int pyvmm_vcpu_gate_run(struct pyvmm_vcpu_gate *g, int fd, struct kvm_run *run,
                         struct pyvmm_uart_fast *uart);
 
-/* Open the gate with RUN or STOP and wake the thread waiting at it. */
-void pyvmm_vcpu_gate_open(struct pyvmm_vcpu_gate *g, uint32_t how);
+/* Wake every thread waiting on `bell` (each looks at its own gate). */
+void pyvmm_vcpu_gate_ring(uint32_t *bell);
 
 /* Wait up to timeout_ns until `entered` is set; returns entered_ns (then > 0),
  * or 0 on timeout. */

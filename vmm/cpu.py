@@ -44,7 +44,9 @@ def install_kick_handler() -> None:
 class VcpuThread:
     """Runs one vCPU until the machine stops; can be paused and resumed."""
 
-    def __init__(self, vcpu, pio_bus, mmio_bus, on_error, uart=ffi.NULL):
+    def __init__(self, vcpu, pio_bus, mmio_bus, on_error, uart=ffi.NULL, bell=None):
+        """`bell`: a uint32_t * shared by a machine's threads (Machine.start), so that
+        ring() wakes them all at once; a thread of its own gets one of its own."""
         self.vcpu = vcpu
         self.uart = uart   # a UART fast path (Serial16550.attach_fast_path) or NULL
         self.pio_bus = pio_bus
@@ -59,7 +61,8 @@ class VcpuThread:
         self._tid = 0
         # Where the thread waits while paused; it stamps when it last went (back)
         # into the guest, which wait_entered() waits for.
-        self._gate = ffi.new("struct pyvmm_vcpu_gate *")
+        self.bell = bell if bell is not None else ffi.new("uint32_t *")
+        self._gate = ffi.new("struct pyvmm_vcpu_gate *", {"bell": self.bell})
 
     # -- control (other threads) -------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -96,7 +99,9 @@ class VcpuThread:
                 if not self._paused:
                     self._kick()
 
-    def resume(self) -> None:
+    def resume(self, ring: bool = True) -> None:
+        """Let the vCPU run again.  ring=False: open its gate but leave the ringing to
+        the caller (Machine.resume rings once for all its threads)."""
         with self._cond:
             if self._want_pause:
                 self._gate.entered = 0
@@ -105,7 +110,9 @@ class VcpuThread:
             if self._paused:    # at the gate, closed: open it
                 self._paused = False
                 self.vcpu.run.immediate_exit = 0   # before the gate opens: a kick after wins
-                lib.pyvmm_vcpu_gate_open(self._gate, lib.PYVMM_GATE_RUN)
+                self._gate.open = lib.PYVMM_GATE_RUN
+        if ring:
+            lib.pyvmm_vcpu_gate_ring(self.bell)
 
     @property
     def entered_ns(self) -> int:
@@ -122,7 +129,8 @@ class VcpuThread:
         with self._cond:
             self._want_stop = True
             self._cond.notify_all()
-            lib.pyvmm_vcpu_gate_open(self._gate, lib.PYVMM_GATE_STOP)
+            self._gate.open = lib.PYVMM_GATE_STOP
+        lib.pyvmm_vcpu_gate_ring(self.bell)
         self._kick()
 
     def join(self, timeout: float | None = None) -> None:
