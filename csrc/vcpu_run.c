@@ -13,10 +13,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
-#include <linux/futex.h>
 #include <sys/prctl.h>
-#include <sys/syscall.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "vcpu_run.h"
@@ -86,63 +83,4 @@ int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart)
         if (run->exit_reason != KVM_EXIT_IO || !uart_exit(run, uart))
             return (int)run->exit_reason;
     }
-}
-
-static void futex_wait(uint32_t *word, uint32_t value, const struct timespec *timeout)
-{
-    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, timeout, NULL, 0);
-}
-
-static void futex_wake_all(uint32_t *word)
-{
-    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
-}
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
-int pyvmm_vcpu_gate_run(struct pyvmm_vcpu_gate *g, int fd, struct kvm_run *run,
-                        struct pyvmm_uart_fast *uart)
-{
-    uint32_t how;
-
-    /* The bell is read before the gate: a ring after that read makes the wait
-     * return at once.  A spurious wake-up or a kick's EINTR just looks again. */
-    for (;;) {
-        uint32_t rung = __atomic_load_n(g->bell, __ATOMIC_ACQUIRE);
-        how = __atomic_load_n(&g->open, __ATOMIC_ACQUIRE);
-        if (how != PYVMM_GATE_CLOSED)
-            break;
-        futex_wait(g->bell, rung, NULL);
-    }
-    if (how != PYVMM_GATE_RUN)
-        return -ECANCELED;
-    __atomic_store_n(&g->entered_ns, now_ns(), __ATOMIC_RELAXED);
-    __atomic_store_n(&g->entered, 1, __ATOMIC_RELEASE);
-    futex_wake_all(&g->entered);
-    return pyvmm_vcpu_run(fd, run, uart);
-}
-
-void pyvmm_vcpu_gate_ring(uint32_t *bell)
-{
-    __atomic_fetch_add(bell, 1, __ATOMIC_ACQ_REL);
-    futex_wake_all(bell);
-}
-
-int64_t pyvmm_vcpu_gate_wait_entered(struct pyvmm_vcpu_gate *g, int64_t timeout_ns)
-{
-    int64_t deadline = now_ns() + timeout_ns, left;
-
-    while (!__atomic_load_n(&g->entered, __ATOMIC_ACQUIRE)) {
-        left = deadline - now_ns();
-        if (left <= 0)
-            return 0;
-        struct timespec ts = { left / 1000000000, left % 1000000000 };
-        futex_wait(&g->entered, 0, &ts);
-    }
-    return __atomic_load_n(&g->entered_ns, __ATOMIC_RELAXED);
 }

@@ -4,7 +4,6 @@
 #ifndef PYVMM_VCPU_RUN_H
 #define PYVMM_VCPU_RUN_H
 
-#include <stdint.h>
 #include <linux/kvm.h>
 
 /* The 16550A UART's two hot registers, handled without Python (and without the
@@ -26,42 +25,6 @@ struct pyvmm_uart_fast {
 /* KVM_RUN until an exit the UART fast path does not take: returns the exit
  * reason, or -errno (-EINTR when kicked).  `uart` may be NULL. */
 int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart);
-
-/* The gate a parked vCPU thread waits at, without the GIL (vmm/cpu.py, VcpuThread).
- * A resume wakes every vCPU thread; each one waking in Python had to take the
- * GIL in turn before it could go back into KVM_RUN (~40 us a vCPU on an idle
- * host, milliseconds for 4-8 vCPUs on a loaded one).  At the gate the thread
- * waits on a futex and goes straight from the wake-up into KVM_RUN, all in C.
- * Python closes `open` (under the thread's lock) before the thread parks, and
- * sets it to PYVMM_GATE_RUN or PYVMM_GATE_STOP, then rings `bell`: the futex
- * word every gate of a machine shares, so that one FUTEX_WAKE wakes all its
- * vCPU threads at once (woken one by one, the first vCPU back in the guest
- * could preempt the thread still waking the others, for milliseconds on a
- * loaded host).  `entered` (a futex word too) is set to 1, and `entered_ns`
- * (CLOCK_MONOTONIC) written, when the thread passes an open gate on its way
- * into KVM_RUN. */
-struct pyvmm_vcpu_gate {
-    uint32_t open;
-    uint32_t entered;
-    int64_t entered_ns;
-    uint32_t *bell;
-};
-#define PYVMM_GATE_CLOSED 0
-#define PYVMM_GATE_RUN 1
-#define PYVMM_GATE_STOP 2
-
-/* Wait until the gate opens (a kick meanwhile is ignored); for RUN, stamp
- * `entered`, then pyvmm_vcpu_run (its result); for STOP, -ECANCELED without
- * entering the guest. */
-int pyvmm_vcpu_gate_run(struct pyvmm_vcpu_gate *g, int fd, struct kvm_run *run,
-                        struct pyvmm_uart_fast *uart);
-
-/* Wake every thread waiting on `bell` (each looks at its own gate). */
-void pyvmm_vcpu_gate_ring(uint32_t *bell);
-
-/* Wait up to timeout_ns until `entered` is set; returns entered_ns (then > 0),
- * or 0 on timeout. */
-int64_t pyvmm_vcpu_gate_wait_entered(struct pyvmm_vcpu_gate *g, int64_t timeout_ns);
 
 /* ioctl wrappers that return -errno, so callers never race on a global errno. */
 int pyvmm_ioctl(int fd, unsigned long request, void *arg);

@@ -10,19 +10,10 @@ returns EINTR).  The vCPU thread then runs KVM_RUN once more with
 immediate_exit set, which completes a half-done IO instruction without
 entering the guest (KVM documents that vCPU state is consistent only after
 that), and only then reports itself paused.
-
-A paused thread waits at a gate in C (struct pyvmm_vcpu_gate, csrc/vcpu_run.h),
-not on a Python lock: resume() opens the gate and the thread goes from its
-wake-up straight into KVM_RUN without taking the GIL.  Woken in Python, N
-threads had to take the GIL one after the other before any could re-enter the
-guest, which made "go" -> last vCPU in KVM_RUN grow by ~0.1-0.5 ms per vCPU
-(docs/BENCHMARKS.md, "Downtime against the vCPU count").  Every change of the
-gate is made under the thread's lock, with the flags it goes with.
 """
 
 from __future__ import annotations
 
-import errno
 import time
 
 from . import sync
@@ -44,9 +35,7 @@ def install_kick_handler() -> None:
 class VcpuThread:
     """Runs one vCPU until the machine stops; can be paused and resumed."""
 
-    def __init__(self, vcpu, pio_bus, mmio_bus, on_error, uart=ffi.NULL, bell=None):
-        """`bell`: a uint32_t * shared by a machine's threads (Machine.start), so that
-        ring() wakes them all at once; a thread of its own gets one of its own."""
+    def __init__(self, vcpu, pio_bus, mmio_bus, on_error, uart=ffi.NULL):
         self.vcpu = vcpu
         self.uart = uart   # a UART fast path (Serial16550.attach_fast_path) or NULL
         self.pio_bus = pio_bus
@@ -59,10 +48,8 @@ class VcpuThread:
         self._paused = False
         self._thread: sync.Thread | None = None
         self._tid = 0
-        # Where the thread waits while paused; it stamps when it last went (back)
-        # into the guest, which wait_entered() waits for.
-        self.bell = bell if bell is not None else ffi.new("uint32_t *")
-        self._gate = ffi.new("struct pyvmm_vcpu_gate *", {"bell": self.bell})
+        self.entered_ns = 0   # when the thread last went (back) into the guest
+        self._entered = sync.Event()   # set at that moment (wait_entered blocks on it)
 
     # -- control (other threads) -------------------------------------------------------
     def start(self, paused: bool = False) -> None:
@@ -99,38 +86,23 @@ class VcpuThread:
                 if not self._paused:
                     self._kick()
 
-    def resume(self, ring: bool = True) -> None:
-        """Let the vCPU run again.  ring=False: open its gate but leave the ringing to
-        the caller (Machine.resume rings once for all its threads)."""
+    def resume(self) -> None:
         with self._cond:
             if self._want_pause:
-                self._gate.entered = 0
+                self._entered.clear()
             self._want_pause = False
-            self.vcpu.ran()
-            if self._paused:    # at the gate, closed: open it
-                self._paused = False
-                self.vcpu.run.immediate_exit = 0   # before the gate opens: a kick after wins
-                self._gate.open = lib.PYVMM_GATE_RUN
-        if ring:
-            lib.pyvmm_vcpu_gate_ring(self.bell)
-
-    @property
-    def entered_ns(self) -> int:
-        """When the thread last went (back) into the guest (CLOCK_MONOTONIC ns)."""
-        return self._gate.entered_ns
+            self._cond.notify_all()
 
     def wait_entered(self, timeout: float) -> int:
-        """After resume(): block in C (GIL released) until the thread is back in
-        KVM_RUN; returns when it went in."""
-        lib.pyvmm_vcpu_gate_wait_entered(self._gate, int(timeout * 1e9))
-        return self._gate.entered_ns
+        """After resume(): block (GIL released, so the vCPU thread gets it at once)
+        until the thread is back in KVM_RUN; returns when it went in."""
+        self._entered.wait(timeout)
+        return self.entered_ns
 
     def stop(self) -> None:
         with self._cond:
             self._want_stop = True
             self._cond.notify_all()
-            self._gate.open = lib.PYVMM_GATE_STOP
-        lib.pyvmm_vcpu_gate_ring(self.bell)
         self._kick()
 
     def join(self, timeout: float | None = None) -> None:
@@ -160,9 +132,8 @@ class VcpuThread:
                 self._paused = False
                 self._cond.notify_all()
 
-    def _park(self, pending: bool = True) -> int | None:
-        """Complete any half-done exit, wait at the gate while paused, then run the
-        guest: returns the exit reason of that KVM_RUN (as run_once), None = stop.
+    def _park(self, pending: bool = True) -> bool:
+        """Complete any half-done exit, then wait while paused. False = stop.
 
         `pending`: the last KVM_RUN returned an exit whose emulation KVM finishes
         only on the next KVM_RUN (IO, MMIO).  After an EINTR exit there is none:
@@ -172,21 +143,18 @@ class VcpuThread:
         run.immediate_exit = 1
         if pending:
             self.vcpu.run_once()  # finishes pending IO/MMIO without entering the guest
-        gate = self._gate
         with self._cond:
+            self._paused = True
+            self._cond.notify_all()
+            while self._want_pause and not self._want_stop:
+                self._cond.wait()
+            self._paused = False
             if self._want_stop:
-                return None
-            if self._want_pause:
-                gate.open = lib.PYVMM_GATE_CLOSED   # resume() or stop() opens it
-                self._paused = True
-                self._cond.notify_all()
-            else:                   # resumed before it got here: go straight on
-                gate.open = lib.PYVMM_GATE_RUN
-                run.immediate_exit = 0
-        r = lib.pyvmm_vcpu_gate_run(gate, self.vcpu.fd, run, self.uart)
-        if r == -errno.ECANCELED:
-            return None
-        return self.vcpu.exit_reason(r)
+                return False
+            run.immediate_exit = 0
+        self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self._entered.set()
+        return True
 
     def _loop(self) -> None:
         vcpu = self.vcpu
@@ -195,16 +163,14 @@ class VcpuThread:
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
         uart = self.uart
-        self._gate.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        self._gate.entered = 1
+        self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self._entered.set()
         reason = EXIT_INTR
         while True:
             if self._want_pause or self._want_stop:
-                reason = None if self._want_stop else self._park(pending=reason != EXIT_INTR)
-                if reason is None:
+                if self._want_stop or not self._park(pending=reason != EXIT_INTR):
                     return
-            else:
-                reason = vcpu.run_once(uart)
+            reason = vcpu.run_once(uart)
             self.exits += 1
             if reason == EXIT_IO:
                 io = run.io

@@ -300,10 +300,8 @@ class Machine:
         """Start the vCPU threads, once: running, or parked (paused=True: a new VMM's
         empty machine, run later by resume())."""
         from .cpu import VcpuThread
-        from .kvm.ffi import ffi
-        bell = ffi.new("uint32_t *")   # one for all: resume() wakes every thread at once
         self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._vcpu_failed,
-                                   self.uart_fast, bell) for v in self.vcpus]
+                                   self.uart_fast) for v in self.vcpus]
         for t in self.threads:
             t.start(paused=paused)
         self.running = not paused
@@ -318,13 +316,8 @@ class Machine:
         self.running = False
 
     def resume(self) -> None:
-        """Every vCPU back into the guest: all gates opened, then one ring wakes every
-        thread at once (VcpuThread, csrc/vcpu_run.h)."""
         for t in self.threads:
-            t.resume(ring=False)
-        if self.threads:
-            from .kvm.ffi import lib
-            lib.pyvmm_vcpu_gate_ring(self.threads[0].bell)
+            t.resume()
         self.running = True
 
     def wait_entered(self, timeout: float = 1.0) -> int:

@@ -170,11 +170,8 @@ class Vcpu:
         """KVM_RUN (again and again while `uart`, a UART fast path, takes the exits);
         returns the exit reason, or KVM_EXIT_INTR when a kick interrupted it."""
         if self._written:
-            self._written = {}   # see ran()
-        return self.exit_reason(lib.pyvmm_vcpu_run(self.fd, self.run, uart))
-
-    def exit_reason(self, r: int) -> int:
-        """pyvmm_vcpu_run's result as run_once() returns it."""
+            self._written = {}   # the guest may change anything (see set_state)
+        r = lib.pyvmm_vcpu_run(self.fd, self.run, uart)
         if r < 0:
             if r in (-errno.EINTR, -errno.EAGAIN):
                 return lib.KVM_EXIT_INTR
@@ -314,12 +311,14 @@ class Vcpu:
         it has in RESTORE_ORDER.  Every piece is checked before the first ioctl.
 
         An IDEMPOTENT piece equal to what the last set_state() wrote is skipped when
-        the vCPU has not run since (ran() was not called): the kernel holds exactly
-        what that write left, and writing it again would change nothing.  This is
-        a cpr-transfer's new VMM, which writes its own empty VM's state back before
-        the stop (Incoming.prepare) and then the saved one inside the downtime,
-        where a guest that never touches XCR0 or the debug registers saves two of
-        a vCPU's ten ioctls (~8-10 us each here).  tests/test_vcpu_state.py checks it."""
+        the vCPU has not run since: the kernel holds exactly what that write left,
+        and writing it again would change nothing.  Every KVM_RUN goes through
+        run_once(), which forgets what was written, as does a piece's own set().
+        This is a cpr-transfer's new VMM, which writes its own empty VM's state
+        back before the stop (Incoming.prepare) and then the saved one inside the
+        downtime: for a guest that never touches XCR0 or the debug registers, two
+        of a vCPU's ten ioctls (~8-10 us each here).  tests/test_vcpu_state.py
+        checks it."""
         s, buf = self._new_state()
         span = _spans()
         order = []
@@ -367,12 +366,6 @@ class Vcpu:
             raise KvmError(f"KVM GET_MSRS read {done} of {n} MSRs on vCPU {self.index}")
         bad = f" (refused MSR {s.msrs.entries[done].index:#x})" if 0 <= done < n else ""
         raise KvmError(f"KVM SET_MSRS wrote {done} of {n} MSRs on vCPU {self.index}{bad}")
-
-    def ran(self) -> None:
-        """The vCPU is about to run the guest, which may change any piece: set_state()
-        skips nothing after this.  run_once() calls it; VcpuThread.resume() too, for
-        the KVM_RUN its thread makes from the gate (csrc/vcpu_run.c)."""
-        self._written = {}
 
     def warm_up(self) -> None:
         """Build the state struct's cffi type and the MSR list once, without an ioctl
