@@ -317,7 +317,7 @@ class Vcpu:
         This is a cpr-transfer's new VMM, which writes its own empty VM's state
         back before the stop (Incoming.prepare) and then the saved one inside the
         downtime: for a guest that never touches XCR0 or the debug registers, two
-        of a vCPU's ten ioctls (~8-10 us each here).  tests/test_vcpu_state.py
+        of a vCPU's nine set ioctls (~10-16 us each here).  tests/test_vcpu_state.py
         checks it."""
         s, buf = self._new_state()
         span = _spans()
