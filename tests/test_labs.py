@@ -264,7 +264,7 @@ def test_lab(name, guests, tmp_path):
 
 def test_labs_indexed():
     index = (LABS / "README.md").read_text()
-    assert len(LAB_FILES) == 5
+    assert len(LAB_FILES) == 6
     for name in LAB_FILES:
         assert f"({name})" in index, f"docs/labs/README.md does not link {name}"
 

@@ -46,6 +46,20 @@ def parse_incoming(values: list[str], nets: list[str]):
     return (addr, False) if is_tcp(addr) else None
 
 
+def discard_queued(fd: int) -> None:
+    """Throw away the frames a tap queued before the guest ran here.  A switch floods a
+    frame for a MAC it has not learned (yet, or any more) to every port, so this tap may
+    hold copies of frames the guest already answered in the source: delivered now, they
+    would be answered twice (a ping's DUP!).  Losing the few that arrived during the
+    downtime is what the downtime means anyway."""
+    while True:
+        try:
+            if not os.read(fd, 65536):
+                return
+        except OSError:   # EAGAIN: empty (the tap is non-blocking)
+            return
+
+
 def open_taps(specs: list[str]) -> list:
     """The destination's own taps, one per --net (in order: net0, net1...)."""
     from ..devices.net import parse_spec
@@ -259,6 +273,8 @@ class Receiver(Waiting):
             self._refuse(e)
             raise
         self.t_go = time.monotonic_ns()
+        for tap in self.taps:
+            discard_queued(tap.fd)
         m.resume_devices()
         if tree.get("running", True):
             m.resume()
