@@ -5,6 +5,11 @@ and execs Python with pyvmm's KVM module in LD_PRELOAD; that module's
 constructor builds the VM on a thread while Python starts.  The new image
 takes the result here, or builds the VM itself if there is none.
 
+The early start: after its save, the old image also writes the saved vCPU, VM
+and irqchip state into that memfd (write_early); the prebuilder restores it and
+runs the vCPUs in C, so the guest runs while Python starts.  The new image's
+resume path restores the devices, then takes the vCPUs over (Prebuilt.stop_early).
+
 Its KVM imports are inside the functions on purpose, as everywhere on the cpr-exec
 resume path (every import there is downtime).
 """
@@ -32,6 +37,39 @@ def request(memory, vcpus: int) -> int:
     return fd
 
 
+def write_early(spec_fd: int, machine, state: dict, corrupt: bool = False) -> bool:
+    """After the save of a running guest: the state the prebuilder restores before
+    Python starts (struct pyvmm_early_header, csrc/cpr_exec.h), after the spec.
+    False (nothing written: Python restores as before) if a CPUID does not fit.
+    `corrupt` (fault point early-state) writes a block the prebuilder must refuse."""
+    from ..kvm.ffi import ffi, lib
+    from ..kvm.vm import Vm
+    cpuids = state["machine"]["cpuid"]
+    room = ffi.sizeof("struct pyvmm_early_cpuid")
+    if any(len(c) > room for c in cpuids):
+        return False
+    h = ffi.new("struct pyvmm_early_header *")
+    h.magic, h.version = lib.PYVMM_EARLY_MAGIC, lib.PYVMM_EARLY_VERSION
+    h.nvcpus = len(machine.vcpus)
+    h.header_size = ffi.sizeof(h[0])
+    h.vm_size = ffi.sizeof("struct pyvmm_vm_state")
+    h.vcpu_size = ffi.sizeof("struct pyvmm_vcpu_state")
+    h.cpuid_size = room
+    h.save_ns, h.tsc_khz = state["time"]["host_ns"], state["time"]["tsc_khz"]
+    uart = machine.uart_fast
+    if uart.enabled and uart.out_fd in (1, 2):   # a console the exec keeps (stdout, stderr)
+        h.flags = lib.PYVMM_EARLY_UART
+        h.uart_fd, h.uart_base, h.uart_lsr = uart.out_fd, uart.base, uart.lsr
+    parts = [bytes(ffi.buffer(h)), bytes(Vm.restore_struct(state["vm"])[1])]
+    for i, (vcpu, vs) in enumerate(zip(machine.vcpus, state["vcpus"])):
+        s, buf = vcpu.restore_struct(vs)
+        if corrupt and i == 0:
+            s.npieces = lib.PYVMM_VCPU_NPIECES + 1
+        parts += [bytes(buf), cpuids[i].ljust(room, b"\0")]
+    os.pwrite(spec_fd, b"".join(parts), ffi.sizeof("struct pyvmm_prebuild_spec"))
+    return True
+
+
 def exec_env(spec_fd: int) -> dict[str, str]:
     """The variables that make the exec'd Python prebuild (spec_fd must be inheritable)."""
     from ..kvm import _kvm
@@ -53,6 +91,9 @@ class Prebuilt:
         self.vcpu_fds = [built.vm.vcpu_fds[i] for i in range(built.vm.nvcpus)]
         self.ram_addr, self.ram_size = built.ram_addr, built.ram_size
         self.t_start_ns, self.t_done_ns = built.t_start_ns, built.t_done_ns
+        self.early = built.early       # 1: the guest runs on the prebuilder's vCPU threads
+        self.early_step = ffi.string(built.early_step).decode(errors="replace")
+        self.t_early_ns, self.tsc_khz = built.t_early_ns, built.tsc_khz
 
     @property
     def ok(self) -> bool:
@@ -62,12 +103,60 @@ class Prebuilt:
     def error(self) -> str:
         return f"{self.step}: {os.strerror(-self.status)}" if self.status < 0 else ""
 
+    @property
+    def early_error(self) -> str:
+        return f"{self.early_step}: {os.strerror(-self.early)}" if self.early < 0 else ""
+
+    def stop_early(self) -> tuple[list[int], int]:
+        """Stop and join the prebuilder's vCPU threads: the exit each left in kvm_run
+        for Python (0: none), and when the last of them went into the guest."""
+        from ..kvm.ffi import ffi, lib
+        n = len(self.vcpu_fds)
+        pending, entered = ffi.new("int32_t[]", n), ffi.new("int64_t[]", n)
+        lib.pyvmm_early_stop(pending, entered, n)
+        self.early = 0
+        return list(pending), max(entered)
+
+    def capture_early(self, state: dict) -> dict:
+        """`state` with the vCPU and VM state as they are now, the early vCPUs stopped:
+        for the fallback re-exec when the restore failed after the early start (the
+        guest ran here since the save; the saved vCPU state under today's RAM would
+        turn it back in time).  An exit an early thread left for a Python device is
+        completed as an access nobody claims (reads all ones, writes dropped): the
+        device was never restored here."""
+        import time
+        from ..kvm.ffi import ffi
+        from ..kvm.system import Kvm
+        from ..kvm.vcpu import Vcpu
+        from ..kvm.vm import Vm
+        from ..kvm.ffi import lib
+        pending, _ = self.stop_early()
+        vm = Vm(Kvm(fd=self.kvm_fd), self.vm_fd)
+        vm.has_irqchip = vm.has_pit = True   # pyvmm_build_vm makes both
+        for i, fd in enumerate(self.vcpu_fds):
+            vcpu = Vcpu(vm, i, fd)
+            run = vcpu.run
+            if pending[i] == lib.KVM_EXIT_IO and run.io.direction == lib.KVM_EXIT_IO_IN:
+                vcpu.io_data()[:] = b"\xff" * (run.io.size * run.io.count)
+            elif pending[i] == lib.KVM_EXIT_MMIO and not run.mmio.is_write:
+                ffi.buffer(run.mmio.data, run.mmio.len)[:] = b"\xff" * run.mmio.len
+            if pending[i]:
+                run.immediate_exit = 1
+                vcpu.run_once()   # completes the exit without entering the guest
+            vcpu.adopt_state(state["vcpus"][i])   # the saved MSR list: read the same
+            state["vcpus"][i] = vcpu.get_state()
+        state["vm"] = vm.get_state()
+        state["time"] = dict(state["time"], host_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        return state
+
     def fits(self, size: int, vcpus: int) -> bool:
         return self.ok and self.ram_size == size and len(self.vcpu_fds) == vcpus
 
     def discard(self) -> None:
         """Close and unmap what was built (it did not fit; the VM is built again)."""
         from ..kvm.ffi import ffi, lib
+        if self.early == 1:
+            self.stop_early()
         for fd in self.vcpu_fds + [self.vm_fd, self.kvm_fd]:
             if fd >= 0:
                 os.close(fd)
