@@ -242,11 +242,12 @@ class Machine:
     def take_over_early(self, prebuilt) -> int:
         """Stop the prebuilder's vCPU threads; each of ours completes first the exit its
         early thread left for Python, if any (so none is lost or run twice).  Returns
-        when the last early thread went into the guest (CLOCK_MONOTONIC ns)."""
+        when the last early thread went into the guest (CLOCK_MONOTONIC ns), and how
+        many exits were handed over."""
         pending, entered = prebuilt.stop_early()
         for thread, reason in zip(self.threads, pending):
             thread.pending_exit = reason
-        return entered
+        return entered, sum(1 for reason in pending if reason)
 
     # -- devices: one list, walked for every step of a live update --------------------------
     def save_devices(self) -> dict:

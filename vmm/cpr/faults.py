@@ -28,7 +28,8 @@ POINTS = {
     "target-crash-after-fds": "the new pyvmm dies right after receiving the device fds",
     "target-restore": "the new pyvmm cannot restore the state",
     "target-slow-prepare": "the new pyvmm takes a second to prepare (time to cancel)",
-    "target-slow-restore": "the new pyvmm takes a second to restore (time to cancel)",
+    "target-slow-restore": "the new pyvmm takes a second to restore (cpr-transfer: time to "
+                           "cancel; cpr-exec: the early start runs the guest meanwhile)",
     "target-slow-running": "the new pyvmm waits a second after resuming the guest before it "
                            "says \"running\" (time to kill or stop either side past \"go\")",
 }
@@ -52,8 +53,7 @@ def parse(value) -> set[str]:
 
 
 TRANSFER_ONLY = {"prepare", "transfer", "target-prepare", "target-crash-before-fds",
-                 "target-crash-after-fds", "target-slow-prepare", "target-slow-restore",
-                 "target-slow-running"}
+                 "target-crash-after-fds", "target-slow-prepare", "target-slow-running"}
 EXEC_ONLY = {"exec", "early-state"}
 
 

@@ -122,27 +122,18 @@ class Prebuilt:
         for the fallback re-exec when the restore failed after the early start (the
         guest ran here since the save; the saved vCPU state under today's RAM would
         turn it back in time).  An exit an early thread left for a Python device is
-        completed as an access nobody claims (reads all ones, writes dropped): the
-        device was never restored here."""
+        not completed (the device was never restored here): KVM retires a port I/O
+        instruction or an MMIO read only when it completes, so the next image runs
+        that instruction again and its device sees the access once."""
         import time
-        from ..kvm.ffi import ffi
         from ..kvm.system import Kvm
         from ..kvm.vcpu import Vcpu
         from ..kvm.vm import Vm
-        from ..kvm.ffi import lib
-        pending, _ = self.stop_early()
+        self.stop_early()
         vm = Vm(Kvm(fd=self.kvm_fd), self.vm_fd)
         vm.has_irqchip = vm.has_pit = True   # pyvmm_build_vm makes both
         for i, fd in enumerate(self.vcpu_fds):
             vcpu = Vcpu(vm, i, fd)
-            run = vcpu.run
-            if pending[i] == lib.KVM_EXIT_IO and run.io.direction == lib.KVM_EXIT_IO_IN:
-                vcpu.io_data()[:] = b"\xff" * (run.io.size * run.io.count)
-            elif pending[i] == lib.KVM_EXIT_MMIO and not run.mmio.is_write:
-                ffi.buffer(run.mmio.data, run.mmio.len)[:] = b"\xff" * run.mmio.len
-            if pending[i]:
-                run.immediate_exit = 1
-                vcpu.run_once()   # completes the exit without entering the guest
             vcpu.adopt_state(state["vcpus"][i])   # the saved MSR list: read the same
             state["vcpus"][i] = vcpu.get_state()
         state["vm"] = vm.get_state()

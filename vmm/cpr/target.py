@@ -95,8 +95,9 @@ def resume_guest(machine, state: dict, timeline, t_transfer, early=None) -> None
     timeline.steps = cpr.get("steps", []) + timeline.steps
     machine.resume_devices()
     if early is not None:
-        t_early = machine.take_over_early(early)
-        timeline.step("new image: early vCPU threads stopped (exits for Python handed over)")
+        t_early, handed = machine.take_over_early(early)
+        timeline.step(f"new image: early vCPU threads stopped ({handed} exits for Python "
+                      "handed over)")
         machine.resume()
         timeline.step("new image: Python's vCPU threads run the guest", machine.wait_entered())
         timeline.mark("resume", t_early)
@@ -496,6 +497,7 @@ def exec_resume(console_factory=None, t_python: int | None = None,
         cmd = resume_command() + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
         os.execve(cmd[0], cmd, env)
     os.close(fd)
+    faults.delay("target-slow-restore")
     resume_guest(machine, state, timeline, t_transfer, early)
     from .holder import release
     release(os.environ.pop(HOLDER_ENV, None))
