@@ -124,20 +124,28 @@ class Prebuilt:
         turn it back in time).  An exit an early thread left for a Python device is
         not completed (the device was never restored here): KVM retires a port I/O
         instruction or an MMIO read only when it completes, so the next image runs
-        that instruction again and its device sees the access once."""
+        that instruction again and its device sees the access once; an MMIO write
+        KVM has retired already, so the next image replays it to its device before
+        the vCPUs run (state["cpr"]["mmio_writes"], target.resume_guest)."""
         import time
+        from ..kvm.ffi import ffi, lib
         from ..kvm.system import Kvm
         from ..kvm.vcpu import Vcpu
         from ..kvm.vm import Vm
-        self.stop_early()
+        pending, _ = self.stop_early()
         vm = Vm(Kvm(fd=self.kvm_fd), self.vm_fd)
         vm.has_irqchip = vm.has_pit = True   # pyvmm_build_vm makes both
+        writes = []
         for i, fd in enumerate(self.vcpu_fds):
             vcpu = Vcpu(vm, i, fd)
+            m = vcpu.run.mmio
+            if pending[i] == lib.KVM_EXIT_MMIO and m.is_write:
+                writes.append([m.phys_addr, bytes(ffi.buffer(m.data, m.len))])
             vcpu.adopt_state(state["vcpus"][i])   # the saved MSR list: read the same
             state["vcpus"][i] = vcpu.get_state()
         state["vm"] = vm.get_state()
         state["time"] = dict(state["time"], host_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        state["cpr"]["mmio_writes"] = writes
         return state
 
     def fits(self, size: int, vcpus: int) -> bool:

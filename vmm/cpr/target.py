@@ -94,6 +94,8 @@ def resume_guest(machine, state: dict, timeline, t_transfer, early=None) -> None
     timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
     timeline.steps = cpr.get("steps", []) + timeline.steps
     machine.resume_devices()
+    for addr, data in cpr.get("mmio_writes", ()):   # (prebuild.Prebuilt.capture_early)
+        machine.mmio_bus.write(addr, data)
     if early is not None:
         t_early, handed = machine.take_over_early(early)
         timeline.step(f"new image: early vCPU threads stopped ({handed} exits for Python "
