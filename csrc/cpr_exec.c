@@ -21,8 +21,10 @@
  *    (struct pyvmm_early_header, csrc/cpr_exec.h).  The builder thread then
  *    restores it as Python's restore would (CPUID, the VM's state, each
  *    vCPU's state in RESTORE_ORDER, one TSC value for all vCPUs, moved on by
- *    the time since the save) and starts one thread per vCPU running the C
- *    loop of csrc/vcpu_run.c: the guest runs while Python starts.  Those
+ *    the time since the save) and runs each vCPU on a thread of its own in the
+ *    C loop of csrc/vcpu_run.c (vCPU 0 on the builder thread itself, which is
+ *    on a CPU already: a new thread may wait for one on a busy host): the
+ *    guest runs while Python starts.  Those
  *    threads serve only what the C loop serves (the in-kernel irqchip and
  *    timers, the UART fast path's console output); an exit that needs a
  *    Python device ends the thread with the exit left in kvm_run.  Python's
@@ -164,7 +166,7 @@ static size_t g_run_size;
 static struct pyvmm_uart_fast g_uart;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cond = PTHREAD_COND_INITIALIZER;
-static int g_go, g_entered, g_early_stop;
+static int g_go, g_entered, g_early_stop, g_done;
 static const char *g_early_read_step;   /* why the constructor could not read the block */
 static int g_early_read_err;
 
@@ -245,18 +247,44 @@ static struct kvm_msr_entry *tsc_entry(struct pyvmm_vcpu_state *s)
     return NULL;
 }
 
-static void *early_vcpu_main(void *arg)
+/* The early thread's own setup: SIGUSR1 (the kick) is the only signal it takes. */
+static void early_thread_setup(struct early_vcpu *e)
 {
-    struct early_vcpu *e = arg;
     char name[16];
     sigset_t kick;
-    int stop, r;
 
     sigemptyset(&kick);
     sigaddset(&kick, SIGUSR1);
-    pthread_sigmask(SIG_UNBLOCK, &kick, NULL);   /* the only signal this thread takes */
+    pthread_sigmask(SIG_UNBLOCK, &kick, NULL);
     snprintf(name, sizeof(name), "vcpu%d-early", (int)(e - g_ev));
     pyvmm_set_thread_name(name);
+}
+
+/* Run the vCPU until the stop, or until an exit only Python serves: that one is
+ * left in kvm_run (an error too: Python's own KVM_RUN meets it again and reports it). */
+static void early_run(struct early_vcpu *e)
+{
+    int r;
+
+    for (;;) {
+        r = pyvmm_vcpu_run(e->fd, e->run, g_uart.enabled ? &g_uart : NULL);
+        if (r == -EINTR || r == -EAGAIN) {
+            if (__atomic_load_n(&g_early_stop, __ATOMIC_ACQUIRE))
+                return;
+            continue;
+        }
+        e->pending = r > 0 ? r : 0;
+        return;
+    }
+}
+
+/* vCPUs 1..n-1 (vCPU 0 runs on the builder thread itself, already on a CPU). */
+static void *early_vcpu_main(void *arg)
+{
+    struct early_vcpu *e = arg;
+    int stop;
+
+    early_thread_setup(e);
     pthread_mutex_lock(&g_lock);
     while (!g_go)
         pthread_cond_wait(&g_cond, &g_lock);
@@ -267,17 +295,8 @@ static void *early_vcpu_main(void *arg)
         pthread_cond_broadcast(&g_cond);
     }
     pthread_mutex_unlock(&g_lock);
-    while (!stop) {
-        r = pyvmm_vcpu_run(e->fd, e->run, g_uart.enabled ? &g_uart : NULL);
-        if (r == -EINTR || r == -EAGAIN) {
-            stop = __atomic_load_n(&g_early_stop, __ATOMIC_ACQUIRE);
-            continue;
-        }
-        /* An exit only Python serves: left in kvm_run.  (An error: Python's own
-         * KVM_RUN meets it again and reports it.) */
-        e->pending = r > 0 ? r : 0;
-        break;
-    }
+    if (!stop)
+        early_run(e);
     return NULL;
 }
 
@@ -353,26 +372,31 @@ static int early_start(void)
         early_release();
         return early_fail("install the kick handler", -r);
     }
-    for (uint32_t i = 0; i < n; i++) {
+    /* vCPU 0 on this thread (after it hands its result over: prebuild_thread), the
+     * others on new ones, all or none: none has entered the guest before all exist. */
+    g_ev[0].thread = pthread_self();
+    for (uint32_t i = 1; i < n; i++) {
         if (pthread_create(&g_ev[i].thread, NULL, early_vcpu_main, &g_ev[i]) != 0)
             break;
         created++;
     }
     pthread_mutex_lock(&g_lock);
-    g_early_stop = created < (int)n;   /* all or none: none has entered the guest yet */
+    g_early_stop = created < (int)n - 1;
     g_go = 1;
     pthread_cond_broadcast(&g_cond);
     while (!g_early_stop && g_entered < created)
         pthread_cond_wait(&g_cond, &g_lock);
     pthread_mutex_unlock(&g_lock);
-    if (created < (int)n) {
-        for (int i = 0; i < created; i++)
+    if (created < (int)n - 1) {
+        for (int i = 1; i <= created; i++)
             pthread_join(g_ev[i].thread, NULL);
         early_release();
         return early_fail("start the early vCPU threads", EAGAIN);
     }
-    g_early_n = created;
-    for (int i = 0; i < created; i++)
+    g_early_n = (int)n;
+    early_thread_setup(&g_ev[0]);
+    g_ev[0].entered_ns = now_ns();   /* the last to go in, just below */
+    for (uint32_t i = 0; i < n; i++)
         if (g_ev[i].entered_ns > g_built.t_early_ns)
             g_built.t_early_ns = g_ev[i].entered_ns;
     g_built.early = 1;
@@ -416,6 +440,13 @@ static void *prebuild_thread(void *arg)
         if (g_built.early != 1)
             early_release();
     }
+    int run0 = g_built.early == 1;   /* (g_built is Python's once g_done is set) */
+    pthread_mutex_lock(&g_lock);
+    g_done = 1;
+    pthread_cond_broadcast(&g_cond);
+    pthread_mutex_unlock(&g_lock);
+    if (run0)   /* this thread is vCPU 0's early thread now, joined by pyvmm_early_stop */
+        early_run(&g_ev[0]);
     return NULL;
 }
 
@@ -489,7 +520,12 @@ __attribute__((constructor)) static void pyvmm_prebuild_start(void)
 int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out)
 {
     if (g_running) {
-        pthread_join(g_thread, NULL);
+        pthread_mutex_lock(&g_lock);
+        while (!g_done)
+            pthread_cond_wait(&g_cond, &g_lock);
+        pthread_mutex_unlock(&g_lock);
+        if (g_built.early != 1)   /* else it runs vCPU 0 until pyvmm_early_stop joins it */
+            pthread_join(g_thread, NULL);
         g_running = 0;
     }
     *out = g_built;
