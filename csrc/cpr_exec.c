@@ -146,6 +146,7 @@ _Static_assert(sizeof(struct pyvmm_vcpu_state) % 8 == 0, "vCPU state alignment")
 _Static_assert(sizeof(struct pyvmm_early_cpuid) % 8 == 0, "CPUID alignment");
 
 #define MSR_IA32_TSC 0x10
+#define EARLY_NICE (-5)
 #define EARLY_VCPU_SIZE (sizeof(struct pyvmm_vcpu_state) + sizeof(struct pyvmm_early_cpuid))
 #define EARLY_MAX_SIZE (sizeof(struct pyvmm_early_header) + sizeof(struct pyvmm_vm_state) \
                         + PYVMM_VM_MAX_VCPUS * EARLY_VCPU_SIZE)
@@ -258,6 +259,9 @@ static void early_thread_setup(struct early_vcpu *e)
     pthread_sigmask(SIG_UNBLOCK, &kick, NULL);
     snprintf(name, sizeof(name), "vcpu%d-early", (int)(e - g_ev));
     pyvmm_set_thread_name(name);
+    /* The guest's vCPUs before Python's start-up, which runs beside them: ahead of it
+     * where we may (CAP_SYS_NICE); the thread ends at the take-over. */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), EARLY_NICE);
 }
 
 /* Run the vCPU until the stop, or until an exit only Python serves: that one is

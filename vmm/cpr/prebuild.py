@@ -37,10 +37,12 @@ def request(memory, vcpus: int) -> int:
     return fd
 
 
-def write_early(spec_fd: int, machine, state: dict, corrupt: bool = False) -> bool:
+def write_early(spec_fd: int, machine, state: dict, uart: bool = True,
+                corrupt: bool = False) -> bool:
     """After the save of a running guest: the state the prebuilder restores before
     Python starts (struct pyvmm_early_header, csrc/cpr_exec.h), after the spec.
     False (nothing written: Python restores as before) if a CPUID does not fit.
+    `uart`: the new image keeps this console (the UART fast path may serve it early).
     `corrupt` (fault point early-state) writes a block the prebuilder must refuse."""
     from ..kvm.ffi import ffi, lib
     from ..kvm.vm import Vm
@@ -56,10 +58,10 @@ def write_early(spec_fd: int, machine, state: dict, corrupt: bool = False) -> bo
     h.vcpu_size = ffi.sizeof("struct pyvmm_vcpu_state")
     h.cpuid_size = room
     h.save_ns, h.tsc_khz = state["time"]["host_ns"], state["time"]["tsc_khz"]
-    uart = machine.uart_fast
-    if uart.enabled and uart.out_fd in (1, 2):   # a console the exec keeps (stdout, stderr)
+    fast = machine.uart_fast
+    if uart and fast.enabled and fast.out_fd in (1, 2):   # a console the exec keeps
         h.flags = lib.PYVMM_EARLY_UART
-        h.uart_fd, h.uart_base, h.uart_lsr = uart.out_fd, uart.base, uart.lsr
+        h.uart_fd, h.uart_base, h.uart_lsr = fast.out_fd, fast.base, fast.lsr
     parts = [bytes(ffi.buffer(h)), bytes(Vm.restore_struct(state["vm"])[1])]
     for i, (vcpu, vs) in enumerate(zip(machine.vcpus, state["vcpus"])):
         s, buf = vcpu.restore_struct(vs)

@@ -413,7 +413,9 @@ class Migration:
             passed.append(self.prebuild_fd)
             if self.was_running:   # the new image's prebuilder runs the guest before Python
                 from . import prebuild
-                if prebuild.write_early(self.prebuild_fd, self.machine, self.saved,
+                # (console output early only to a console the new image keeps)
+                uart = "--console" not in self.exec_command[len(resume_command()):]
+                if prebuild.write_early(self.prebuild_fd, self.machine, self.saved, uart=uart,
                                         corrupt="early-state" in self.faults.armed):
                     self.timeline.step("old: vCPU and VM state written for the early start")
         try:
