@@ -535,9 +535,10 @@ def _take_prebuilt(shape: dict, ram_fd: int, built, timeline):
     if not built.fits(mem["size"], shape["vcpus"]):
         timeline.step(f"prebuilder: nothing usable ({built.error or 'another shape'}); "
                       "building here")
-        if built.early == 1:   # (never with a spec and a state from one old image)
-            raise VmmError("the prebuilder ran a VM of another shape than the saved state's")
+        early = built.early == 1   # (never with a request and a state from one old image)
         built.discard()
+        if early:
+            raise VmmError("the prebuilder ran a VM of another shape than the saved state's")
         return map_ram(shape, ram_fd), None
     timeline.step("prebuilder (C, before Python's main): started", built.t_start_ns)
     timeline.step("prebuilder: VM, memory slots, irqchip and vCPUs ready", built.t_done_ns)
