@@ -77,6 +77,9 @@ struct vnet {
 	char errmsg[256];
 	struct vnet_stats stats;	/* atomic counters */
 
+	uint64_t *log_bits;		/* device dirty log (vnet_set_dirty_log), or NULL */
+	uint64_t log_base, log_npages;
+
 	struct iovec iov[VIRTQ_MAX_IOV + 1];
 	struct rx_chain rxc[VIRTQ_MAX_IOV];
 	uint8_t *scratch;
@@ -158,8 +161,31 @@ static void vnet_fail(struct vnet *n, int q, const char *fmt, ...)
 	eventfd_kick(vq->call_fd >= 0 ? vq->call_fd : n->vq[!q].call_fd);
 }
 
+/* Mark [p, p+len) in the device dirty log; anything outside the logged RAM is ignored. */
+static void log_write(struct vnet *n, const void *p, uint64_t len)
+{
+	uint64_t off = (uint64_t)(uintptr_t)p - n->log_base, last;
+
+	if (!n->log_bits || !len || (uint64_t)(uintptr_t)p < n->log_base ||
+	    off >= n->log_npages * 4096)
+		return;
+	last = off + len - 1;
+	if (last >= n->log_npages * 4096)
+		last = n->log_npages * 4096 - 1;
+	for (uint64_t pg = off / 4096; pg <= last / 4096; pg++)
+		__atomic_fetch_or(&n->log_bits[pg / 64], 1ULL << (pg % 64), __ATOMIC_RELAXED);
+}
+
+/* The used ring (and its avail_event) is the device's to write. */
+static void log_used_ring(struct vnet *n, struct virtq *vq)
+{
+	if (n->log_bits && vq->used)
+		log_write(n, vq->used, 6 + 8ULL * vq->num);
+}
+
 static void vnet_signal(struct vnet *n, struct virtq *vq, uint16_t before)
 {
+	log_used_ring(n, vq);
 	if (vq->used_idx == before)
 		return;
 	/* once broken, no ring reads: vnet_fail() already signalled the call fd */
@@ -400,6 +426,9 @@ static void handle_rx(struct vnet *n)
 				break;
 			}
 		}
+		if (len > 0 && n->log_bits)
+			for (int i = 0; i < niov; i++)
+				log_write(n, n->iov[i].iov_base, n->iov[i].iov_len);
 		if (len <= 0 || (uint64_t)len > total || len < n->hdr_len) {
 			vq->last_avail -= nch;
 			STAT_ADD(n, rx_dropped, 1);	/* too big, runt, or read error */
@@ -649,6 +678,22 @@ int vnet_set_mem_table(struct vnet *n, const struct vnet_mem_region *r, int coun
 	}
 	n->mem = m;
 	return ctl_end(n, 0);
+}
+
+int vnet_set_dirty_log(struct vnet *n, uint64_t *bits, uint64_t host_base, uint64_t npages)
+{
+	pthread_mutex_lock(&n->lock);	/* the I/O thread holds it while it works */
+	n->log_bits = bits;
+	n->log_base = host_base;
+	n->log_npages = bits ? npages : 0;
+	pthread_mutex_unlock(&n->lock);
+	return 0;
+}
+
+void vnet_dirty_collect(uint64_t *bits, uint64_t *out, uint64_t nwords)
+{
+	for (uint64_t i = 0; i < nwords; i++)
+		out[i] |= __atomic_exchange_n(&bits[i], 0, __ATOMIC_RELAXED);
 }
 
 int vnet_set_features(struct vnet *n, uint64_t features)

@@ -98,6 +98,18 @@ void vnet_get_stats(struct vnet *n, struct vnet_stats *out);
  * starting at head in queue q; returns the number of segments or -errno. */
 int vnet_walk_chain(struct vnet *n, int q, uint16_t head, uint32_t *total_len);
 
+/* Live migration's device dirty log: KVM logs only the vCPUs' writes to guest
+ * RAM, so the data path marks each page it writes itself (RX buffers, used
+ * rings) in `bits`, one bit per 4 KiB page of the RAM mapped at host_base
+ * (npages pages), with an atomic OR; an address outside that range is never
+ * marked (bounds-checked).  bits NULL stops logging.  The array is the
+ * caller's and may be shared by several devices; it survives reset_owner.
+ * vnet_dirty_collect moves it into out (each word exchanged with 0, ORed into
+ * out): a page written after its word was taken is marked again for the next
+ * collect, and after vnet_stop every write is in. */
+int vnet_set_dirty_log(struct vnet *n, uint64_t *bits, uint64_t host_base, uint64_t npages);
+void vnet_dirty_collect(uint64_t *bits, uint64_t *out, uint64_t nwords);
+
 /* Addition: one synchronous pass over both queues (TX then RX) in the
  * caller's thread, for tests and the fuzzer.  The device must be owned,
  * configured and not running (-EBUSY).  Returns 0, or -EIO once broken. */

@@ -5,7 +5,10 @@
  * pattern pages are the remaining pages, in ascending address order.
  * Each pass k = 1, 2, ... increments byte 0 of every pattern page (so after pass k
  * every page holds k mod 256; during pass k, pages below progress.addr hold k,
- * pages at/above hold k-1). After each pass: "pass <k>". passes=N exits 0 after N. */
+ * pages at/above hold k-1). After each pass: "pass <k>". passes=N exits 0 after N.
+ * dirty_mbps=N: pass 1 writes every page at full speed, later passes write pages at
+ * N MB/s (10^6 bytes of pages per second); dirty_mbps=0: idle after pass 1 (the
+ * migration benchmark's dirty rates). Without it every pass runs at full speed. */
 #include "guest.h"
 
 #define PATTERN_MAGIC 0x5041545445524e21ull   /* "PATTERN!" */
@@ -22,13 +25,34 @@ struct progress {
 
 static struct progress *prog;
 
+/* Wait until the page written now is due at the pace (per_page TSC ticks apart);
+ * more than 10 ms behind (a migration's stop), start the pace afresh rather than burst. */
+static void pace(u64 *next, u64 per_page)
+{
+    u64 now;
+    while ((i64)((now = rdtsc()) - *next) < 0)
+        __asm__ __volatile__("pause");
+    *next = (now - *next > 10 * g_tsc_khz) ? now + per_page : *next + per_page;   /* 10 ms */
+}
+
 static void user_main(void *arg)
 {
     u64 passes = cmdline_u64("passes", 0);
+    const char *paced = cmdline_get("dirty_mbps", 0);
+    u64 mbps = cmdline_u64("dirty_mbps", 0);
+    u64 per_page = mbps ? 4096 * g_tsc_khz / (mbps * 1000) : 0;
+    u64 next = 0;
     for (u64 k = 1;; k++) {
+        if (k == 2 && paced && !mbps)
+            for (;;)
+                __asm__ __volatile__("pause");
+        if (k == 2 && per_page)
+            next = rdtsc();
         prog->pass = k;
         for (u64 r = 0; r < prog->nranges; r++) {
             for (u64 a = prog->range[r].start; a < prog->range[r].end; a += 4096) {
+                if (k > 1 && per_page)
+                    pace(&next, per_page);
                 prog->addr = a;
                 barrier();
                 (*(volatile u8 *)a)++;

@@ -1,6 +1,7 @@
 """Fuzz the C code that reads guest- or blob-controlled data, each for a bounded time:
 the vnet ring walker and data path (csrc/fuzz/fuzz_vring.c) and the cpr-exec
-prebuilder's request check (csrc/fuzz/fuzz_prebuild.c).
+prebuilder's request check (csrc/fuzz/fuzz_prebuild.c), and a migration stream's
+pages (csrc/fuzz/fuzz_migrate.c).
 
 libFuzzer + ASan + UBSan: any out-of-map access, overflow, UB or crash fails the run.
 """
@@ -97,6 +98,23 @@ def test_fuzz_prebuild_request(tmp_path):
         mem.close()
     p = subprocess.run([str(FUZZ / "fuzz_prebuild"), "-max_total_time=10",
                         f"-artifact_prefix={tmp_path}/", str(corpus)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    tail = "\n".join(p.stderr.splitlines()[-20:])
+    assert p.returncode == 0, tail
+    assert "Done" in p.stderr and not list(tmp_path.glob("crash-*")), tail
+
+
+def test_fuzz_migration_pages(tmp_path):
+    """A migration stream's PAGE payload, which comes from the network
+    (csrc/fuzz/fuzz_migrate.c): applied only inside the RAM given, accepted only when
+    well formed, and what it wrote packs and applies back the same."""
+    if shutil.which("clang") is None:
+        pytest.skip("clang is not installed (apt-get install clang): cannot build the libFuzzer target")
+    p = subprocess.run(["make", "-s", "-C", str(FUZZ), "fuzz_migrate"], capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = subprocess.run([str(FUZZ / "fuzz_migrate"), "-max_total_time=10",
+                        f"-artifact_prefix={tmp_path}/"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     tail = "\n".join(p.stderr.splitlines()[-20:])
     assert p.returncode == 0, tail

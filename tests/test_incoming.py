@@ -262,7 +262,7 @@ def test_kernel_and_net_with_incoming_are_refused(guests, tmp_path, extra, what)
 
 @pytest.mark.parametrize("value, says", [
     ("file:/tmp/pyvmm-no-such.state", "PYVMM_CPR_EXEC_STATE"),
-    ("tcp:127.0.0.1:4444", "unix socket"),
+    ("rdma:127.0.0.1:4444", "unix socket"),   # (tcp: a migration, tests/test_migration.py)
     ('{"channel-type":"cpr","addr":{"transport":"socket","type":"unix"}}',
      "'incoming[0].addr.path' is missing"),
     ('{"channel-type":"cpr"', "not a JSON channel"),

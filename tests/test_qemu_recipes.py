@@ -193,10 +193,11 @@ def test_migrate_capabilities_and_events(guests, vmm_procs, tmp_path):
             capabilities=[{"capability": "events", "state": True},
                           {"capability": "xbzrle", "state": False}])
         assert {"capability": "events", "state": True} in qmp(q, "query-migrate-capabilities")
-        # QEMU's four modes parse; pyvmm migrates in the two CPR modes that keep the RAM
+        # QEMU's four modes parse; pyvmm migrates in the two CPR modes that keep the RAM,
+        # and in normal mode over TCP only (tests/test_migration.py)
         assert qmp(q, "query-migrate-parameters")["mode"] == "normal"
         addr = {"transport": "socket", "type": "unix", "path": str(sock)}
-        with pytest.raises(QmpFailed, match="pyvmm only does CPR: first set the mode"):
+        with pytest.raises(QmpFailed, match="mode normal migrates over TCP only .* for CPR first set the mode"):
             qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr}])
         with pytest.raises(QmpFailed, match="'cpr-reboot' is not supported by pyvmm"):
             qmp(q, "migrate-set-parameters", mode="cpr-reboot")

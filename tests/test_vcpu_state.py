@@ -109,3 +109,45 @@ def test_restore_order_names_every_piece_once():
         vm.close()
         kvm.close()
         mem.close()
+
+
+def test_a_restore_skips_only_what_it_wrote_itself_since_the_vcpu_last_ran():
+    """set_state() skips XCR0 and the debug registers when it wrote the same bytes last
+    and the vCPU has not run since (a cpr-transfer's new VMM writes its own VM's state
+    before the stop, the saved one after it): never a value it did not write, and
+    nothing once the vCPU has run."""
+    machine = Machine(MachineConfig(memory=16 * MiB))
+    try:
+        machine.create()
+        vcpu = machine.vcpus[0]
+        state = vcpu.get_state()
+        idempotent = tuple(n for n in vcpu_module.IDEMPOTENT if n in state)
+        assert "debugregs" in idempotent
+        vcpu.set_state(state)
+        assert vcpu.skipped == ()
+        vcpu.set_state(state)
+        assert vcpu.skipped == idempotent
+
+        def dr0(value):
+            raw = bytearray(state["debugregs"])
+            struct.pack_into("<Q", raw, 0, value)
+            return dict(state, debugregs=bytes(raw))
+
+        def read_dr0():
+            return struct.unpack_from("<Q", vcpu.get_state()["debugregs"])[0]
+
+        vcpu.set_state(dr0(0x1000))            # another value: written
+        assert "debugregs" not in vcpu.skipped and read_dr0() == 0x1000
+        regs = vcpu.get("debugregs")
+        regs.db[0] = 0x2000
+        vcpu.set("debugregs", regs)            # written another way: forgotten
+        vcpu.set_state(dr0(0x1000))
+        assert "debugregs" not in vcpu.skipped and read_dr0() == 0x1000
+        vcpu.set_state(dr0(0x1000))
+        assert "debugregs" in vcpu.skipped and read_dr0() == 0x1000
+        vcpu.run.immediate_exit = 1            # KVM_RUN, returning at once: it "ran"
+        vcpu.run_once()
+        vcpu.set_state(dr0(0x1000))
+        assert vcpu.skipped == ()
+    finally:
+        machine.close()

@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--qmp", metavar="PATH", help="serve a QMP monitor on unix socket PATH")
     run.add_argument("--incoming", action="append", metavar="cpr-transfer:PATH",
                      help="wait for a live update from another pyvmm on unix socket PATH "
-                          "(or QEMU's forms: a JSON channel, unix:PATH, defer; docs/CPR.md)")
+                          "(or QEMU's forms: a JSON channel, unix:PATH, defer; docs/CPR.md); "
+                          "tcp:HOST:PORT with --net: a migration from another host "
+                          "(docs/MIGRATION.md)")
 
     cpr = sub.add_parser("cpr", help="live-update a running pyvmm through its QMP socket")
     cpr.add_argument("--mode", choices=["exec", "transfer"], required=True,
@@ -111,10 +113,26 @@ def _parser() -> argparse.ArgumentParser:
     cpr.add_argument("--timeout", type=_positive_seconds, default=60.0, metavar="SECONDS",
                      help="how long to wait for the update to finish (default 60 s)")
 
+    mig = sub.add_parser("migrate", help="move a running guest to another host (QMP migrate "
+                                         "over TCP; drives pyvmm or QEMU)")
+    mig.add_argument("--socket", required=True, metavar="QMP",
+                     help="the source VMM's QMP socket")
+    mig.add_argument("--to", required=True, metavar="tcp:HOST:PORT",
+                     help="where the destination waits (pyvmm run --incoming tcp:HOST:PORT)")
+    mig.add_argument("--downtime-limit", type=int, metavar="MS",
+                     help="the longest pause allowed for the last pass, in ms (QEMU's "
+                          "downtime-limit; its default is 300)")
+    mig.add_argument("--max-bandwidth", metavar="RATE",
+                     help="cap the stream, bytes/s like 100M or 1G (K/M/G are powers of 1024)")
+    mig.add_argument("--no-live", action="store_true",
+                     help="one plain line per pass, even on a terminal")
+    mig.add_argument("--timeout", type=_positive_seconds, default=600.0, metavar="SECONDS",
+                     help="how long to wait for the migration to finish (default 600 s)")
+
     sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
 
     bench = sub.add_parser("bench", help="benchmarks: `pyvmm bench downtime --help`")
-    bench.add_argument("suite", choices=["downtime", "soak"])
+    bench.add_argument("suite", choices=["downtime", "soak", "migration"])
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own options")
 
     state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
@@ -137,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "cpr":
             from .client.cpr import cmd_cpr
             return cmd_cpr(args)
+        if args.command == "migrate":
+            from .client.migrate import cmd_migrate
+            return cmd_migrate(args)
+        if args.command == "bench" and args.suite == "migration":
+            from bench.migration import main as migration_main
+            return migration_main(args.args)
         if args.command == "bench" and args.suite == "soak":
             from bench.soak import main as soak_main
             return soak_main(args.args)
@@ -201,15 +225,27 @@ def _remove_if_empty(path: str) -> None:
 
 
 def _run_incoming(args, config, console) -> int:
-    """Wait for a live update (cpr-transfer), then run the guest it brings."""
+    """Wait for a live update (cpr-transfer) or a migration over TCP, then run the guest
+    it brings."""
     import signal
     from .cpr.target import Incoming, IncomingAborted, parse_incoming
+    from .migration.receiver import Receiver, parse_incoming as parse_tcp_incoming
 
+    tcp = parse_tcp_incoming(args.incoming, args.net)
     for given, what in ((args.kernel, "--kernel"), (args.net, "--net"), (args.device, "--device")):
-        if given:
+        if given and not (tcp and what == "--net"):
             raise VmmError(f"{what} cannot be given with --incoming: the guest's kernel, RAM "
-                           "and devices (NICs with their taps) come from the old VMM in the update")
-    path, deferred = parse_incoming(args.incoming)
+                           "and devices (NICs with their taps) come from the old VMM in the update"
+                           + ("" if what != "--net" else " (a TCP migration, "
+                              "--incoming tcp:HOST:PORT, takes this host's taps with --net)"))
+    if tcp:
+        def make():
+            return Receiver(tcp[0], args.net, console=console, deferred=tcp[1])
+    else:
+        path, deferred = parse_incoming(args.incoming)
+
+        def make():
+            return Incoming(path, console=console, deferred=deferred)
     exit_code: list[int] = []   # set by a signal (128+signo) or by QMP quit
 
     def on_signal(signo, frame):   # SIGTERM, Ctrl-C: clean up, exit 128+signo quietly
@@ -228,7 +264,7 @@ def _run_incoming(args, config, console) -> int:
         # so the cleanup below removes each one that exists.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
         try:
-            incoming = Incoming(path, console=console, deferred=deferred)
+            incoming = make()
             monitor = _start_monitor(config, None, status="inmigrate", incoming=incoming,
                                      on_exit=on_quit)
         finally:
@@ -256,6 +292,8 @@ def _run_incoming(args, config, console) -> int:
             monitor[0].close()
         machine.close()
         return exit_code[0]
-    if monitor:
+    if monitor:   # (QEMU's order on a destination: RESUME as the guest starts, then this)
+        if machine.running:
+            monitor[1].emit("RESUME")
         monitor[1].emit("MIGRATION", {"status": "completed"})
     return serve(machine, config, monitor=monitor, arrival=incoming.arrival)

@@ -125,7 +125,10 @@ class Controller:
                 raise VmmError("Parameter 'downtime_limit' expects an integer in the range "
                                "of 0 to 2000 seconds")
             self.params["downtime-limit"] = limit
-        if "max-bandwidth" in params:    # accepted; CPR copies no RAM
+        if "max-bandwidth" in params:    # a TCP migration's rate; CPR copies no RAM
+            if params["max-bandwidth"] < 0:
+                raise VmmError("Parameter 'max_bandwidth' expects an integer in the range "
+                               "of 0 to 9223372036854775807 bytes/second")
             self.params["max-bandwidth"] = params["max-bandwidth"]
 
     def query_migrate_parameters(self) -> dict:
@@ -133,11 +136,12 @@ class Controller:
 
     # -- migration capabilities (QEMU's MigrationCapabilityStatus list) ---------------------
     def set_migrate_capabilities(self, caps: list[dict]) -> None:
-        """Only `events` does anything in pyvmm; turning another one on is refused
-        (a tool relying on it must not be told it is on), turning it off is a no-op."""
+        """Only `events` and `auto-converge` (a TCP migration's) do anything in pyvmm;
+        turning another one on is refused (a tool relying on it must not be told it is
+        on), turning it off is a no-op."""
         for cap in caps:
             name, state = cap["capability"], cap["state"]
-            if state and name not in ("events",):
+            if state and name not in ("events", "auto-converge"):
                 raise VmmError(f"pyvmm does not support the migration capability '{name}'")
         if self.migration is not None and not self.migration.done.is_set():
             raise VmmError("There's a migration process in progress")
@@ -152,6 +156,7 @@ class Controller:
         """Check and set up the live update; returns the callable that starts it, which
         the monitor runs after its reply has been sent."""
         from .cpr.source import Migration
+        from .migration import is_tcp
         self._waiting()
         with self._lock:
             if self.migration is not None and not self.migration.done.is_set():
@@ -159,6 +164,17 @@ class Controller:
             if self.status == "postmigrate":   # its state is stale: it must never run again
                 raise VmmError("the guest has left this pyvmm (postmigrate): nothing to migrate")
             mode = self.params["mode"]
+            if mode == DEFAULT_MODE and is_tcp(main_addr) and cpr_addr is None:
+                if self.params["x-fault"]:
+                    raise VmmError("x-fault arms CPR's fault points; a TCP migration has none")
+                from .migration.sender import Outgoing
+                self.migration = Outgoing(
+                    self.machine, main_addr, downtime_limit_ms=self.params["downtime-limit"],
+                    max_bandwidth=self.params["max-bandwidth"],
+                    auto_converge=self.capabilities["auto-converge"],
+                    emit=self._migration_event)
+                return threading.Thread(target=self._run_migration, name="migration",
+                                        daemon=True).start
             faults, self.params["x-fault"] = self.params["x-fault"], []   # for one update only
             check_migrate_mode(mode)
             path = None
@@ -179,9 +195,10 @@ class Controller:
         return threading.Thread(target=self._run_migration, name="migration", daemon=True).start
 
     def _migration_event(self, name: str, data=None) -> None:
-        if name == "MIGRATION":
+        tcp = self.migration.mode == DEFAULT_MODE   # (a TCP migration runs the guest while
+        if name == "MIGRATION":                     # "active": it stops it for "device")
             status = data["status"]
-            if status == "active":
+            if status == ("device" if tcp else "active"):
                 self.status = "finish-migrate"
             elif status in ("failed", "cancelled") and self.migration.committed:
                 self.status = "postmigrate"     # failed past "go": never resumed here
@@ -189,8 +206,8 @@ class Controller:
                 self.status = "running" if self.machine.running else "paused"
             elif status == "completed":
                 self.status = "postmigrate"
-            if not self.capabilities["events"]:   # QEMU: MIGRATION only with events on
-                return
+        if name in ("MIGRATION", "MIGRATION_PASS") and not self.capabilities["events"]:
+            return                                 # QEMU: both only with events on
         self.emit(name, data)
 
     def _run_migration(self) -> None:
@@ -201,6 +218,8 @@ class Controller:
             # connected it exits (pyvmm's own tools and a shell's `wait` see the old VMM end).
             if self.migration.status != "completed":
                 self._failed_after_go()
+            if getattr(self.migration, "stays", False):
+                return   # a TCP migration's source stays paused in postmigrate until quit
             while self.clients() > 0 and not self.machine.done:
                 time.sleep(0.05)
             self.on_exit(self.exit_code)
@@ -222,7 +241,11 @@ class Controller:
         if self.migration is not None:
             return self.migration.info()
         arrival = self.arrival
+        if hasattr(arrival, "info"):   # a TCP migration's (vmm/migration/receiver.py)
+            return arrival.info()
         if arrival is None:
+            if hasattr(self.incoming, "info"):
+                return self.incoming.info()
             status = self.incoming.status if self.incoming is not None else "none"
             return {} if status == "none" else {"status": status}
         info = timeline_info(arrival.timeline, arrival.mode)

@@ -301,6 +301,11 @@ class Machine:
         for d in self.devices:
             d.resume()
 
+    def log_dirty_devices(self, log) -> None:
+        """Live migration: every device logs the guest RAM it writes in `log` (None: stop)."""
+        for d in self.devices:
+            d.log_dirty(log)
+
     def notify_devices(self, event: str) -> None:
         """The notifier chain: "setup" (release), "failed" (take back), "done"."""
         for d in self.devices:

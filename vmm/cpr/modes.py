@@ -2,8 +2,10 @@
 
 One table for the monitor (which values `migrate-set-parameters mode=` takes),
 the controller (which it keeps, which `migrate` starts) and the live update
-itself.  QEMU 10 does all four modes; pyvmm only the two that move a running
-guest to a new process on the same RAM, cpr-transfer and cpr-exec.
+itself.  QEMU 10 does all four modes; pyvmm the two that move a running guest
+to a new process on the same RAM, cpr-transfer and cpr-exec, and `normal` over
+TCP only (live migration to another host: vmm/migration/, which the controller
+starts before it asks this table).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ DEFAULT_MODE = "normal"
 #: QEMU 10's MigMode (qapi/migration.json), in its order: each value with why pyvmm
 #: does not migrate in it, or None for the modes it does.
 MIGRATION_MODES = {
-    "normal": ("pyvmm only does CPR: first set the mode with "
+    "normal": ("mode normal migrates over TCP only (uri=tcp:HOST:PORT, vmm/migration/); "
+               "for CPR first set the mode with "
                "migrate-set-parameters mode=cpr-transfer or mode=cpr-exec"),
     "cpr-reboot": ("migration mode 'cpr-reboot' is not supported by pyvmm: "
                    "use cpr-transfer or cpr-exec"),

@@ -60,6 +60,19 @@ def build_machine(shape: dict, ram_fd: int, config: dict, console=None, *, memor
     return machine
 
 
+def warm_up(machine, shape: dict) -> None:
+    """Run the restore path once before the guest stops, on the new empty VM (its own
+    state written back through the blob encoder, the decoder and the schema check of a
+    whole saved tree, and throwaway devices of the shape's kinds): a first run in a
+    fresh process is the slow one (the cold schema check alone took ~5 ms), and the
+    real one runs inside the downtime.  cpr-transfer's and a TCP migration's
+    destinations both do it."""
+    own = machine.save_state()
+    machine.restore_state(state_format.loads(state_format.dumps(own), "saved"),
+                          advance_time=False)
+    machine.warm_up_restore(shape.get("devices", ()))
+
+
 def restore(machine, state: dict, fds: dict[str, int]) -> None:
     """Write the saved state into the machine and re-own its devices (not resumed yet)."""
     machine.restore_state(state)
@@ -180,60 +193,44 @@ def listen_path(addr: dict, what: str) -> str:
                    f"file system (unix:PATH or a cpr channel), not over {kind}")
 
 
-class Incoming:
-    """cpr-transfer target: wait for the old VMM, prepare, restore, resume on "go".
+class Waiting:
+    """What every incoming side shares (this module's Incoming, a cpr-transfer; and
+    vmm/migration/receiver.py's Receiver, a migration over TCP): `status` for
+    query-migrate with on_status(status) called at each change, a deferred start
+    (QMP migrate-incoming, which may name the address: _listen_on(addr)), and
+    abort() from another thread (quit, a signal), which wakes the wait for a peer
+    on `listener` and shuts the connection (`_peer_socket()`) down; `settled`, clear
+    while the guest is stopped on its way in (the monitor holds its clients off)."""
 
-    `path` is where to listen now; with `deferred`, nothing is accepted until
-    start() (QMP migrate-incoming), which may also name the path.  `status` is
-    the incoming side's MigrationStatus for query-migrate ("none" while deferred,
-    "setup" while listening, "active" once the old VMM is in, then "completed");
-    `on_status` is called with each change.  abort() (quit, from the monitor
-    thread) ends the wait before "go".
-    """
-
-    def __init__(self, path: str | None, console=None, *, deferred: bool = False):
-        self.path = None
-        self.console = console
+    def __init__(self, deferred: bool):
         self.listener = None
-        self.channel = None
-        self.machine = None
-        self.arrival = None   # how the guest came, once it runs here
-        self.timeline = Timeline()
-        self.config: dict = {}
-        self.faults = Faults()
         self.status = "none"
         self.on_status = lambda status: None
         self.deferred = deferred      # started with defer: accept only after start()
         self.started = not deferred
         self.aborted = False
-        self._inode = None
         from ..sync import Event
         self.settled = Event()   # clear from the state's arrival to the resume (hold_off)
         self.settled.set()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        if path is not None:
-            self._listen(path)
-
-    def _listen(self, path: str) -> None:
-        from .channel import listen
-        self.listener = listen(path)
-        self.path = path
-        self._inode = os.stat(path).st_ino
-        if self.started:
-            self._set_status("setup")
 
     def _set_status(self, status: str) -> None:
         self.status = status
         self.on_status(status)
 
+    def _listen_on(self, main_addr: dict) -> None:
+        raise NotImplementedError
+
+    def _peer_socket(self):
+        return None
+
     def start(self, main_addr: dict) -> None:
-        """migrate-incoming: begin accepting (listening on main_addr if nothing is yet)."""
+        """migrate-incoming: begin accepting (listening on main_addr if need be)."""
         if not self.deferred:
             raise VmmError("For use with '-incoming defer'")
         if self.started:
             raise VmmError("The incoming migration has already been started")
-        if self.listener is None:   # else a cpr channel carries everything: main is not used
-            self._listen(listen_path(main_addr, "migrate-incoming"))
+        self._listen_on(main_addr)
         self.started = True
         self._set_status("setup")
         os.write(self._wake_w, b"\0")
@@ -245,10 +242,11 @@ class Incoming:
             os.write(self._wake_w, b"\0")
         except OSError:
             pass
-        if self.channel is not None:
+        sock = self._peer_socket()
+        if sock is not None:
             import socket
             try:
-                self.channel.sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 
@@ -270,6 +268,52 @@ class Incoming:
             elif self.listener in ready:
                 return
 
+    def _close_wake(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            _close(fd)
+        self._wake_r = self._wake_w = -1
+
+
+class Incoming(Waiting):
+    """cpr-transfer target: wait for the old VMM, prepare, restore, resume on "go".
+
+    `path` is where to listen now; with `deferred`, nothing is accepted until
+    start() (QMP migrate-incoming), which may also name the path.  `status` is
+    the incoming side's MigrationStatus for query-migrate ("none" while deferred,
+    "setup" while listening, "active" once the old VMM is in, then "completed");
+    `on_status` is called with each change.  abort() (quit, from the monitor
+    thread) ends the wait before "go".
+    """
+
+    def __init__(self, path: str | None, console=None, *, deferred: bool = False):
+        super().__init__(deferred)
+        self.path = None
+        self.console = console
+        self.channel = None
+        self.machine = None
+        self.arrival = None   # how the guest came, once it runs here
+        self.timeline = Timeline()
+        self.config: dict = {}
+        self.faults = Faults()
+        self._inode = None
+        if path is not None:
+            self._listen(path)
+
+    def _listen(self, path: str) -> None:
+        from .channel import listen
+        self.listener = listen(path)
+        self.path = path
+        self._inode = os.stat(path).st_ino
+        if self.started:
+            self._set_status("setup")
+
+    def _listen_on(self, main_addr: dict) -> None:
+        if self.listener is None:   # else a cpr channel carries everything: main is not used
+            self._listen(listen_path(main_addr, "migrate-incoming"))
+
+    def _peer_socket(self):
+        return self.channel.sock if self.channel is not None else None
+
     def close(self) -> None:
         """Stop listening and remove our socket path (if it is still ours)."""
         if self.listener is not None:
@@ -278,9 +322,7 @@ class Incoming:
             self._unlink()
         if self.channel is not None:
             self.channel.close()
-        for fd in (self._wake_r, self._wake_w):
-            _close(fd)
-        self._wake_r = self._wake_w = -1
+        self._close_wake()
 
     def _unlink(self) -> None:
         try:
@@ -311,14 +353,7 @@ class Incoming:
             self.faults.delay("target-slow-prepare")
             self.config = msg.get("config", {})
             self.machine = build_machine(shape, fds[0], self.config, self.console)
-            # Run the blob decoder and the state writers once now, on the empty VM (its
-            # own state written back): a first run in a fresh process is the slow one.
-            # (and the schema check of a whole saved tree: cold, its first run cost
-            # ~5 ms in a fresh process, which the real one after the stop must not)
-            own = self.machine.save_state()
-            self.machine.restore_state(state_format.loads(state_format.dumps(own), "saved"),
-                                       advance_time=False)
-            self.machine.warm_up_restore(shape.get("devices", ()))
+            warm_up(self.machine, shape)
         except Exception as e:
             for fd in fds:
                 _close(fd)

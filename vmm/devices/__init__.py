@@ -10,6 +10,7 @@ device alike:
     restore(ctx, state, fds) -> Device     *constructs* the device from a saved state and
                                            the fds it named (fds(): {"tap": fd} -> "net0.tap")
     quiesce / notify(event) / resume       the live update's stop, notifier chain and go
+    log_dirty(log)                         live migration: log the guest RAM it writes
     close()                                at VMM exit
 
 KINDS is the registry: a device's kind (its name on the command line, `--device
@@ -174,6 +175,12 @@ class Device:
 
     def resume(self) -> None:
         """Run again (after an abandoned update in the old VMM, on "go" in the new one)."""
+
+    def log_dirty(self, log) -> None:
+        """Live migration (vmm/migration/): mark in `log` (vmm.net.backend_c.DirtyLog)
+        every page of guest RAM this device writes itself, which KVM's dirty log does not
+        see; None stops.  A device that writes guest RAM and cannot log it raises
+        VmmError (the migration is refused before it starts)."""
 
     def summary(self) -> dict:
         """What `pyvmm state` shows of the device."""

@@ -154,6 +154,17 @@ class NetDevice(Device):
     def fds(self) -> dict[str, int]:
         return {"tap": self.tap.fd}
 
+    def log_dirty(self, log) -> None:
+        """Live migration: only the C data path logs the pages it writes (RX buffers,
+        used rings); a migration without that log would lose what they received."""
+        if self.backend_name != "c":
+            if log is None:
+                return
+            raise VmmError(f"{self.id}: live migration needs the C data path (backend=c): "
+                           f"the {self.backend_name} backend does not log its writes to "
+                           "guest RAM")
+        self.virtio.set_dirty_log(log)
+
     def _state(self) -> NetState:
         return NetState(index=self.index, backend=self.backend_name, tap=self.tap.name,
                         transport=self.transport.save(), virtio=self.virtio.save())

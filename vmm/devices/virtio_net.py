@@ -79,6 +79,7 @@ class VirtioNet:
         self.features = OFFERED | (bit(F_MAC) if mac is not None else 0)
         self.link_status = S_LINK_UP
         self.defer_start = False
+        self.dirty_log = None    # live migration: the backend marks the pages it writes
         self._clear()
 
     def _clear(self) -> None:
@@ -130,6 +131,8 @@ class VirtioNet:
         mem, kick_fds, call_fd = self.wiring
         if self.backend is None:
             self.backend = self.backend_factory()
+            if self.dirty_log is not None:
+                self.backend.set_dirty_log(self.dirty_log)
         b = self.backend
         b.set_owner()
         self.owned = True
@@ -150,6 +153,13 @@ class VirtioNet:
         except OSError as e:
             self.release()
             raise DeviceError(f"virtio-net data path refused its setup: {e}") from e
+
+    def set_dirty_log(self, log) -> None:
+        """Live migration: have the backend mark every page it writes in `log`
+        (vmm.net.backend_c.DirtyLog; None: stop)."""
+        self.dirty_log = log
+        if self.backend is not None:
+            self.backend.set_dirty_log(log)
 
     def resume(self) -> None:
         """Start the data path (after activate, quiesce or reacquire)."""

@@ -165,8 +165,9 @@ CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
 # csrc/vcpu_run.c, the vCPU run loop with the UART fast path and the kick;
 # csrc/build_vm.c, the one way a VM is built (normal boot and cpr-exec prebuilder);
 # csrc/cpr_exec.c, the cpr-exec prebuilder and holder;
-# csrc/kvm_state.c, a vCPU's and the VM's state in one call each.
-for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h", "kvm_state.h"):
+# csrc/kvm_state.c, a vCPU's and the VM's state in one call each;
+# csrc/migrate.c, live migration's RAM pages packed and applied.
+for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h", "kvm_state.h", "migrate.h"):
     CDEF += cdef_from_header(os.path.join(ROOT, "csrc", header))
 
 ffibuilder.cdef(CDEF)
@@ -180,9 +181,11 @@ ffibuilder.set_source(
 #include "build_vm.h"
 #include "cpr_exec.h"
 #include "kvm_state.h"
+#include "migrate.h"
 #include "vcpu_run.h"
 """,
-    sources=["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c", "csrc/kvm_state.c"],
+    sources=["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c", "csrc/kvm_state.c",
+             "csrc/migrate.c"],
     include_dirs=["csrc"],
     libraries=["pthread"],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",

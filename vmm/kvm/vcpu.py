@@ -65,6 +65,11 @@ _SIMPLE_STATE = {
 # Restore order, each step for a reason: see the module docstring.
 RESTORE_ORDER = ["regs", "xsave", "fpu", "xcrs", "sregs", "mp_state", "lapic", "msrs",
                  "events", "debugregs"]
+# Pieces whose KVM_SET_* is idempotent: it only stores its argument (XCR0; DR0-3, DR6,
+# DR7) and derives flags from it, no other step of RESTORE_ORDER writes that state, and
+# only the guest itself changes it.  set_state() skips one when the value is the one it
+# last wrote and the vCPU has not run since (see there).
+IDEMPOTENT = ("xcrs", "debugregs")
 # Each piece's number in csrc/kvm_state.h (PYVMM_VCPU_REGS ...).
 _PIECE = {name: getattr(lib, "PYVMM_VCPU_" + name.upper()) for name in RESTORE_ORDER}
 MAX_MSRS = lib.PYVMM_VCPU_MAX_MSRS   # KVM's own limit per GET_MSRS/SET_MSRS
@@ -157,11 +162,15 @@ class Vcpu:
         self._msr_entries: bytes | None = None   # what get_state() reads (_msr_template)
         self._save_order = bytes(_PIECE[name] for name in self._pieces + ["msrs"])
         self._tsc_khz: int | None = None
+        self._written: dict[str, bytes] = {}   # IDEMPOTENT pieces set_state() wrote
+        self.skipped: tuple[str, ...] = ()     # what the last set_state() skipped
 
     # -- running -------------------------------------------------------------------
     def run_once(self, uart=ffi.NULL) -> int:
         """KVM_RUN (again and again while `uart`, a UART fast path, takes the exits);
         returns the exit reason, or KVM_EXIT_INTR when a kick interrupted it."""
+        if self._written:
+            self._written = {}   # the guest may change anything (see set_state)
         r = lib.pyvmm_vcpu_run(self.fd, self.run, uart)
         if r < 0:
             if r in (-errno.EINTR, -errno.EAGAIN):
@@ -224,6 +233,7 @@ class Vcpu:
 
     def set(self, name: str, obj) -> None:
         _, _, set_req, _ = _SIMPLE_STATE[name]
+        self._written.pop(name, None)
         ioctl(self.fd, getattr(lib, set_req), obj, what=f"{set_req[4:]} (vCPU {self.index})")
 
     def get_regs(self):
@@ -298,20 +308,35 @@ class Vcpu:
 
     def set_state(self, state: dict) -> None:
         """Write a state get_state() saved (here or in another process), the pieces
-        it has in RESTORE_ORDER.  Every piece is checked before the first ioctl."""
-        s, buf = self.restore_struct(state)
+        it has in RESTORE_ORDER.  Every piece is checked before the first ioctl.
+
+        An IDEMPOTENT piece equal to what the last set_state() wrote is skipped when
+        the vCPU has not run since: the kernel holds exactly what that write left,
+        and writing it again would change nothing.  Every KVM_RUN goes through
+        run_once(), which forgets what was written, as does a piece's own set().
+        This is a cpr-transfer's new VMM, which writes its own empty VM's state
+        back before the stop (Incoming.prepare) and then the saved one inside the
+        downtime: for a guest that never touches XCR0 or the debug registers, two
+        of a vCPU's nine set ioctls (~10-16 us each here).  tests/test_vcpu_state.py
+        checks it."""
+        written, self._written = self._written, {}
+        skip = {name for name, value in written.items() if state.get(name) == value}
+        s, buf = self.restore_struct(state, skip)
         self._call(lib.pyvmm_vcpu_restore, s, buf)
+        self._written = {name: state[name] for name in IDEMPOTENT if name in state}
+        self.skipped = tuple(name for name in RESTORE_ORDER if name in skip)
         self.adopt_state(state)
 
-    def restore_struct(self, state: dict):
+    def restore_struct(self, state: dict, skip=()):
         """The struct pyvmm_vcpu_state (and its bytes) that restores `state`: its pieces
-        and their order, RESTORE_ORDER's.  set_state() hands it to C; a cpr-exec's old
-        image writes its bytes for the new image's prebuilder (vmm/cpr/prebuild.py)."""
+        (but those in `skip`) and their order, RESTORE_ORDER's.  set_state() hands it
+        to C; a cpr-exec's old image writes its bytes for the new image's prebuilder
+        (vmm/cpr/prebuild.py), which restores a new VM: nothing skipped."""
         s, buf = self._new_state()
         span = _spans()
         order = []
         for name in RESTORE_ORDER:
-            if name not in state:
+            if name not in state or name in skip:
                 continue
             if name == "msrs":
                 raw = state["msrs"]

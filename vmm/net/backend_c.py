@@ -90,6 +90,13 @@ class CNetBackend:
     def set_vring_call(self, q: int, fd: int) -> None:
         _check(lib.vnet_set_vring_call(self._n, q, fd), f"queue {q}: set_vring_call({fd})")
 
+    def set_dirty_log(self, log: "DirtyLog | None") -> None:
+        """Live migration: mark the pages this data path writes in `log` (None: stop)."""
+        if log is None:
+            lib.vnet_set_dirty_log(self._n, ffi.NULL, 0, 0)
+        else:
+            lib.vnet_set_dirty_log(self._n, log.bits, log.host_base, log.npages)
+
     def set_backend(self, tap_fd: int, hdr_len: int) -> None:
         """Attach the tap (made non-blocking); hdr_len is the tap's vnet header size."""
         _check(lib.vnet_set_backend(self._n, tap_fd, hdr_len),
@@ -142,3 +149,23 @@ class CNetBackend:
         if self._n is not None:
             ffi.release(self._n)  # runs the gc destructor, vnet_free, now
             self._n = None
+
+
+class DirtyLog:
+    """Live migration's device dirty log: one bit per 4 KiB page of guest RAM (by offset
+    in the RAM memfd), set by the C data path for every page it writes (RX buffers, used
+    rings), which KVM's own dirty log never sees.  Shared by all of a machine's NICs."""
+
+    def __init__(self, host_base: int, size: int):
+        self.host_base = host_base
+        self.npages = size // 4096
+        self.nwords = (self.npages + 63) // 64
+        self.bits = ffi.new("uint64_t[]", self.nwords)
+        self._out = ffi.new("uint64_t[]", self.nwords)
+
+    def collect(self) -> int:
+        """The pages marked since the last collect, as an int bitmap (bit n: page n),
+        and clear them (word by word, atomically against the writers)."""
+        ffi.memmove(self._out, bytes(self.nwords * 8), self.nwords * 8)
+        lib.vnet_dirty_collect(self.bits, self._out, self.nwords)
+        return int.from_bytes(ffi.buffer(self._out), "little")

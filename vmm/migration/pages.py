@@ -1,0 +1,140 @@
+"""Which pages of guest RAM to send, and sending or writing them (C: csrc/migrate.c).
+
+Pass 1 sends every page.  From then on a page is sent again when it was written
+since it was last read: by a vCPU (KVM's dirty log, KVM_MEM_LOG_DIRTY_PAGES on
+every memory slot, read and cleared by KVM_GET_DIRTY_LOG) or by pyvmm itself
+(the C data path's device dirty log: RX buffers and used rings, which KVM never
+sees).  Pages are numbered by their offset in the RAM memfd, so KVM's per-slot
+bitmaps are shifted by their region's offset.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ..errors import VmmError
+from ..kvm.ffi import ffi, lib
+
+PAGE = lib.PYVMM_MIG_PAGE
+ENTRY = 8 + PAGE   # csrc/migrate.h PYVMM_MIG_ENTRY: the most one page takes
+BATCH_PAGES = 256   # pages per PAGE section
+BATCH_BYTES = BATCH_PAGES * ENTRY   # the largest PAGE payload (~1 MiB)
+
+
+class PageSet:
+    """The pages still to send (a C bitmap) over the RAM of `memory`, and the packer."""
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.npages = memory.size // PAGE
+        self.nbytes = (self.npages + 63) // 64 * 8
+        self.bits = ffi.new("uint64_t[]", self.nbytes // 8)
+        self.cursor = ffi.new("uint64_t *")
+        self.counts = ffi.new("struct pyvmm_mig_counts *")
+        self.ram = ffi.cast("uint8_t *", memory.host_base)
+
+    def add(self, pages: int) -> None:
+        """OR in an int bitmap (bit n: page n) and start again from the first page."""
+        mine = int.from_bytes(ffi.buffer(self.bits), "little") | pages
+        ffi.memmove(self.bits, mine.to_bytes(self.nbytes, "little"), self.nbytes)
+        self.cursor[0] = 0
+
+    def add_populated(self) -> None:
+        """Pass 1: every page the RAM memfd holds.  Its holes (pages nobody ever wrote)
+        read as zeros and are not sent at all, nor read (reading would allocate them
+        here); they count as zero pages (QEMU's "duplicate")."""
+        fd, size = self.memory.fd, self.memory.size
+        pages = pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:   # no data past pos
+                    break
+                self.add((1 << self.npages) - 1)   # (a file system without SEEK_DATA)
+                return
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            first, last = start // PAGE, (end + PAGE - 1) // PAGE
+            pages |= ((1 << (last - first)) - 1) << first
+            pos = end
+        self.add(pages)
+        self.counts.zero_pages += self.npages - pages.bit_count()
+
+    def count(self) -> int:
+        return int.from_bytes(ffi.buffer(self.bits), "little").bit_count()
+
+    def pack(self, out, cap: int) -> int:
+        """Pack the next pages into `out` (a cffi buffer of `cap` bytes): bytes written,
+        0 when no page is left to send."""
+        return lib.pyvmm_mig_pack(self.ram, self.npages, self.bits, self.cursor, out, cap,
+                                  self.counts)
+
+
+class DirtyTracker:
+    """KVM's dirty log on every memory slot plus the devices' log, while a migration runs."""
+
+    def __init__(self, machine):
+        from ..net.backend_c import DirtyLog
+        self.machine = machine
+        self.memory = machine.memory
+        self.device_log = DirtyLog(self.memory.host_base, self.memory.size)
+        self.on = False
+
+    def start(self) -> None:
+        """Log from now on (raises VmmError, nothing left on, if a device cannot)."""
+        try:
+            self.machine.log_dirty_devices(self.device_log)
+            self._set_slots(lib.KVM_MEM_LOG_DIRTY_PAGES)
+        except BaseException:
+            self.stop()
+            raise
+        self.on = True
+        self.sync()   # KVM: start from a clean log
+
+    def sync(self) -> int:
+        """Every page written since the last sync, as an int bitmap (bit n: page n)."""
+        vm = self.machine.vm
+        pages = self.device_log.collect()
+        for slot, (gpa, size, host, flags) in sorted(vm.slots.items()):
+            first = (host - self.memory.host_base) // PAGE
+            pages |= int.from_bytes(vm.get_dirty_log(slot), "little") << first
+        return pages
+
+    def _set_slots(self, flags: int) -> None:
+        vm = self.machine.vm
+        for slot, (gpa, size, host, _) in sorted(vm.slots.items()):
+            vm.set_memory_region(slot, gpa, size, host, flags)
+
+    def stop(self) -> None:
+        """Back to no logging (a rollback; or after the last pass, which has read it all)."""
+        self.on = False
+        try:
+            self.machine.log_dirty_devices(None)
+            self._set_slots(0)
+        except VmmError as e:   # (never in the way of a rollback: say it and go on)
+            import sys
+            print(f"pyvmm: migration: cannot turn dirty logging off: {e}", file=sys.stderr)
+
+
+class Applier:
+    """The destination's side: PAGE sections written into fresh RAM (csrc/migrate.c)."""
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.npages = memory.size // PAGE
+        self.ram = ffi.cast("uint8_t *", memory.host_base)
+        self.touched = ffi.new("uint64_t[]", (self.npages + 63) // 64)
+        self.counts = ffi.new("struct pyvmm_mig_counts *")
+
+    def apply(self, payload) -> None:
+        """Write one PAGE section's pages, or raise StreamError."""
+        from .stream import StreamError
+        r = lib.pyvmm_mig_apply(ffi.from_buffer("uint8_t[]", payload), len(payload),
+                                self.memory.fd, self.ram, self.npages, self.touched,
+                                self.counts)
+        if r == -errno.EINVAL:
+            raise StreamError("migration stream is corrupt: a PAGE section names a page "
+                              "outside guest RAM or is cut short")
+        if r < 0:
+            raise VmmError(f"cannot write the guest's RAM here: {os.strerror(-r)}")
