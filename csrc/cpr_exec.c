@@ -16,6 +16,23 @@
  *    both variables from the environment, so nothing the new image starts
  *    inherits them.
  *
+ * 1b. The early start.  When the old image stopped a running guest, it also
+ *    writes the saved vCPU, VM and irqchip state after the spec in that memfd
+ *    (struct pyvmm_early_header, csrc/cpr_exec.h).  The builder thread then
+ *    restores it as Python's restore would (CPUID, the VM's state, each
+ *    vCPU's state in RESTORE_ORDER, one TSC value for all vCPUs, moved on by
+ *    the time since the save) and runs each vCPU on a thread of its own in the
+ *    C loop of csrc/vcpu_run.c (vCPU 0 on the builder thread itself, which is
+ *    on a CPU already: a new thread may wait for one on a busy host): the
+ *    guest runs while Python starts.  Those
+ *    threads serve only what the C loop serves (the in-kernel irqchip and
+ *    timers, the UART fast path's console output); an exit that needs a
+ *    Python device ends the thread with the exit left in kvm_run.  Python's
+ *    resume path restores the devices, then pyvmm_early_stop() kicks and joins
+ *    the threads and its own vCPU threads complete what they left, then run
+ *    on (vmm/cpr/target.py).  Anything refused or failed before the first
+ *    KVM_RUN leaves the VM for Python to restore as before.
+ *
  * 2. The holder.  execve drops the old address space (for a guest that has
  *    touched its RAM: page tables over gigabytes) and closes the old VM's fds
  *    (destroying a KVM VM takes ~20-25 ms here), both on the critical path.
@@ -49,6 +66,8 @@
 #include <linux/prctl.h>
 
 #include "cpr_exec.h"
+#include "kvm_state.h"
+#include "vcpu_run.h"
 
 static int64_t now_ns(void)
 {
@@ -119,10 +138,319 @@ static struct pyvmm_prebuilt g_built;
 static pthread_t g_thread;
 static int g_running;
 
+/* -- the early start ---------------------------------------------------------- */
+
+_Static_assert(sizeof(struct pyvmm_early_header) % 8 == 0, "early header alignment");
+_Static_assert(sizeof(struct pyvmm_vm_state) % 8 == 0, "VM state alignment");
+_Static_assert(sizeof(struct pyvmm_vcpu_state) % 8 == 0, "vCPU state alignment");
+_Static_assert(sizeof(struct pyvmm_early_cpuid) % 8 == 0, "CPUID alignment");
+
+#define MSR_IA32_TSC 0x10
+#define EARLY_NICE (-5)
+#define EARLY_VCPU_SIZE (sizeof(struct pyvmm_vcpu_state) + sizeof(struct pyvmm_early_cpuid))
+#define EARLY_MAX_SIZE (sizeof(struct pyvmm_early_header) + sizeof(struct pyvmm_vm_state) \
+                        + PYVMM_VM_MAX_VCPUS * EARLY_VCPU_SIZE)
+
+struct early_vcpu {
+    pthread_t thread;
+    int fd;
+    struct kvm_run *run;
+    int32_t pending;       /* the exit left for Python (0: none) */
+    int64_t entered_ns;
+};
+
+static void *g_early;              /* the block read from the spec memfd (malloc'd) */
+static size_t g_early_len;
+static struct early_vcpu g_ev[PYVMM_VM_MAX_VCPUS];
+static int g_early_n;              /* threads started */
+static size_t g_run_size;
+static struct pyvmm_uart_fast g_uart;
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_cond = PTHREAD_COND_INITIALIZER;
+static int g_go, g_entered, g_early_stop, g_done;
+static const char *g_early_read_step;   /* why the constructor could not read the block */
+static int g_early_read_err;
+
+static const struct pyvmm_vm_state *early_vm(const void *buf)
+{
+    return (const void *)((const char *)buf + sizeof(struct pyvmm_early_header));
+}
+
+static struct pyvmm_vcpu_state *early_vcpu_state(const void *buf, uint32_t i)
+{
+    return (void *)((char *)(uintptr_t)early_vm(buf) + sizeof(struct pyvmm_vm_state)
+                    + i * EARLY_VCPU_SIZE);
+}
+
+static struct pyvmm_early_cpuid *early_cpuid(const void *buf, uint32_t i)
+{
+    return (void *)((char *)early_vcpu_state(buf, i) + sizeof(struct pyvmm_vcpu_state));
+}
+
+int pyvmm_early_valid(const void *buf, size_t len, uint32_t nvcpus)
+{
+    const struct pyvmm_early_header *h = buf;
+
+    if (len < sizeof(*h) || h->magic != PYVMM_EARLY_MAGIC || h->version != PYVMM_EARLY_VERSION)
+        return 0;
+    if (h->header_size != sizeof(*h) || h->vm_size != sizeof(struct pyvmm_vm_state) ||
+        h->vcpu_size != sizeof(struct pyvmm_vcpu_state) ||
+        h->cpuid_size != sizeof(struct pyvmm_early_cpuid))
+        return 0;
+    if (h->nvcpus != nvcpus || nvcpus < 1 || nvcpus > PYVMM_VM_MAX_VCPUS)
+        return 0;
+    if (len != sizeof(*h) + sizeof(struct pyvmm_vm_state) + nvcpus * EARLY_VCPU_SIZE)
+        return 0;
+    if (h->flags & ~PYVMM_EARLY_UART)
+        return 0;
+    if ((h->flags & PYVMM_EARLY_UART) && (h->uart_fd < 1 || h->uart_fd > 2 ||
+                                          h->uart_base > 0xfff8))
+        return 0;
+    if (h->tsc_khz > 100000000u || h->save_ns < 0)   /* 100 GHz: no real TSC */
+        return 0;
+    if (early_vm(buf)->flags & ~(PYVMM_VM_STATE_IRQCHIP | PYVMM_VM_STATE_PIT))
+        return 0;
+    for (uint32_t i = 0; i < nvcpus; i++) {
+        const struct pyvmm_vcpu_state *s = early_vcpu_state(buf, i);
+        if (s->npieces > PYVMM_VCPU_NPIECES || s->msrs.nmsrs > PYVMM_VCPU_MAX_MSRS)
+            return 0;
+        for (uint32_t k = 0; k < s->npieces; k++)
+            if (s->order[k] >= PYVMM_VCPU_NPIECES)
+                return 0;
+        if (early_cpuid(buf, i)->nent > PYVMM_EARLY_MAX_CPUID)
+            return 0;
+    }
+    return 1;
+}
+
+static int early_fail(const char *step, int err)
+{
+    g_built.early = -(err ? err : EINVAL);
+    snprintf(g_built.early_step, sizeof(g_built.early_step), "%s", step);
+    return g_built.early;
+}
+
+static int has_msrs(const struct pyvmm_vcpu_state *s)
+{
+    for (uint32_t k = 0; k < s->npieces; k++)
+        if (s->order[k] == PYVMM_VCPU_MSRS)
+            return 1;
+    return 0;
+}
+
+static struct kvm_msr_entry *tsc_entry(struct pyvmm_vcpu_state *s)
+{
+    if (!has_msrs(s))
+        return NULL;
+    for (uint32_t k = 0; k < s->msrs.nmsrs; k++)
+        if (s->msrs.entries[k].index == MSR_IA32_TSC)
+            return &s->msrs.entries[k];
+    return NULL;
+}
+
+/* The early thread's own setup: SIGUSR1 (the kick) is the only signal it takes. */
+static void early_thread_setup(struct early_vcpu *e)
+{
+    char name[16];
+    sigset_t kick;
+
+    sigemptyset(&kick);
+    sigaddset(&kick, SIGUSR1);
+    pthread_sigmask(SIG_UNBLOCK, &kick, NULL);
+    snprintf(name, sizeof(name), "vcpu%d-early", (int)(e - g_ev));
+    pyvmm_set_thread_name(name);
+    /* The guest's vCPUs before Python's start-up, which runs beside them: ahead of it
+     * where we may (CAP_SYS_NICE); the thread ends at the take-over. */
+    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), EARLY_NICE);
+}
+
+/* Run the vCPU until the stop, or until an exit only Python serves: that one is
+ * left in kvm_run (an error too: Python's own KVM_RUN meets it again and reports it). */
+static void early_run(struct early_vcpu *e)
+{
+    int r;
+
+    for (;;) {
+        r = pyvmm_vcpu_run(e->fd, e->run, g_uart.enabled ? &g_uart : NULL);
+        if (r == -EINTR || r == -EAGAIN) {
+            if (__atomic_load_n(&g_early_stop, __ATOMIC_ACQUIRE))
+                return;
+            continue;
+        }
+        e->pending = r > 0 ? r : 0;
+        return;
+    }
+}
+
+/* vCPUs 1..n-1 (vCPU 0 runs on the builder thread itself, already on a CPU). */
+static void *early_vcpu_main(void *arg)
+{
+    struct early_vcpu *e = arg;
+    int stop;
+
+    early_thread_setup(e);
+    pthread_mutex_lock(&g_lock);
+    while (!g_go)
+        pthread_cond_wait(&g_cond, &g_lock);
+    stop = g_early_stop;
+    if (!stop) {
+        e->entered_ns = now_ns();
+        g_entered++;
+        pthread_cond_broadcast(&g_cond);
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (!stop)
+        early_run(e);
+    return NULL;
+}
+
+/* Let go of the threads' mappings and the block (after a stop or a failure). */
+static void early_release(void)
+{
+    for (int i = 0; i < PYVMM_VM_MAX_VCPUS; i++) {
+        if (g_ev[i].run)
+            munmap(g_ev[i].run, g_run_size);
+        g_ev[i].run = NULL;
+    }
+    free(g_early);
+    g_early = NULL;
+    g_early_len = 0;
+}
+
+/* Restore the early block into the VM just built and run its vCPUs. */
+static int early_start(void)
+{
+    const struct pyvmm_early_header *h = g_early;
+    uint32_t n = (uint32_t)g_built.vm.nvcpus;
+    struct kvm_msr_entry *tsc0, *tsc;
+    int r, created = 0;
+
+    if (!pyvmm_early_valid(g_early, g_early_len, n))
+        return early_fail("check the early state", EINVAL);
+    for (uint32_t i = 0; i < n; i++)
+        if (ioctl(g_built.vm.vcpu_fds[i], KVM_SET_CPUID2, early_cpuid(g_early, i)) < 0)
+            return early_fail("KVM SET_CPUID2", errno);
+    struct pyvmm_vm_state *vm = (void *)(uintptr_t)early_vm(g_early);
+    r = pyvmm_vm_restore(g_built.vm.vm_fd, vm, sizeof(*vm));
+    if (r < 0)
+        return early_fail(vm->step, -r);
+    /* One TSC value for every vCPU, vCPU 0's moved on by the pause, as
+     * vmm.machine.Machine.restore_state writes it (KVM then syncs them). */
+    tsc0 = tsc_entry(early_vcpu_state(g_early, 0));
+    if (tsc0) {
+        int64_t elapsed = now_ns() - h->save_ns;
+        uint64_t value = tsc0->data + (uint64_t)((unsigned __int128)(elapsed > 0 ? elapsed : 0)
+                                                 * h->tsc_khz / 1000000);
+        for (uint32_t i = 0; i < n; i++)
+            if ((tsc = tsc_entry(early_vcpu_state(g_early, i))))
+                tsc->data = value;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        struct pyvmm_vcpu_state *s = early_vcpu_state(g_early, i);
+        r = pyvmm_vcpu_restore(g_built.vm.vcpu_fds[i], s, sizeof(*s));
+        if (r < 0)
+            return early_fail(s->step, -r);
+    }
+    r = ioctl(g_built.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+    if (r <= 0)
+        return early_fail("KVM GET_VCPU_MMAP_SIZE", r < 0 ? errno : EINVAL);
+    g_run_size = (size_t)r;
+    for (uint32_t i = 0; i < n; i++) {
+        void *run = mmap(NULL, g_run_size, PROT_READ | PROT_WRITE, MAP_SHARED,
+                         g_built.vm.vcpu_fds[i], 0);
+        if (run == MAP_FAILED) {
+            r = errno;
+            early_release();
+            return early_fail("mmap kvm_run", r);
+        }
+        g_ev[i].run = run;
+        g_ev[i].fd = g_built.vm.vcpu_fds[i];
+    }
+    if (h->flags & PYVMM_EARLY_UART) {
+        g_uart.out_fd = h->uart_fd;
+        g_uart.base = h->uart_base;
+        g_uart.lsr = h->uart_lsr;
+        g_uart.enabled = 1;
+    }
+    if ((r = pyvmm_install_kick_handler(SIGUSR1)) < 0) {
+        early_release();
+        return early_fail("install the kick handler", -r);
+    }
+    /* vCPU 0 on this thread (after it hands its result over: prebuild_thread), the
+     * others on new ones, all or none: none has entered the guest before all exist. */
+    g_ev[0].thread = pthread_self();
+    for (uint32_t i = 1; i < n; i++) {
+        if (pthread_create(&g_ev[i].thread, NULL, early_vcpu_main, &g_ev[i]) != 0)
+            break;
+        created++;
+    }
+    pthread_mutex_lock(&g_lock);
+    g_early_stop = created < (int)n - 1;
+    g_go = 1;
+    pthread_cond_broadcast(&g_cond);
+    while (!g_early_stop && g_entered < created)
+        pthread_cond_wait(&g_cond, &g_lock);
+    pthread_mutex_unlock(&g_lock);
+    if (created < (int)n - 1) {
+        for (int i = 1; i <= created; i++)
+            pthread_join(g_ev[i].thread, NULL);
+        early_release();
+        return early_fail("start the early vCPU threads", EAGAIN);
+    }
+    g_early_n = (int)n;
+    early_thread_setup(&g_ev[0]);
+    g_ev[0].entered_ns = now_ns();   /* the last to go in, just below */
+    for (uint32_t i = 0; i < n; i++)
+        if (g_ev[i].entered_ns > g_built.t_early_ns)
+            g_built.t_early_ns = g_ev[i].entered_ns;
+    g_built.early = 1;
+    g_built.tsc_khz = h->tsc_khz;
+    return 1;
+}
+
+int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n)
+{
+    int count = g_early_n;
+
+    if (!count)
+        return 0;
+    __atomic_store_n(&g_early_stop, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < count; i++)
+        g_ev[i].run->immediate_exit = 1;
+    for (int i = 0; i < count; i++)
+        pthread_kill(g_ev[i].thread, SIGUSR1);   /* (ESRCH: it ended on an exit for Python) */
+    for (int i = 0; i < count; i++)
+        pthread_join(g_ev[i].thread, NULL);
+    for (int i = 0; i < count; i++)
+        g_ev[i].run->immediate_exit = 0;   /* as Python's threads expect to find it */
+    for (int i = 0; i < count && i < n; i++) {
+        pending[i] = g_ev[i].pending;
+        entered_ns[i] = g_ev[i].entered_ns;
+    }
+    g_early_n = 0;
+    early_release();
+    return count;
+}
+
 static void *prebuild_thread(void *arg)
 {
     (void)arg;
     pyvmm_prebuild_run(&g_spec, &g_built);
+    if (g_early_read_err)
+        early_fail(g_early_read_step, g_early_read_err);
+    if (g_early) {
+        if (g_built.status == 1)
+            early_start();
+        if (g_built.early != 1)
+            early_release();
+    }
+    int run0 = g_built.early == 1;   /* (g_built is Python's once g_done is set) */
+    pthread_mutex_lock(&g_lock);
+    g_done = 1;
+    pthread_cond_broadcast(&g_cond);
+    pthread_mutex_unlock(&g_lock);
+    if (run0)   /* this thread is vCPU 0's early thread now, joined by pyvmm_early_stop */
+        early_run(&g_ev[0]);
     return NULL;
 }
 
@@ -159,6 +487,24 @@ __attribute__((constructor)) static void pyvmm_prebuild_start(void)
     }
     ssize_t n = pread((int)fd, &g_spec, sizeof(g_spec), 0);
     int err = errno;
+    struct stat st;
+    if (n == (ssize_t)sizeof(g_spec) && fstat((int)fd, &st) == 0 &&
+        (size_t)st.st_size > sizeof(g_spec)) {   /* an early block follows the spec */
+        size_t len = (size_t)st.st_size - sizeof(g_spec);
+        g_early_read_step = "read the early state";
+        if (len > EARLY_MAX_SIZE) {
+            g_early_read_step = "check the early state's size";
+            g_early_read_err = EFBIG;
+        } else if ((g_early = malloc(len)) == NULL) {
+            g_early_read_err = ENOMEM;
+        } else if (pread((int)fd, g_early, len, sizeof(g_spec)) == (ssize_t)len) {
+            g_early_len = len;
+        } else {
+            free(g_early);
+            g_early = NULL;
+            g_early_read_err = EIO;
+        }
+    }
     close((int)fd);
     if (n != (ssize_t)sizeof(g_spec)) {
         fail(&g_built, "read the prebuild request", n < 0 ? err : EINVAL);
@@ -178,7 +524,12 @@ __attribute__((constructor)) static void pyvmm_prebuild_start(void)
 int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out)
 {
     if (g_running) {
-        pthread_join(g_thread, NULL);
+        pthread_mutex_lock(&g_lock);
+        while (!g_done)
+            pthread_cond_wait(&g_cond, &g_lock);
+        pthread_mutex_unlock(&g_lock);
+        if (g_built.early != 1)   /* else it runs vCPU 0 until pyvmm_early_stop joins it */
+            pthread_join(g_thread, NULL);
         g_running = 0;
     }
     *out = g_built;

@@ -2,7 +2,9 @@
 #ifndef PYVMM_CPR_EXEC_H
 #define PYVMM_CPR_EXEC_H
 
+#include <stddef.h>
 #include <stdint.h>
+#include <linux/kvm.h>
 
 #include "build_vm.h"
 
@@ -21,6 +23,45 @@ struct pyvmm_prebuild_spec {
     struct pyvmm_vm_layout layout;
 };
 
+/* The early start: the saved kernel state, in the memfd right after the spec
+ * (written by the old image after its save, when the guest was running).  The
+ * block is a header, a struct pyvmm_vm_state, then for each vCPU a struct
+ * pyvmm_vcpu_state (restore order and MSRs filled as vmm/kvm/vcpu.py's
+ * set_state fills it) and its CPUID.  The prebuilder restores it and runs the
+ * vCPUs in C before Python starts (csrc/cpr_exec.c). */
+#define PYVMM_EARLY_MAGIC 0x45505650u      /* "PVPE" */
+#define PYVMM_EARLY_VERSION 1u
+#define PYVMM_EARLY_MAX_CPUID 256
+#define PYVMM_EARLY_UART 1u                /* flag: serve the UART fast path early */
+
+/* struct kvm_cpuid2 with room for its entries (the same layout). */
+struct pyvmm_early_cpuid {
+    uint32_t nent;
+    uint32_t pad;
+    struct kvm_cpuid_entry2 entries[PYVMM_EARLY_MAX_CPUID];
+};
+
+struct pyvmm_early_header {
+    uint32_t magic;
+    uint32_t version;
+    uint32_t nvcpus;
+    uint32_t flags;
+    uint32_t header_size;  /* the sizeofs of the four structs: a build with other */
+    uint32_t vm_size;      /* kernel headers is refused, not misread */
+    uint32_t vcpu_size;
+    uint32_t cpuid_size;
+    int64_t save_ns;       /* CLOCK_MONOTONIC at the save (the TSC moves on from it) */
+    uint64_t tsc_khz;
+    int32_t uart_fd;       /* the console: stdout or stderr, inherited */
+    uint16_t uart_base;
+    uint8_t uart_lsr;
+    uint8_t pad;
+};
+
+/* Whether `len` bytes at `buf` are an early block for `nvcpus` vCPUs that the
+ * prebuilder may act on (csrc/fuzz/fuzz_prebuild.c checks this claim too). */
+int pyvmm_early_valid(const void *buf, size_t len, uint32_t nvcpus);
+
 /* What the builder made: fds the Python side adopts, or why it gave up
  * (vm.step names the failed step). */
 struct pyvmm_prebuilt {
@@ -31,11 +72,22 @@ struct pyvmm_prebuilt {
     int64_t t_start_ns;    /* CLOCK_MONOTONIC: when the builder started and finished */
     int64_t t_done_ns;
     struct pyvmm_vm_fds vm;
+    int32_t early;         /* 0: no early state; 1: restored, vCPUs running; < 0: -errno */
+    int32_t early_pad;
+    int64_t t_early_ns;    /* when the last early vCPU thread went into the guest */
+    uint64_t tsc_khz;      /* the saved guest TSC frequency (Python asks no vCPU ioctl) */
+    char early_step[48];   /* the early step that failed or refused */
 };
 
 int pyvmm_prebuild_spec_valid(const struct pyvmm_prebuild_spec *spec);
 int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out);
 int pyvmm_prebuild_run(const struct pyvmm_prebuild_spec *spec, struct pyvmm_prebuilt *out);
+
+/* Stop the early vCPU threads (immediate_exit and a kick), join them.  For
+ * each vCPU, pending[i] is the exit reason its thread left in kvm_run for
+ * Python to complete (0: none) and entered_ns[i] when it went into the guest.
+ * Returns how many threads there were (0: no early start). */
+int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n);
 
 /* The holder: a child that shares our address space (CLONE_VM) and holds the
  * old VM's fds, so that neither the old page tables nor the old KVM VM are

@@ -94,10 +94,16 @@ def check_exec_order(out):
     lines = trace_lines(out)
     assert [t for t, _ in lines] == sorted(t for t, _ in lines), out
     assert_before(lines, "stop", "save", "transfer", "new image: Python runs its first line",
-                  "restore", "new image: state blob loaded",
-                  "new image: waited for the prebuilder", "new image: machine built", "resume")
+                  "new image: state blob loaded", "new image: waited for the prebuilder",
+                  "new image: machine built", "new image: device state written",
+                  "new image: early vCPU threads stopped",
+                  "new image: Python's vCPU threads run the guest")
+    # the early start: the prebuilder restores and runs the guest (restore, resume), and
+    # the main thread joins it after that
     assert_before(lines, "transfer", "prebuilder (C, before Python's main): started",
-                  "prebuilder: VM, memory slots", "new image: waited for the prebuilder")
+                  "restore", "prebuilder: VM, memory slots", "resume",
+                  "prebuilder: vCPU, VM and irqchip state restored, vCPUs running",
+                  "new image: waited for the prebuilder")
     # the prebuilder's steps are shown as concurrent, and the output says what that means
     assert re.search(r"‖ prebuilder: VM, memory slots", out), out
     assert "by the clock, not by cause" in out

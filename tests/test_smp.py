@@ -18,7 +18,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_cpr import (close, cpr_exec, cpr_transfer, new_info, qmp, qmp_connect,
+from test_cpr import (EARLY_RUNNING, close, cpr_exec, cpr_transfer, new_info, qmp, qmp_connect,
                       start_incoming, start_netecho, threads)
 from test_guest_qemu import BASE as QEMU_BASE, QEMU, qexit
 from bench.lab import netns_with_tap
@@ -161,8 +161,11 @@ def test_cpr_exec_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds):
         assert cpr_exec(qmp_path) is None
         info = new_info(qmp_path)
         assert info["status"] == "completed"
-        # the prebuilder made the new VM with every vCPU before Python started
-        assert "prebuilder: VM, memory slots, irqchip and vCPUs ready" in dict(info["x-steps"])
+        # the prebuilder made the new VM with every vCPU before Python started, restored
+        # their state and ran them (the early start: IPIs flow before Python took over)
+        steps = dict(info["x-steps"])
+        assert "prebuilder: VM, memory slots, irqchip and vCPUs ready" in steps
+        assert steps[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
         wait_beats(p, vcpus, 1)
         check_totals(p)
     finish(p, vcpus)

@@ -42,6 +42,9 @@ class VcpuThread:
         self.mmio_bus = mmio_bus
         self.on_error = on_error
         self.exits = 0
+        # An exit another thread left in kvm_run for this one to complete first (the
+        # cpr-exec prebuilder's vCPU threads: Machine.take_over_early); 0 for none.
+        self.pending_exit = 0
         self._cond = sync.Condition()
         self._want_pause = False
         self._want_stop = False
@@ -140,8 +143,9 @@ class VcpuThread:
         KVM completes pending operations before it looks at signals or
         immediate_exit, so the extra KVM_RUN (~50 us here) is skipped."""
         run = self.vcpu.run
-        run.immediate_exit = 1
-        if pending:
+        if pending:   # (the kick set immediate_exit; a thread parked from its start must not:
+            # the cpr-exec prebuilder's vCPU thread may still run this vCPU)
+            run.immediate_exit = 1
             self.vcpu.run_once()  # finishes pending IO/MMIO without entering the guest
         with self._cond:
             self._paused = True
@@ -170,7 +174,10 @@ class VcpuThread:
             if self._want_pause or self._want_stop:
                 if self._want_stop or not self._park(pending=reason != EXIT_INTR):
                     return
-            reason = vcpu.run_once(uart)
+            if self.pending_exit:
+                reason, self.pending_exit = self.pending_exit, 0
+            else:
+                reason = vcpu.run_once(uart)
             self.exits += 1
             if reason == EXIT_IO:
                 io = run.io

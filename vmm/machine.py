@@ -62,7 +62,14 @@ def create_kvm_parts(memory: GuestMemory, vcpus: int, cpuids: list[bytes] | None
     vm = Vm(kvm, vm_fd)
     vm.adopt(memory)
     cpus = [Vcpu(vm, i, fd) for i, fd in enumerate(vcpu_fds)]
+    early = prebuilt is not None and prebuilt.early == 1
     for i, vcpu in enumerate(cpus):
+        if early:
+            # The prebuilder set CPUID and runs these vCPUs already: no vCPU ioctl here
+            # (it would wait for their KVM_RUN); CPUID and TSC kHz are the saved ones.
+            vcpu.cpuid_bytes = cpuids[i]
+            vcpu._tsc_khz = prebuilt.tsc_khz
+            continue
         if cpuids is not None:
             vcpu.set_cpuid_bytes(cpuids[i])
         else:
@@ -225,6 +232,22 @@ class Machine:
             if tsc is not None and isinstance(vs.get("msrs"), bytes):
                 vs = dict(vs, msrs=set_msr(vs["msrs"], MSR_IA32_TSC, tsc + delta_tsc, at))
             vcpu.set_state(vs)
+
+    def adopt_state(self, state: dict) -> None:
+        """After the cpr-exec prebuilder restored the vCPU and VM state in C
+        (csrc/cpr_exec.c): what restore_state() would learn besides writing it."""
+        for vcpu, vs in zip(self.vcpus, state["vcpus"]):
+            vcpu.adopt_state(vs)
+
+    def take_over_early(self, prebuilt) -> int:
+        """Stop the prebuilder's vCPU threads; each of ours completes first the exit its
+        early thread left for Python, if any (so none is lost or run twice).  Returns
+        when the last early thread went into the guest (CLOCK_MONOTONIC ns), and how
+        many exits were handed over."""
+        pending, entered = prebuilt.stop_early()
+        for thread, reason in zip(self.threads, pending):
+            thread.pending_exit = reason
+        return entered, sum(1 for reason in pending if reason)
 
     # -- devices: one list, walked for every step of a live update --------------------------
     def save_devices(self) -> dict:

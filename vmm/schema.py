@@ -286,8 +286,10 @@ def _build():
     mark = List(items=(Str(), Nullable(i64)))
     cpr = Map({"mode": Str("cpr-transfer", "cpr-exec"), "timeline": List(mark, 256),
                "steps": List(mark, 1024), "fds": Names(fd, 256), "config": config,
-               "faults": faults, "pyvmm": Str(), "protocol": Int(1, U32)},
-              optional=("steps", "config", "faults", "pyvmm", "protocol"), rule=cpr_rule)
+               "faults": faults, "pyvmm": Str(), "protocol": Int(1, U32),
+               "mmio_writes": List(List(items=(Int(), Bytes(most=8))), 64)},
+              optional=("steps", "config", "faults", "pyvmm", "protocol", "mmio_writes"),
+              rule=cpr_rule)
 
     def state_rule(s):
         n = s["machine"]["vcpus"]

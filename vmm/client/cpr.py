@@ -149,9 +149,10 @@ def print_trace(info: dict) -> None:
         took = (t_next - t) / 1e6 if t_next is not None else None
         took_s = f"{took:8.3f} ms" if took is not None else "          -"
         print(f"{phase:<10} {(t - t0) / 1e6:9.3f} ms {took_s}   {what.get(phase, '')}")
-        # the finer steps inside this phase (or, for the last one, at its start)
+        # the finer steps inside this phase (for the last one, from its start on: after a
+        # cpr-exec's early start, Python's resume path runs while the guest does)
         for step, ts in steps:
-            if (t <= ts < t_next) if t_next is not None else ts == t:
+            if (t <= ts < t_next) if t_next is not None else ts >= t:
                 bullet = "·"
                 if lane(step) in CONCURRENT:
                     bullet, concurrent = "‖", True

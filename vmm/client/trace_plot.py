@@ -287,6 +287,13 @@ class _Plot:
                     lw=3, solid_capstyle="butt")
             ax.text(ms(started), y["prebuilder"] + 0.2, "builds the VM, memory slots, "
                     "vCPUs while Python starts", fontsize=7, color=SIDE)
+        running = _find(steps, "prebuilder", "vCPUs running")
+        if ready and running:   # the early start: the guest runs before Python took over
+            ax.plot([ms(ready), ms(running)], [y["prebuilder"]] * 2, color="#2e7d32", lw=3,
+                    solid_capstyle="butt")
+            ax.text(ms(running), y["prebuilder"] - 0.25, "restores the vCPU/VM state and "
+                    "runs the guest (early start)", fontsize=7, color="#2e7d32", ha="right",
+                    va="top")
         if ready and joined:
             ax.annotate("", xy=(ms(joined), y["new"] - 0.22),
                         xytext=(ms(ready), y["prebuilder"]),

@@ -21,12 +21,15 @@ POINTS = {
     "save": "saving the machine state fails",
     "transfer": "the channel breaks before the fds are sent",
     "exec": "execve of the new pyvmm fails (cpr-exec)",
+    "early-state": "the state for the new image's early start is corrupt: its prebuilder "
+                   "refuses it and Python restores the guest as without it (cpr-exec)",
     "target-prepare": "the new pyvmm fails while preparing (before any device fd)",
     "target-crash-before-fds": "the new pyvmm dies before it receives the device fds",
     "target-crash-after-fds": "the new pyvmm dies right after receiving the device fds",
     "target-restore": "the new pyvmm cannot restore the state",
     "target-slow-prepare": "the new pyvmm takes a second to prepare (time to cancel)",
-    "target-slow-restore": "the new pyvmm takes a second to restore (time to cancel)",
+    "target-slow-restore": "the new pyvmm takes a second to restore (cpr-transfer: time to "
+                           "cancel; cpr-exec: the early start runs the guest meanwhile)",
     "target-slow-running": "the new pyvmm waits a second after resuming the guest before it "
                            "says \"running\" (time to kill or stop either side past \"go\")",
 }
@@ -50,9 +53,8 @@ def parse(value) -> set[str]:
 
 
 TRANSFER_ONLY = {"prepare", "transfer", "target-prepare", "target-crash-before-fds",
-                 "target-crash-after-fds", "target-slow-prepare", "target-slow-restore",
-                 "target-slow-running"}
-EXEC_ONLY = {"exec"}
+                 "target-crash-after-fds", "target-slow-prepare", "target-slow-running"}
+EXEC_ONLY = {"exec", "early-state"}
 
 
 def check_mode(faults, mode: str) -> None:

@@ -5,6 +5,11 @@ and execs Python with pyvmm's KVM module in LD_PRELOAD; that module's
 constructor builds the VM on a thread while Python starts.  The new image
 takes the result here, or builds the VM itself if there is none.
 
+The early start: after its save, the old image also writes the saved vCPU, VM
+and irqchip state into that memfd (write_early); the prebuilder restores it and
+runs the vCPUs in C, so the guest runs while Python starts.  The new image's
+resume path restores the devices, then takes the vCPUs over (Prebuilt.stop_early).
+
 Its KVM imports are inside the functions on purpose, as everywhere on the cpr-exec
 resume path (every import there is downtime).
 """
@@ -32,6 +37,41 @@ def request(memory, vcpus: int) -> int:
     return fd
 
 
+def write_early(spec_fd: int, machine, state: dict, uart: bool = True,
+                corrupt: bool = False) -> bool:
+    """After the save of a running guest: the state the prebuilder restores before
+    Python starts (struct pyvmm_early_header, csrc/cpr_exec.h), after the spec.
+    False (nothing written: Python restores as before) if a CPUID does not fit.
+    `uart`: the new image keeps this console (the UART fast path may serve it early).
+    `corrupt` (fault point early-state) writes a block the prebuilder must refuse."""
+    from ..kvm.ffi import ffi, lib
+    from ..kvm.vm import Vm
+    cpuids = state["machine"]["cpuid"]
+    room = ffi.sizeof("struct pyvmm_early_cpuid")
+    if any(len(c) > room for c in cpuids):
+        return False
+    h = ffi.new("struct pyvmm_early_header *")
+    h.magic, h.version = lib.PYVMM_EARLY_MAGIC, lib.PYVMM_EARLY_VERSION
+    h.nvcpus = len(machine.vcpus)
+    h.header_size = ffi.sizeof(h[0])
+    h.vm_size = ffi.sizeof("struct pyvmm_vm_state")
+    h.vcpu_size = ffi.sizeof("struct pyvmm_vcpu_state")
+    h.cpuid_size = room
+    h.save_ns, h.tsc_khz = state["time"]["host_ns"], state["time"]["tsc_khz"]
+    fast = machine.uart_fast
+    if uart and fast.enabled and fast.out_fd in (1, 2):   # a console the exec keeps
+        h.flags = lib.PYVMM_EARLY_UART
+        h.uart_fd, h.uart_base, h.uart_lsr = fast.out_fd, fast.base, fast.lsr
+    parts = [bytes(ffi.buffer(h)), bytes(Vm.restore_struct(state["vm"])[1])]
+    for i, (vcpu, vs) in enumerate(zip(machine.vcpus, state["vcpus"])):
+        s, buf = vcpu.restore_struct(vs)
+        if corrupt and i == 0:
+            s.npieces = lib.PYVMM_VCPU_NPIECES + 1
+        parts += [bytes(buf), cpuids[i].ljust(room, b"\0")]
+    os.pwrite(spec_fd, b"".join(parts), ffi.sizeof("struct pyvmm_prebuild_spec"))
+    return True
+
+
 def exec_env(spec_fd: int) -> dict[str, str]:
     """The variables that make the exec'd Python prebuild (spec_fd must be inheritable)."""
     from ..kvm import _kvm
@@ -53,6 +93,9 @@ class Prebuilt:
         self.vcpu_fds = [built.vm.vcpu_fds[i] for i in range(built.vm.nvcpus)]
         self.ram_addr, self.ram_size = built.ram_addr, built.ram_size
         self.t_start_ns, self.t_done_ns = built.t_start_ns, built.t_done_ns
+        self.early = built.early       # 1: the guest runs on the prebuilder's vCPU threads
+        self.early_step = ffi.string(built.early_step).decode(errors="replace")
+        self.t_early_ns, self.tsc_khz = built.t_early_ns, built.tsc_khz
 
     @property
     def ok(self) -> bool:
@@ -62,12 +105,59 @@ class Prebuilt:
     def error(self) -> str:
         return f"{self.step}: {os.strerror(-self.status)}" if self.status < 0 else ""
 
+    @property
+    def early_error(self) -> str:
+        return f"{self.early_step}: {os.strerror(-self.early)}" if self.early < 0 else ""
+
+    def stop_early(self) -> tuple[list[int], int]:
+        """Stop and join the prebuilder's vCPU threads: the exit each left in kvm_run
+        for Python (0: none), and when the last of them went into the guest."""
+        from ..kvm.ffi import ffi, lib
+        n = len(self.vcpu_fds)
+        pending, entered = ffi.new("int32_t[]", n), ffi.new("int64_t[]", n)
+        lib.pyvmm_early_stop(pending, entered, n)
+        self.early = 0
+        return list(pending), max(entered)
+
+    def capture_early(self, state: dict) -> dict:
+        """`state` with the vCPU and VM state as they are now, the early vCPUs stopped:
+        for the fallback re-exec when the restore failed after the early start (the
+        guest ran here since the save; the saved vCPU state under today's RAM would
+        turn it back in time).  An exit an early thread left for a Python device is
+        not completed (the device was never restored here): KVM retires a port I/O
+        instruction or an MMIO read only when it completes, so the next image runs
+        that instruction again and its device sees the access once; an MMIO write
+        KVM has retired already, so the next image replays it to its device before
+        the vCPUs run (state["cpr"]["mmio_writes"], target.resume_guest)."""
+        import time
+        from ..kvm.ffi import ffi, lib
+        from ..kvm.system import Kvm
+        from ..kvm.vcpu import Vcpu
+        from ..kvm.vm import Vm
+        pending, _ = self.stop_early()
+        vm = Vm(Kvm(fd=self.kvm_fd), self.vm_fd)
+        vm.has_irqchip = vm.has_pit = True   # pyvmm_build_vm makes both
+        writes = []
+        for i, fd in enumerate(self.vcpu_fds):
+            vcpu = Vcpu(vm, i, fd)
+            m = vcpu.run.mmio
+            if pending[i] == lib.KVM_EXIT_MMIO and m.is_write:
+                writes.append([m.phys_addr, bytes(ffi.buffer(m.data, m.len))])
+            vcpu.adopt_state(state["vcpus"][i])   # the saved MSR list: read the same
+            state["vcpus"][i] = vcpu.get_state()
+        state["vm"] = vm.get_state()
+        state["time"] = dict(state["time"], host_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+        state["cpr"]["mmio_writes"] = writes
+        return state
+
     def fits(self, size: int, vcpus: int) -> bool:
         return self.ok and self.ram_size == size and len(self.vcpu_fds) == vcpus
 
     def discard(self) -> None:
         """Close and unmap what was built (it did not fit; the VM is built again)."""
         from ..kvm.ffi import ffi, lib
+        if self.early == 1:
+            self.stop_early()
         for fd in self.vcpu_fds + [self.vm_fd, self.kvm_fd]:
             if fd >= 0:
                 os.close(fd)

@@ -351,7 +351,7 @@ class Migration:
             raise VmmError(why)
 
     def _save(self, fds: dict[str, int]) -> bytes:
-        state = self.machine.save_state()
+        state = self.saved = self.machine.save_state()
         self.timeline.step("old: vCPU, VM and device state read")
         state["cpr"] = {"pyvmm": __version__, "protocol": PROTOCOL_VERSION,
                         "mode": self.mode, "timeline": self.timeline.marks,
@@ -411,6 +411,13 @@ class Migration:
                                      HOLDER_ENV: self.holder.for_exec()})
         if self.prebuild_fd >= 0:
             passed.append(self.prebuild_fd)
+            if self.was_running:   # the new image's prebuilder runs the guest before Python
+                from . import prebuild
+                # (console output early only to a console the new image keeps)
+                uart = "--console" not in self.exec_command[len(resume_command()):]
+                if prebuild.write_early(self.prebuild_fd, self.machine, self.saved, uart=uart,
+                                        corrupt="early-state" in self.faults.armed):
+                    self.timeline.step("old: vCPU and VM state written for the early start")
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)

@@ -92,18 +92,31 @@ class Arrival:
         self.state_file = state_file
 
 
-def resume_guest(machine, state: dict, timeline, t_transfer) -> None:
+def resume_guest(machine, state: dict, timeline, t_transfer, early=None) -> None:
     """The tail both modes share, in the new VMM: the old VMM's marks and steps go
     before ours (with its transfer time), the devices and then the vCPUs run again
     (a guest paused in the old VMM stays paused), and "resume" is marked when the
     last vCPU is back in the guest.  The garbage collector, paused when the
     downtime began here (a collection of the fresh state tree costs ~1 ms), runs
-    again from then on."""
+    again from then on.
+
+    `early`: the cpr-exec prebuilder (a vmm.cpr.prebuild.Prebuilt) runs the vCPUs
+    already; our vCPU threads take them over once the devices are back, and the
+    guest ran again ("resume") when the last early thread went into it."""
     cpr = state["cpr"]
     timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
     timeline.steps = cpr.get("steps", []) + timeline.steps
     machine.resume_devices()
-    if cpr.get("running", True):
+    for addr, data in cpr.get("mmio_writes", ()):   # (prebuild.Prebuilt.capture_early)
+        machine.mmio_bus.write(addr, data)
+    if early is not None:
+        t_early, handed = machine.take_over_early(early)
+        timeline.step(f"new image: early vCPU threads stopped ({handed} exits for Python "
+                      "handed over)")
+        machine.resume()
+        timeline.step("new image: Python's vCPU threads run the guest", machine.wait_entered())
+        timeline.mark("resume", t_early)
+    elif cpr.get("running", True):
         machine.resume()
         timeline.mark("resume", machine.wait_entered())
     else:
@@ -482,21 +495,38 @@ def exec_resume(console_factory=None, t_python: int | None = None,
     console = console_factory(config) if console_factory else None
     faults = Faults(() if fallback else cpr.get("faults", ()))
     timeline.step("new image: state blob loaded")
+    from . import prebuild
+    built = prebuild.take()
+    timeline.step("new image: waited for the prebuilder (joined)")
+    early = None
     try:
         faults.check("target-restore")
         shape = state["machine"]
-        memory, kvm_parts = _take_prebuilt(shape, fds.pop("ram"), timeline)
+        memory, kvm_parts = _take_prebuilt(shape, fds.pop("ram"), built, timeline)
+        if kvm_parts is not None and built.early == 1:
+            early = built
+            # The guest runs since the prebuilder restored it: that was this image's restore.
+            timeline.marks = [["restore", built.t_done_ns]]
         machine = build_machine(shape, -1, config, console, memory=memory, kvm_parts=kvm_parts)
         timeline.step("new image: machine built, vCPU threads parked")
         kept = {name: fds.pop(name) for name in ("qmp",) if name in fds}
-        restore(machine, state, fds)
-        timeline.step("new image: vCPU, VM and device state written")
+        if early is not None:
+            machine.adopt_state(state)
+            machine.restore_devices(state, fds)
+            timeline.step("new image: device state written")
+        else:
+            restore(machine, state, fds)
+            timeline.step("new image: vCPU, VM and device state written")
     except Exception as e:
         if fallback:
             raise
         import sys
         print(f"pyvmm: live update: restore failed in the new image ({e}); "
               "exec'ing again to resume the guest", file=sys.stderr)
+        if built is not None and built.early == 1:
+            # The guest ran here since the save: the next image restores it as it is now.
+            os.close(fd)
+            fd = state_format.to_memfd(state_format.dumps(built.capture_early(state)))
         for n in list(all_fds.values()) + [fd]:
             os.set_inheritable(n, True)
         env = dict(os.environ, **{EXEC_STATE_ENV: str(fd), EXEC_T_ENV: str(t_transfer),
@@ -504,7 +534,8 @@ def exec_resume(console_factory=None, t_python: int | None = None,
         cmd = resume_command() + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
         os.execve(cmd[0], cmd, env)
     os.close(fd)
-    resume_guest(machine, state, timeline, t_transfer)
+    faults.delay("target-slow-restore")
+    resume_guest(machine, state, timeline, t_transfer, early)
     from .holder import release
     release(os.environ.pop(HOLDER_ENV, None))
     state_file = (cpr["file"][0], cpr["file"][1], blob) if cpr.get("file") else None
@@ -531,21 +562,27 @@ def write_state_file(arrival) -> None:
               file=sys.stderr)
 
 
-def _take_prebuilt(shape: dict, ram_fd: int, timeline):
+def _take_prebuilt(shape: dict, ram_fd: int, built, timeline):
     """RAM and (kvm, vm, vcpus) from the prebuilder (csrc/cpr_exec.c), or RAM alone."""
-    from . import prebuild
     mem = shape["memory"]
-    built = prebuild.take()
-    timeline.step("new image: waited for the prebuilder (joined)")
     if built is None:
         return map_ram(shape, ram_fd), None
     if not built.fits(mem["size"], shape["vcpus"]):
         timeline.step(f"prebuilder: nothing usable ({built.error or 'another shape'}); "
                       "building here")
+        early = built.early == 1   # (never with a request and a state from one old image)
         built.discard()
+        if early:
+            raise VmmError("the prebuilder ran a VM of another shape than the saved state's")
         return map_ram(shape, ram_fd), None
     timeline.step("prebuilder (C, before Python's main): started", built.t_start_ns)
     timeline.step("prebuilder: VM, memory slots, irqchip and vCPUs ready", built.t_done_ns)
+    if built.early == 1:
+        timeline.step("prebuilder: vCPU, VM and irqchip state restored, vCPUs running "
+                      "(the guest runs)", built.t_early_ns)
+    elif built.early < 0:
+        timeline.step(f"prebuilder: early start refused ({built.early_error}); "
+                      "Python restores the state")
     from ..machine import create_kvm_parts
     memory = map_ram(shape, ram_fd, built.ram_addr)
     return memory, create_kvm_parts(memory, shape["vcpus"], shape["cpuid"], prebuilt=built)

@@ -319,16 +319,24 @@ class Vcpu:
         downtime: for a guest that never touches XCR0 or the debug registers, two
         of a vCPU's nine set ioctls (~10-16 us each here).  tests/test_vcpu_state.py
         checks it."""
+        written, self._written = self._written, {}
+        skip = {name for name, value in written.items() if state.get(name) == value}
+        s, buf = self.restore_struct(state, skip)
+        self._call(lib.pyvmm_vcpu_restore, s, buf)
+        self._written = {name: state[name] for name in IDEMPOTENT if name in state}
+        self.skipped = tuple(name for name in RESTORE_ORDER if name in skip)
+        self.adopt_state(state)
+
+    def restore_struct(self, state: dict, skip=()):
+        """The struct pyvmm_vcpu_state (and its bytes) that restores `state`: its pieces
+        (but those in `skip`) and their order, RESTORE_ORDER's.  set_state() hands it
+        to C; a cpr-exec's old image writes its bytes for the new image's prebuilder
+        (vmm/cpr/prebuild.py), which restores a new VM: nothing skipped."""
         s, buf = self._new_state()
         span = _spans()
         order = []
-        written, self._written = self._written, {}
-        skipped = []
         for name in RESTORE_ORDER:
-            if name not in state:
-                continue
-            if name in written and state[name] == written[name]:
-                skipped.append(name)
+            if name not in state or name in skip:
                 continue
             if name == "msrs":
                 raw = state["msrs"]
@@ -337,11 +345,15 @@ class Vcpu:
             else:
                 put_bytes(buf, span[name], _SIMPLE_STATE[name][0], state[name])
             order.append(_PIECE[name])
-        self._call(lib.pyvmm_vcpu_restore, s, buf, bytes(order))
-        self._written = {name: state[name] for name in IDEMPOTENT if name in state}
-        self.skipped = tuple(skipped)
+        s.npieces = len(order)
+        buf[span["order"]:span["order"] + len(order)] = bytes(order)
+        return s, buf
+
+    def adopt_state(self, state: dict) -> None:
+        """What set_state() learns from `state` besides writing it (also after the
+        cpr-exec prebuilder wrote it): the saved MSRs are the ones readable here."""
         if "msrs" in state and self._msr_indices is None and self._msr_entries is None:
-            self._msr_entries = state["msrs"]   # the same MSRs are readable here
+            self._msr_entries = state["msrs"]
 
     def _new_state(self):
         """A zeroed struct pyvmm_vcpu_state and its bytes (a new one each time: cffi
@@ -349,12 +361,14 @@ class Vcpu:
         s = ffi.new(_STATE + " *")
         return s, ffi.buffer(s)
 
-    def _call(self, func, s, buf, order: bytes) -> None:
-        """pyvmm_vcpu_save or _restore of the pieces in `order`; a failure raises the
-        same one-line KvmError as the ioctl made on its own."""
-        s.npieces = len(order)
-        start = _spans()["order"]
-        buf[start:start + len(order)] = order
+    def _call(self, func, s, buf, order: bytes | None = None) -> None:
+        """pyvmm_vcpu_save or _restore of the pieces in `order` (None: those the struct
+        names already); a failure raises the same one-line KvmError as the ioctl made
+        on its own."""
+        if order is not None:
+            s.npieces = len(order)
+            start = _spans()["order"]
+            buf[start:start + len(order)] = order
         r = func(self.fd, s, len(buf))
         if r == 0:
             return

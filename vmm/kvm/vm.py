@@ -160,14 +160,21 @@ class Vm:
 
     def set_state(self, state: dict) -> None:
         """Write a state get_state() saved: irqchips, PIT, then the clock."""
-        s, buf = self._new_state(*(name for name in ("irqchip", "pit") if name in state))
+        s, buf = self.restore_struct(state)
+        self._call(lib.pyvmm_vm_restore, s, buf)
+
+    @classmethod
+    def restore_struct(cls, state: dict):
+        """The struct pyvmm_vm_state (and its bytes) that restores `state` (set_state;
+        a cpr-exec's old image writes its bytes for the new image's prebuilder)."""
+        s, buf = cls._new_state(*(name for name in ("irqchip", "pit") if name in state))
         if "irqchip" in state:
             for name in IRQCHIPS:
                 put_bytes(buf, _spans()[name], "struct kvm_irqchip", state["irqchip"][name])
         if "pit" in state:
             put_bytes(buf, _spans()["pit"], "struct kvm_pit_state2", state["pit"])
         s.clock_ns = state["clock_ns"]
-        self._call(lib.pyvmm_vm_restore, s, buf)
+        return s, buf
 
     @staticmethod
     def _new_state(*pieces):
