@@ -222,15 +222,18 @@ def test_ticker_survives_cpr_transfer(guests, vmm_procs, tmp_path):
                      "resume"]
 
 
-def test_order_devices_released_before_fds_leave(guests, vmm_procs, tmp_path):
+@pytest.mark.parametrize("vcpus", [1, 4])
+def test_order_devices_released_before_fds_leave(guests, vmm_procs, tmp_path, vcpus):
     """The new VMM must never see a device the old one still owns.
 
     Fails if the sequence is reordered: at the instant the fds reach the new
     VMM it lists the old VMM's threads, and no data-path thread may be there;
-    and in the timeline stop and notify must both precede the transfer.
+    and in the timeline stop and notify must both precede the transfer.  With
+    4 vCPUs (docs/SMP.md) every vCPU thread is seen there and is back in the new VMM.
     """
+    vcpu_threads = {f"vcpu{i}" for i in range(vcpus)}
     with netns_with_tap() as (ns, tap):
-        old, old_qmp = start_netecho(vmm_procs, tmp_path, ns, tap)
+        old, old_qmp = start_netecho(vmm_procs, tmp_path, ns, tap, vcpus=vcpus)
         assert "vnet-io" in threads(old.pid), "the C data path should run before the update"
         new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns,
                                             env={"PYVMM_CPR_RECORD_PEER": "1"})
@@ -238,11 +241,11 @@ def test_order_devices_released_before_fds_leave(guests, vmm_procs, tmp_path):
         assert old.wait(15) == 0
         info = new_info(new_qmp)
         at_fds = info["x-peer-threads-at-transfer"]
-        assert "vcpu0" in at_fds, f"the new VMM could not see the old one: {at_fds}"
+        assert vcpu_threads <= set(at_fds), f"the new VMM could not see the old one: {at_fds}"
         assert "vnet-io" not in at_fds
         t = {m: ts for m, ts in info["x-timeline"]}
         assert t["stop"] < t["quiesce"] < t["notify"] < t["save"] < t["transfer"] < t["restore"]
-        assert "vnet-io" in threads(new.pid)
+        assert vcpu_threads | {"vnet-io"} <= set(threads(new.pid))
 
 
 def threads(pid):

@@ -18,10 +18,8 @@ import time
 import pytest
 
 from conftest import ROOT
-from test_cpr import (EARLY_RUNNING, close, cpr_exec, cpr_transfer, new_info, qmp, qmp_connect,
-                      start_incoming, start_netecho, threads)
+from test_cpr import EARLY_RUNNING, close, cpr_exec, cpr_transfer, new_info, qmp, qmp_connect
 from test_guest_qemu import BASE as QEMU_BASE, QEMU, qexit
-from bench.lab import netns_with_tap
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -280,24 +278,6 @@ def test_halted_and_waiting_vcpus_stay_so(guests, vmm_procs, tmp_path, mode):
         time.sleep(0.05)
     check_totals(p, "q", updated=True)
     assert p.wait(15) == 0
-
-
-def test_order_devices_released_before_fds_leave_with_vcpus(guests, vmm_procs, tmp_path):
-    """test_cpr's order test with 4 vCPU threads: the data path has stopped before the
-    fds leave, and every vCPU thread is back in the new VMM."""
-    with netns_with_tap() as (ns, tap):
-        old, old_qmp = start_netecho(vmm_procs, tmp_path, ns, tap, vcpus=4)
-        new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns,
-                                            env={"PYVMM_CPR_RECORD_PEER": "1"})
-        cpr_transfer(old_qmp, sock)
-        assert old.wait(15) == 0
-        info = new_info(new_qmp)
-        at_fds = info["x-peer-threads-at-transfer"]
-        assert {"vcpu0", "vcpu1", "vcpu2", "vcpu3"} <= set(at_fds), at_fds
-        assert "vnet-io" not in at_fds
-        t = {m: ts for m, ts in info["x-timeline"]}
-        assert t["stop"] < t["quiesce"] < t["notify"] < t["save"] < t["transfer"] < t["restore"]
-        assert {"vcpu0", "vcpu1", "vcpu2", "vcpu3", "vnet-io"} <= set(threads(new.pid))
 
 
 # -- the same guest on QEMU ----------------------------------------------------------------------
