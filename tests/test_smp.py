@@ -14,6 +14,7 @@ import re
 import select
 import subprocess
 import time
+import warnings
 
 import pytest
 
@@ -26,7 +27,17 @@ pytestmark = pytest.mark.usefixtures("kvm")
 SMP = ROOT / "guest/build/smp.elf"
 BEAT = re.compile(r"^cpu (\d+) beat (\d+) work=(\d+) shared=(\d+) sent=(\d+) recv=(\d+) "
                   r"tsc_back=(\d+)$", re.M)
-TOTALS = r"smp: (check|done) cpus=(\d+) sent=(\d+) recv=(\d+) tsc_back=(\d+) shared=(\w+)"
+TOTALS = (r"smp: (check|done) cpus=(\d+) sent=(\d+) recv=(\d+) tsc_back=(\d+) shared=(\w+) "
+          r"tsc_worst=(\d+)")
+
+# This host's own CPUs' TSCs are a few cycles apart now and then (seen by a plain host
+# program, no KVM: `make tsc-skew`), and a PVM guest reads the host's TSC (every vCPU's
+# KVM TSC offset is the same: tests/test_vcpu_state.py checks it after a restore).  So
+# a guest whose CPUs run on different host CPUs may see another's TSC up to that skew
+# ahead of its own.  A restore that gave the vCPUs different TSCs puts them at least
+# the microseconds between two vCPUs' saves apart (thousands of cycles): anything
+# above this bound fails.
+TSC_SKEW_MAX = 1000
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +49,7 @@ def kvm():
 def start_smp(vmm_procs, tmp_path, vcpus, extra="", name="old"):
     qmp_path = tmp_path / f"{name}.qmp"
     p = vmm_procs(["run", "--kernel", str(SMP), "--vcpus", str(vcpus),
-                   "--cmdline", f"beat_ms=200 ipi_us=1000 {extra}".strip(),
+                   "--cmdline", f"beat_ms=200 ipi_us=1000 tsc_slack={TSC_SKEW_MAX} {extra}".strip(),
                    "--qmp", str(qmp_path)], stdin=subprocess.PIPE)
     return p, qmp_path
 
@@ -56,22 +67,9 @@ def beats(text: str) -> dict[int, list[tuple[int, ...]]]:
     return out
 
 
-# A known bug, open in issue 14: intermittently one vCPU's TSC is seen a little behind
-# another's (tsc_back > 0): after live updates (both modes) and also in plain running
-# without any update (a fresh-clone run at 05:40 saw it with 4 vCPUs and no update), so
-# not (only) the restore.  Until it is understood, a run that sees it is xfail with this
-# reason (visible in every run's summary), never passed; the IPI totals stay strict.
-TSC_BUG = ("known bug (issue 14): an intermittent cross-CPU TSC regression on this host, "
-           "with or without a live update")
-
-
-def tsc_regression(updated: bool, what: str) -> None:
-    pytest.xfail(f"{TSC_BUG}: {what}")
-
-
-def assert_beats_continuous(text: str, cpus: int, updated: bool = False) -> None:
-    """Every CPU's beat counter goes 1, 2, 3 ... and its work never goes back; no TSC
-    regression was ever seen (see TSC_BUG for runs with live updates)."""
+def assert_beats_continuous(text: str, cpus: int) -> None:
+    """Every CPU's beat counter goes 1, 2, 3 ... and its work never goes back (the
+    TSC check is judged at the totals, which carry the worst regression)."""
     seen = beats(text)
     assert sorted(seen) == list(range(cpus)), f"CPUs with heartbeats: {sorted(seen)}"
     for cpu, rows in seen.items():
@@ -79,8 +77,6 @@ def assert_beats_continuous(text: str, cpus: int, updated: bool = False) -> None
         assert ns == list(range(ns[0], ns[0] + len(ns))), f"cpu {cpu} beats skipped: {ns}"
         works = [r[1] for r in rows]
         assert works == sorted(works), f"cpu {cpu}'s work counter went back"
-        if not all(r[5] == 0 for r in rows):
-            tsc_regression(updated, f"cpu {cpu} saw another CPU's TSC ahead of its own")
 
 
 def wait_beats(p, cpus: int, more: int = 2, before: str = "") -> None:
@@ -91,22 +87,28 @@ def wait_beats(p, cpus: int, more: int = 2, before: str = "") -> None:
         p.wait_for(rf"^cpu {cpu} beat {last.get(cpu, 0) + more} ", timeout=30)
 
 
-def check_totals(p, ch="c", updated: bool = False) -> tuple[int, int]:
-    """Type a check (or the end): every IPI sent was received, once; returns (sent, count
-    of checks so far)."""
+def check_totals(p, ch="c") -> int:
+    """Type a check (or the end): every IPI sent was received, once, the counters agree
+    and no TSC went back by more than the host's skew; returns the IPIs sent."""
     start = len(p.lines)
     type_(p, ch)
     m = p.wait_for(TOTALS, timeout=30, start=start)
-    kind, _, sent, recv, back, shared = m.groups()
+    assert_totals(m)
+    return int(m.group(3))
+
+
+def assert_totals(m) -> None:
+    kind, _, sent, recv, back, shared, worst = m.groups()
     assert (sent, shared) == (recv, "ok"), m.group(0)
+    assert int(worst) <= TSC_SKEW_MAX, f"a vCPU's TSC went back across CPUs: {m.group(0)}"
     if back != "0":
-        tsc_regression(updated, m.group(0))
-    return int(sent)
+        warnings.warn(f"host TSC skew seen by the guest (<= {TSC_SKEW_MAX} cycles): "
+                      f"{m.group(0)}")
 
 
-def finish(p, cpus: int, updated: bool = False) -> None:
-    assert_beats_continuous(p.text(), cpus, updated)
-    check_totals(p, "q", updated)
+def finish(p, cpus: int) -> None:
+    assert_beats_continuous(p.text(), cpus)
+    check_totals(p, "q")
     assert p.wait(15) == 0
 
 
@@ -181,8 +183,8 @@ def test_cpr_exec_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds):
         assert "prebuilder: VM, memory slots, irqchip and vCPUs ready" in steps
         assert steps[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
         wait_beats(p, vcpus, 1)
-        check_totals(p, updated=True)
-    finish(p, vcpus, updated=True)
+        check_totals(p)
+    finish(p, vcpus)
 
 
 @pytest.mark.parametrize("vcpus,rounds", [(2, 10), (4, 2), (8, 2)])
@@ -198,9 +200,9 @@ def test_cpr_transfer_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds)
         text = join_output(text, p.text())
         p, qmp_path = new, new_qmp
         wait_beats(p, vcpus, 1, before=text)
-        check_totals(p, updated=True)
-    assert_beats_continuous(join_output(text, p.text()), vcpus, updated=True)
-    check_totals(p, "q", updated=True)
+        check_totals(p)
+    assert_beats_continuous(join_output(text, p.text()), vcpus)
+    check_totals(p, "q")
     assert p.wait(15) == 0
 
 
@@ -274,7 +276,7 @@ def test_halted_and_waiting_vcpus_stay_so(guests, vmm_procs, tmp_path, mode):
                if int(n) > woke]:
         assert time.monotonic() < deadline, "the halted vCPU never woke after the update"
         time.sleep(0.05)
-    check_totals(p, "q", updated=True)
+    check_totals(p, "q")
     assert p.wait(15) == 0
 
 
@@ -286,7 +288,8 @@ def test_smp_guest_on_qemu(guests, machine, vcpus):
     base = list(QEMU_BASE)
     if machine == "q35":
         base[base.index("-M") + 1] = "q35"
-    cmd = [QEMU, *base, "-smp", str(vcpus), "-kernel", str(SMP), "-append", "beat_ms=200"]
+    cmd = [QEMU, *base, "-smp", str(vcpus), "-kernel", str(SMP),
+           "-append", f"beat_ms=200 tsc_slack={TSC_SKEW_MAX}"]
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT)
     try:
@@ -307,6 +310,7 @@ def test_smp_guest_on_qemu(guests, machine, vcpus):
     assert re.search(rf"smp: ACPI MADT \(RSDP at \w+ by \w+\): {vcpus} CPUs", text), text
     assert f"smp: {vcpus} CPUs online (INIT-SIPI)" in text
     m = re.search(TOTALS, text)
-    assert m and m.group(1) == "done" and m.group(3) == m.group(4) and m.group(5) == "0", text
+    assert m and m.group(1) == "done", text
+    assert_totals(m)
     assert_beats_continuous(text, vcpus)
     assert p.returncode == qexit(0), text

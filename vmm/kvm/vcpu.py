@@ -224,6 +224,18 @@ class Vcpu:
                 self._tsc_khz = max(lib.pyvmm_ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0), 0)
         return self._tsc_khz
 
+    def tsc_offset(self) -> int | None:
+        """KVM's offset of this vCPU's TSC from the host's (KVM_VCPU_TSC_OFFSET, Linux
+        5.16+), or None where KVM does not say.  Equal offsets on every vCPU are what
+        keeps an SMP guest's clock one clock."""
+        val = ffi.new("__u64 *")
+        attr = ffi.new("struct kvm_device_attr *", {
+            "group": lib.KVM_VCPU_TSC_CTRL, "attr": lib.KVM_VCPU_TSC_OFFSET,
+            "addr": int(ffi.cast("uintptr_t", val))})
+        if lib.pyvmm_ioctl(self.fd, lib.KVM_GET_DEVICE_ATTR, attr) < 0:
+            return None
+        return int(ffi.cast("int64_t", val[0]))
+
     # -- the simple pieces ------------------------------------------------------------
     def get(self, name: str):
         ctype, get_req, _, _ = _SIMPLE_STATE[name]
