@@ -384,7 +384,8 @@ class Migration:
         # a send that fails delivered nothing: SOCK_SEQPACKET, so we can still roll back)
         self.channel.send({"msg": "go", "steps": self.timeline.steps[-2:]})
         self.committed = True
-        self.settled.set()   # the guest is the new VMM's now
+        # (the monitor's clients wait on until the new VMM says it runs the guest:
+        # released at "go", they woke with the new VMM, which had to wait for a core)
 
     def _wait_restored(self) -> None:
         """"restored" from the new VMM before the guest has been stopped downtime-limit ms;
