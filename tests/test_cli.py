@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, run_pyvmm
+from conftest import ROOT, need_kvm, pyvmm_cmd, run_pyvmm
 
 
 def one_line_error(r, code=1):
@@ -75,3 +75,31 @@ def test_start_up_error_leaves_no_empty_console_file(tmp_path):
     one_line_error(run_pyvmm("run", "--kernel", str(tmp_path / "missing.elf"),
                              "--console", str(console)))
     assert console.read_text() == "earlier run\n"
+
+
+def test_client_commands_wait_for_a_vmm_that_is_starting(guests, vmm_procs, tmp_path):
+    """`pyvmm state` typed right after `pyvmm run ... &` (as in the labs) waits for the
+    monitor socket to appear instead of failing; so does `pyvmm cpr --mode transfer`
+    for a new pyvmm that does not listen yet."""
+    import time
+    qmp_path = tmp_path / "vm.qmp"
+    need_kvm()
+    state = subprocess.Popen(pyvmm_cmd("state", "--socket", str(qmp_path)), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert state.poll() is None, state.communicate()
+    vmm_procs(["run", "--kernel", str(guests / "ticker.elf"), "--qmp", str(qmp_path)])
+    out, err = state.communicate(timeout=30)
+    assert state.returncode == 0, err
+    assert '"vcpus"' in out
+
+    uri = tmp_path / "cpr.sock"
+    cpr = subprocess.Popen(pyvmm_cmd("cpr", "--mode", "transfer", "--socket", str(qmp_path),
+                                     "--uri", str(uri)), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert cpr.poll() is None, cpr.communicate()
+    vmm_procs(["run", "--incoming", f"cpr-transfer:{uri}"])
+    out, err = cpr.communicate(timeout=60)
+    assert cpr.returncode == 0, err
+    assert "live update (cpr-transfer) completed" in out

@@ -13,7 +13,7 @@ import time
 
 from ..cpr.timeline import PHASES
 from ..errors import VmmError
-from .qmp import QmpClient, QmpError
+from .qmp import START_WAIT_S, QmpClient, QmpError, wait_for_path
 
 SETTLED = ("completed", "failed", "cancelled")
 
@@ -49,7 +49,11 @@ def cmd_cpr(args) -> int:
     params = {"mode": mode}
     if args.fault:
         params["x-fault"] = args.fault.split(",")
-    client = QmpClient(args.socket, timeout=args.timeout)
+    client = QmpClient(args.socket, timeout=args.timeout, wait=START_WAIT_S)
+    # (a new pyvmm started a moment ago may not listen yet; if none comes, the VMM's own
+    # refusal below says so)
+    if mode == "cpr-transfer":
+        wait_for_path(args.uri, START_WAIT_S, "new pyvmm's socket")
     started = False
     try:
         client.execute("migrate-set-parameters", **params)

@@ -14,7 +14,7 @@ import sys
 from ..errors import VmmError
 from ..memory import parse_size
 from .cpr import wait_migration
-from .qmp import QmpClient, QmpError
+from .qmp import START_WAIT_S, QmpClient, QmpError
 
 POLL_S = 0.1
 
@@ -44,7 +44,7 @@ def cmd_migrate(args) -> int:
     if args.max_bandwidth is not None:
         params["max-bandwidth"] = parse_rate(args.max_bandwidth)
     live = sys.stdout.isatty() and not args.no_live
-    client = QmpClient(args.socket, timeout=10.0)
+    client = QmpClient(args.socket, timeout=10.0, wait=START_WAIT_S)
     started = False
     try:
         if params:

@@ -8,9 +8,14 @@ against QEMU as well as against pyvmm's monitor.
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
+import sys
 import time
+
+# A VMM just started with `&` may not listen yet: how long the CLI waits for it.
+START_WAIT_S = 5.0
 
 
 class QmpError(Exception):
@@ -29,7 +34,11 @@ class QmpClient:
     wait_event(), so none is lost between two commands.
     """
 
-    def __init__(self, path: str, timeout: float | None = 10.0, *, negotiate: bool = True):
+    def __init__(self, path: str, timeout: float | None = 10.0, *, negotiate: bool = True,
+                 wait: float = 0.0):
+        """`wait`: while the socket is not there yet (or nobody accepts on it), try
+        again for that many seconds (a VMM started a moment ago with `&`), saying so
+        on stderr after the first second."""
         self.path = path
         self.timeout = timeout
         self._buf = bytearray()
@@ -39,10 +48,12 @@ class QmpClient:
         try:
             self._sock.settimeout(timeout)
             try:
-                self._sock.connect(path)
+                connect_when_there(self._sock, path, wait, "QMP socket")
             except OSError as e:
+                waited = f"waited {wait:g} s: " if wait else ""
                 raise OSError(e.errno, f"cannot connect to the QMP socket {path}: "
-                              f"{e.strerror} (is pyvmm running with --qmp {path}?)") from None
+                              f"{e.strerror} ({waited}is pyvmm running with --qmp {path}?)"
+                              ) from None
             self.greeting = self._recv(self._deadline(timeout))
             if "QMP" not in self.greeting:
                 raise QmpError(f"not a QMP greeting: {self.greeting!r}")
@@ -170,3 +181,40 @@ class QmpClient:
             if matches(msg):
                 return msg
             self._events.append(msg)
+
+
+def connect_when_there(sock, path: str, wait: float, what: str) -> None:
+    """connect(path), trying again while the path does not exist or nobody accepts
+    on it, for up to `wait` seconds (a note once a second has gone by, when stderr is
+    a terminal: an error stays one line for scripts)."""
+    deadline = time.monotonic() + wait
+    told = not sys.stderr.isatty()
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ECONNREFUSED) or \
+                    time.monotonic() >= deadline:
+                raise
+        if not told and time.monotonic() >= deadline - wait + 1.0:
+            print(f"pyvmm: waiting for the {what} {path} ...", file=sys.stderr)
+            told = True
+        time.sleep(0.05)
+
+
+def wait_for_path(path: str, wait: float, what: str) -> bool:
+    """Until `path` exists (at most `wait` seconds, a note after the first second when
+    stderr is a terminal); whether it does.  (Only looks: a connection would be taken
+    for a peer by a server that accepts just one.)"""
+    import os
+    deadline = time.monotonic() + wait
+    told = not sys.stderr.isatty()
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        if not told and time.monotonic() >= deadline - wait + 1.0:
+            print(f"pyvmm: waiting for the {what} {path} ...", file=sys.stderr)
+            told = True
+        time.sleep(0.05)
+    return True

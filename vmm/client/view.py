@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import sys
 
-from .qmp import QmpClient
+from .qmp import START_WAIT_S, QmpClient
 
 
 def cmd_state(args) -> int:
-    with QmpClient(args.socket) as client:
+    with QmpClient(args.socket, wait=START_WAIT_S) as client:
         state = client.execute("x-query-state")
     json.dump(state, sys.stdout, indent=2)
     print()
