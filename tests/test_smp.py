@@ -314,3 +314,47 @@ def test_smp_guest_on_qemu(guests, machine, vcpus):
     assert_totals(m)
     assert_beats_continuous(text, vcpus)
     assert p.returncode == qexit(0), text
+
+
+# -- live migration over TCP (issue 13's path) --------------------------------------------------
+@pytest.mark.parametrize("load", ["ipis", "sleepers"])
+def test_migration_to_another_host_keeps_every_vcpu(guests, vmm_procs, tmp_path, load):
+    """The same guest moved between the two simulated hosts (bench/twohosts.py) by a
+    precopy migration: every vCPU's counters go on on hostB, every IPI arrives once,
+    no TSC regression beyond the host's skew; with sleepers, the halted vCPU and the
+    one never started come back as they were and the sleeper wakes on the next IPI."""
+    from bench.twohosts import two_hosts
+    from test_migration import ENV, migrate, status
+    extra = "sleepers=1 maxcpus=3 wake_ms=1000" if load == "sleepers" else ""
+    with two_hosts() as hosts:
+        src_qmp, dst_qmp = tmp_path / "src.qmp", tmp_path / "dst.qmp"
+        src = vmm_procs(["run", "--kernel", str(SMP), "--vcpus", "4", "--memory", "128M",
+                         "--cmdline", f"beat_ms=200 ipi_us=1000 tsc_slack={TSC_SKEW_MAX} "
+                         f"{extra}".strip(), "--qmp", str(src_qmp)],
+                        ns=hosts.host_a, env=ENV, stdin=subprocess.PIPE)
+        running = 2 if extra else 4   # (sleepers: CPU 2 sleeps, CPU 3 was never started)
+        wait_beats(src, running, 1)
+        if extra:
+            src.wait_for(r"^cpu 2 woke 1$")
+            assert sleeping_states(src_qmp) == ["halted", "uninitialized"]
+        link = hosts.link_ip(hosts.host_b)
+        dst = vmm_procs(["run", "--incoming", f"tcp:{link}:0", "--qmp", str(dst_qmp)],
+                        ns=hosts.host_b, env=ENV, stdin=subprocess.PIPE)
+        q = qmp_connect(dst_qmp)
+        try:
+            port = qmp(q, "query-migrate")["socket-address"][0]["port"]
+        finally:
+            close(q)
+        woke = len(re.findall(r"^cpu 2 woke \d+$", src.text(), re.M))
+        info, _ = migrate(src_qmp, f"tcp:{link}:{port}")
+        assert info["status"] == "completed", info
+        assert status(src_qmp) == "postmigrate"
+        before = src.text()
+        wait_beats(dst, running, 2, before=before)
+        if extra:
+            assert sleeping_states(dst_qmp) == ["halted", "uninitialized"]
+            dst.wait_for(rf"^cpu 2 woke {woke + 1}$")
+        check_totals(dst)
+        assert_beats_continuous(join_output(before, dst.text()), running)
+        check_totals(dst, "q")
+        assert dst.wait(15) == 0
