@@ -7,6 +7,13 @@ frames with the guest's MAC as source on each of its taps, at 50, 150, 250,
 350 and 450 ms after the guest runs again (QEMU's announce-initial 50 ms,
 -step 100 ms, -rounds 5).  The frames go into the tap as if the guest had sent
 them, with the tap's virtio-net header in front.
+
+Then, as QEMU does for a virtio-net whose driver negotiated
+VIRTIO_NET_F_GUEST_ANNOUNCE, the guest is asked to announce itself too (right
+after the first RARP round): the device sets VIRTIO_NET_S_ANNOUNCE and raises a
+config interrupt, the guest's driver sends its own gratuitous ARP (which also
+tells its peers, not only the switch) and acks on the control queue
+(devices/virtio_net.py).  A guest that did not negotiate it gets the RARP only.
 """
 
 from __future__ import annotations
@@ -28,20 +35,25 @@ def rarp_frame(mac: bytes) -> bytes:
 
 
 def announce(machine) -> None:
-    """Start announcing every NIC's MAC on its tap (a thread; returns at once)."""
+    """Start announcing every NIC's MAC on its tap, and asking the guest to announce
+    itself (a thread; returns at once)."""
     from ..net import VNET_HDR_LEN
+    nets = [d for d in machine.devices if d.KIND == "net"]
     frames = [(d.tap.fd, bytes(VNET_HDR_LEN) + rarp_frame(d.virtio.mac))
-              for d in machine.devices if d.KIND == "net" and d.virtio.mac]
-    if not frames:
+              for d in nets if d.virtio.mac]
+    if not nets:
         return
 
     def rounds():
         time.sleep(INITIAL)
-        for _ in range(ROUNDS):
+        for i in range(ROUNDS):
             for fd, frame in frames:
                 try:
                     os.write(fd, frame)
                 except OSError:
                     return   # the tap is gone (the VMM is exiting)
+            if i == 0:
+                for d in nets:
+                    d.announce()   # (only if its driver negotiated GUEST_ANNOUNCE)
             time.sleep(STEP)
     threading.Thread(target=rounds, name="announce", daemon=True).start()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from ..devices import State
 from ..errors import VmmError
@@ -95,6 +96,7 @@ class VirtioMmio:
         self.queues = [Queue(size) for size in device.queue_sizes]
         self.kick_fds: list[int] = []
         self.call_fd = -1
+        self.isr_lock = threading.Lock()   # isr_extra: the vCPU's acks, config_changed()'s sets
         self._reset_registers()
         self.config_generation = 0
 
@@ -180,7 +182,8 @@ class VirtioMmio:
             self._notify(value)
         elif offset == INTERRUPT_ACK:
             self.device.isr_ack(value)
-            self.isr_extra &= ~value
+            with self.isr_lock:
+                self.isr_extra &= ~value
         elif offset == STATUS:
             self._set_status(value)
         elif offset in (QUEUE_NUM, QUEUE_READY) or offset in _QUEUE_ADDRS or \
@@ -308,9 +311,11 @@ class VirtioMmio:
             os.eventfd_write(self.call_fd, 1)
 
     def config_changed(self) -> None:
-        """The device's config space changed (e.g. link status): bump generation, interrupt."""
-        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        self.isr_extra |= INT_CONFIG
+        """The device's config space changed (e.g. link status): bump generation, interrupt.
+        (From any thread: e.g. the announcement's, after a migration.)"""
+        with self.isr_lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+            self.isr_extra |= INT_CONFIG
         if self.call_fd >= 0:
             os.eventfd_write(self.call_fd, 1)
 
