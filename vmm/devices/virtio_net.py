@@ -306,9 +306,12 @@ class VirtioNet:
                 head = _u16(mem, q.avail + 4 + 2 * (q.next_avail % q.num))
                 q.next_avail = (q.next_avail + 1) & 0xFFFF
                 written = self._command(mem, q, head)
-                mem.write(q.used + 4 + 8 * (new_used % q.num), struct.pack("<II", head, written))
+                elem = q.used + 4 + 8 * (new_used % q.num)
+                mem.write(elem, struct.pack("<II", head, written))
                 new_used = (new_used + 1) & 0xFFFF
                 mem.view(q.used + 2, 2).cast("H")[0] = new_used   # one store, after the element
+                self._wrote(mem, q.used + 2, 2)
+                self._wrote(mem, elem, 8)
         except GuestMemoryError as e:   # (the transport checked the ring areas: not expected)
             log.warning("virtio-net: control queue: %s; ignored", e)
             return
@@ -343,7 +346,14 @@ class VirtioNet:
             log.info("virtio-net: control command %s refused (only ANNOUNCE_ACK, after an "
                      "announce request, is known)", command[:2].hex() or "(empty)")
         mem.write(acks[0], bytes((ack,)))
+        self._wrote(mem, acks[0], 1)
         return 1
+
+    def _wrote(self, mem, gpa: int, length: int) -> None:
+        """A live migration's precopy must send again what the VMM wrote (KVM logs only
+        the vCPUs' writes)."""
+        if self.dirty_log is not None:
+            self.dirty_log.mark(mem.offset_of(gpa, length), length)
 
     def _chain(self, mem, q, head: int) -> tuple[bytes, list[int]]:
         """The chain at `head`: its readable bytes (at most CTRL_MAX_COMMAND) and the guest
