@@ -112,6 +112,7 @@ class VirtioNet:
         self.defer_start = False
         self.dirty_log = None    # live migration: the backend marks the pages it writes
         self.isr_lock = threading.Lock()   # pending_isr: vCPU threads and the QMP thread
+        self.ctrl_lock = threading.Lock()  # one vCPU at a time walks the control queue
         self._clear()
 
     def _clear(self) -> None:
@@ -293,8 +294,10 @@ class VirtioNet:
         if index != CTRL or self.wiring is None or not self.acked & bit(F_CTRL_VQ) or \
                 len(self.queues) <= CTRL or not self.queues[CTRL].ready:
             return
-        mem, call_fd = self.wiring[0], self.wiring[2]
-        q = self.queues[CTRL]
+        with self.ctrl_lock:
+            self._ctrl(self.wiring[0], self.queues[CTRL], self.wiring[2])
+
+    def _ctrl(self, mem, q, call_fd: int) -> None:
         try:
             old_used = new_used = _u16(mem, q.used + 2)
             pending = (_u16(mem, q.avail + 2) - q.next_avail) & 0xFFFF
