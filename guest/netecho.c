@@ -347,6 +347,10 @@ static int ctrl_command(u8 class, u8 cmd)
             return -1;
     ctrlq.last_used++;
     barrier();
+    if (ctrlq.used->idx != ctrlq.last_used)   /* one command, one used entry: else the
+                                                 device lost its place in the ring */
+        uprintf("netecho: ctrl queue: device used %u, expected %u\n", ctrlq.used->idx,
+                ctrlq.last_used);
     return b[16];
 }
 

@@ -3,7 +3,8 @@ from the driver's side without a guest: the device model (devices/virtio_net.py)
 virtio-mmio transport, in real guest memory (a memfd), with the Python data path on a
 socketpair.  The guest's own announcement after a migration is tests/test_migration.py's
 test_guest_announces_itself_after_the_move; the state through a save/restore is
-tests/test_persist.py's net round trip.
+tests/test_persist.py's net round trip; the last test here takes a real guest's control
+queue through a cpr-exec and a cpr-transfer and drives it with QMP announce-self.
 
 Here: the commands (ANNOUNCE_ACK, anything else refused with VIRTIO_NET_ERR), the config
 status and interrupt of an announce request, and every malformed chain a driver could post,
@@ -14,11 +15,16 @@ RAM is touched, the data path stays up).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import struct
 
 import pytest
 
+from bench.lab import GUEST_IP, netns_with_tap
+from conftest import ROOT, need_kvm
+from test_cpr import (QmpFailed, close, cpr_exec, cpr_transfer, new_info, qmp, qmp_connect,
+                      start_incoming)
 from test_datapath import FakeVm, SocketTap, driver_bring_up, rd, wr
 from virtq_driver import (CTRL, EVENT_IDX, F_INDIRECT, F_NEXT, F_WRITE, INDIRECT_DESC, MEM_SIZE,
                           VERSION_1, Queue, put_table)
@@ -246,3 +252,59 @@ def test_what_the_device_writes_is_in_the_migration_dirty_log(ctrl):
     want = {ctrl.mem.offset_of(ACK_AT, 1) // 4096, ctrl.mem.offset_of(ctrl.q.used, 8) // 4096}
     assert {n for n in range(pages.bit_length()) if pages >> n & 1} == want
     assert log.collect() == 0                        # collected once
+
+
+# -- a real guest: the control queue through both live updates, and QMP announce-self -----------
+def announce_self(qmp_path, **args):
+    q = qmp_connect(qmp_path)
+    try:
+        return qmp(q, "announce-self", **{"initial": 0, "max": 100, "rounds": 1, "step": 50,
+                                          **args})
+    finally:
+        close(q)
+
+
+def net0(qmp_path) -> dict:
+    q = qmp_connect(qmp_path)
+    try:
+        return next(d for d in qmp(q, "x-query-state")["devices"] if d["name"] == "net0")
+    finally:
+        close(q)
+
+
+def test_the_control_queue_goes_through_cpr_exec_and_cpr_transfer(guests, vmm_procs, tmp_path):
+    """netecho (announce=1) used its control queue once at boot; after a cpr-exec, and again
+    after a cpr-transfer, QMP announce-self makes it announce itself and ack: the device
+    took the next command from where the ring stood (netecho checks the used index moved
+    by exactly one) and the pending bit is clear afterwards."""
+    need_kvm()
+    announced = r"netecho: announced \(gratuitous ARP\), acked"
+    with netns_with_tap() as (ns, tap):
+        old_qmp = tmp_path / "old.qmp"
+        old = vmm_procs(["run", "--kernel", str(ROOT / "guest/build/netecho.elf"),
+                         "--net", f"tap,ifname={tap}", "--qmp", str(old_qmp),
+                         "--cmdline", f"ip={GUEST_IP} stats=0 announce=1"], ns=ns)
+        old.wait_for(r"netecho: ctrl class 0 cmd 0 -> ack=1")
+        assert cpr_exec(old_qmp) is None
+        assert new_info(old_qmp)["status"] == "completed"
+        assert net0(old_qmp)["queues"][2]["last_avail_idx"] == 1
+        announce_self(old_qmp)
+        old.wait_for(announced)
+        new, sock, new_qmp = start_incoming(vmm_procs, tmp_path, ns=ns)
+        cpr_transfer(old_qmp, sock)
+        assert old.wait(15) == 0
+        assert new_info(new_qmp)["status"] == "completed"
+        announce_self(new_qmp, interfaces=["net0"])
+        new.wait_for(announced)
+        net = net0(new_qmp)
+        assert net["announce"] is False and net["queues"][2]["last_avail_idx"] == 3, net
+        with pytest.raises(QmpFailed, match="no NIC net7: this VM has net0"):
+            announce_self(new_qmp, interfaces=["net7"])
+        with pytest.raises(QmpFailed, match="'rounds' is missing"):
+            q = qmp_connect(new_qmp)
+            try:
+                qmp(q, "announce-self", initial=50, max=550, step=100)
+            finally:
+                close(q)
+    assert "ctrl queue: device used" not in old.text() + new.text()
+    assert len(re.findall(announced, old.text() + new.text())) == 2

@@ -14,6 +14,8 @@ after the first RARP round): the device sets VIRTIO_NET_S_ANNOUNCE and raises a
 config interrupt, the guest's driver sends its own gratuitous ARP (which also
 tells its peers, not only the switch) and acks on the control queue
 (devices/virtio_net.py).  A guest that did not negotiate it gets the RARP only.
+
+QMP's `announce-self` does the same on demand, with its own timing and NICs.
 """
 
 from __future__ import annotations
@@ -34,19 +36,22 @@ def rarp_frame(mac: bytes) -> bytes:
     return frame.ljust(60, b"\0")
 
 
-def announce(machine) -> None:
-    """Start announcing every NIC's MAC on its tap, and asking the guest to announce
-    itself (a thread; returns at once)."""
+def announce(machine, *, initial: float = INITIAL, rounds: int = ROUNDS, step: float = STEP,
+             interfaces=None) -> None:
+    """Start announcing the MACs of the NICs (all, or those whose id is in `interfaces`)
+    on their taps, `rounds` times, `initial` s from now and then every `step` s, and
+    asking the guest to announce itself (a thread; returns at once)."""
     from ..net import VNET_HDR_LEN
-    nets = [d for d in machine.devices if d.KIND == "net"]
+    nets = [d for d in machine.devices if d.KIND == "net" and
+            (interfaces is None or d.id in interfaces)]
     frames = [(d.tap.fd, bytes(VNET_HDR_LEN) + rarp_frame(d.virtio.mac))
               for d in nets if d.virtio.mac]
-    if not nets:
+    if not nets or rounds < 1:
         return
 
-    def rounds():
-        time.sleep(INITIAL)
-        for i in range(ROUNDS):
+    def run():
+        time.sleep(initial)
+        for i in range(rounds):
             for fd, frame in frames:
                 try:
                     os.write(fd, frame)
@@ -55,5 +60,5 @@ def announce(machine) -> None:
             if i == 0:
                 for d in nets:
                     d.announce()   # (only if its driver negotiated GUEST_ANNOUNCE)
-            time.sleep(STEP)
-    threading.Thread(target=rounds, name="announce", daemon=True).start()
+            time.sleep(step)
+    threading.Thread(target=run, name="announce", daemon=True).start()
