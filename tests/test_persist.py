@@ -126,6 +126,24 @@ def test_schema_checks_a_device_entry_by_its_kind(mutate, message):
     assert str(err.value) == message
 
 
+def test_a_net_state_of_another_version_is_converted_or_refused():
+    """Version 1 (before the control queue) is converted for the check; one that cannot be
+    converted, or a version never written, is refused naming what is wrong."""
+    v1 = loads((ROOT / "tests/data/devices-net-v1.state").read_bytes())["devices"]
+    assert DEVICES.check(v1) is v1 and v1["net0"]["version"] == 1   # (checked, not changed)
+    assert len(v1["net0"]["state"]["transport"]["queues"]) == 2
+    broken = dict(v1["net0"], state=dict(v1["net0"]["state"], virtio=None))
+    with pytest.raises(StateError) as err:
+        DEVICES.check({"net0": broken})
+    assert str(err.value) == ("devices: net0.state: net state version 1 is malformed: it "
+                              "cannot be converted")
+    for version in (0, 3):
+        with pytest.raises(StateError) as err:
+            DEVICES.check({"net0": dict(v1["net0"], version=version)})
+        assert str(err.value) == (f"devices: net0.version: net state version {version}, this "
+                                  "pyvmm reads version 2")
+
+
 def test_devices_from_0_1_leaves_other_trees_as_they_are():
     """A tree already in this layout (a state that says no version is taken for 0.1.0's)
     or not a devices tree at all is returned unchanged, for the schema to judge."""
