@@ -1,7 +1,8 @@
 /* netecho: polling virtio-mmio (v2) virtio-net driver, all of it in ring 3.
  * cmdline: virtio_mmio.device=<size>@<base>:<irq> (several allowed; default probe 0xd0000000),
  *          ip=A.B.C.D (default 10.0.0.2), stats=0 (disable the 1 s stats line),
- *          bad=loop|oob|zero|long (post a malformed TX chain, print the device status).
+ *          bad=loop|oob|zero|long (post a malformed TX chain, print the device status),
+ *          announce=1 (negotiate CTRL_VQ + GUEST_ANNOUNCE: see announce_poll()).
  * Answers ARP for its IP, ICMP echo, UDP echo on port 7. */
 #include "guest.h"
 
@@ -18,6 +19,8 @@
 #define VM_QUEUE_NUM    0x038
 #define VM_QUEUE_READY  0x044
 #define VM_QUEUE_NOTIFY 0x050
+#define VM_ISR          0x060
+#define VM_ISR_ACK      0x064
 #define VM_STATUS       0x070
 #define VM_QUEUE_DESC   0x080
 #define VM_QUEUE_AVAIL  0x090
@@ -33,6 +36,9 @@
 
 #define F_MAC       (1ull << 5)
 #define F_MRG_RXBUF (1ull << 15)
+#define F_STATUS    (1ull << 16)
+#define F_CTRL_VQ   (1ull << 17)
+#define F_GUEST_ANNOUNCE (1ull << 21)
 #define F_EVENT_IDX (1ull << 29)
 #define F_VERSION_1 (1ull << 32)
 
@@ -42,6 +48,11 @@
 #define USED_F_NO_NOTIFY 1
 
 #define QSZ 256
+#define CTRL_QSZ 8
+#define ISR_CONFIG 2
+#define NET_S_ANNOUNCE 2
+#define CTRL_ANNOUNCE 3
+#define CTRL_ANNOUNCE_ACK 0
 #define BUFSZ 2048
 #define HDRLEN 12
 
@@ -61,11 +72,12 @@ struct vq {
 static u8 rx_desc[4096] PGT, rx_avail[4096] PGT, rx_used[4096] PGT;
 static u8 tx_desc[4096] PGT, tx_avail[4096] PGT, tx_used[4096] PGT;
 static u8 rx_bufs[QSZ * BUFSZ] PGT, tx_bufs[QSZ * BUFSZ] PGT;
+static u8 ctrl_desc[4096] PGT, ctrl_avail[4096] PGT, ctrl_used[4096] PGT, ctrl_buf[4096] PGT;
 
 static volatile u8 *mmio;
 static u64 features;
 static int event_idx;
-static struct vq rxq, txq;
+static struct vq rxq, txq, ctrlq;
 static u16 tx_free[QSZ];
 static int tx_nfree;
 static u8 my_mac[6];
@@ -121,21 +133,21 @@ static void publish(struct vq *q, u16 id)
     q->avail->idx = q->avail_idx;
 }
 
-static int setup_queue(struct vq *q, u16 idx, u8 *d, u8 *a, u8 *u, u8 *bufs)
+static int setup_queue(struct vq *q, u16 idx, u16 size, u8 *d, u8 *a, u8 *u, u8 *bufs)
 {
     wr32(VM_QUEUE_SEL, idx);
     u32 max = rd32(VM_QUEUE_NUM_MAX);
-    if (max < QSZ) {
-        uprintf("netecho: queue %u max %u < %u\n", idx, max, QSZ);
+    if (max < size) {
+        uprintf("netecho: queue %u max %u < %u\n", idx, max, size);
         return -1;
     }
     memset(d, 0, 4096); memset(a, 0, 4096); memset(u, 0, 4096);
-    q->size = QSZ; q->qidx = idx;
+    q->size = size; q->qidx = idx;
     q->desc = (void *)d; q->avail = (void *)a; q->used = (void *)u; q->bufs = bufs;
     q->avail_idx = q->last_used = q->last_kick = 0;
     q->avail->flags = AVAIL_F_NO_INTERRUPT;
-    q->avail->ring[QSZ] = 0x8000;          /* used_event: far away (we poll) */
-    wr32(VM_QUEUE_NUM, QSZ);
+    q->avail->ring[size] = 0x8000;         /* used_event: far away (we poll) */
+    wr32(VM_QUEUE_NUM, size);
     wr32(VM_QUEUE_DESC, (u32)(u64)d);      wr32(VM_QUEUE_DESC + 4, (u32)((u64)d >> 32));
     wr32(VM_QUEUE_AVAIL, (u32)(u64)a);     wr32(VM_QUEUE_AVAIL + 4, (u32)((u64)a >> 32));
     wr32(VM_QUEUE_USED, (u32)(u64)u);      wr32(VM_QUEUE_USED + 4, (u32)((u64)u >> 32));
@@ -317,6 +329,66 @@ static void handle_frame(const u8 *f, size_t len)
     tx_post(id, flen);
 }
 
+/* One command on the control queue: {class, cmd} readable, the ack byte writable.  The
+ * device answers it while handling our QueueNotify write (a VM exit), so the used ring
+ * has moved when the write returns; wait a little in case it has not.  The ack, or -1. */
+static int ctrl_command(u8 class, u8 cmd)
+{
+    volatile u8 *b = ctrl_buf;
+    b[0] = class; b[1] = cmd; b[16] = 0xff;
+    ctrlq.desc[0] = (struct desc){ (u64)ctrl_buf, 2, D_NEXT, 1 };
+    ctrlq.desc[1] = (struct desc){ (u64)ctrl_buf + 16, 1, D_WRITE, 0 };
+    publish(&ctrlq, 0);
+    mb();
+    wr32(VM_QUEUE_NOTIFY, 2);
+    u64 t0 = rdtsc(), lim = us_to_tsc(1000000);
+    while (ctrlq.used->idx == ctrlq.last_used)
+        if (rdtsc() - t0 > lim)
+            return -1;
+    ctrlq.last_used++;
+    barrier();
+    if (ctrlq.used->idx != ctrlq.last_used)   /* one command, one used entry: else the
+                                                 device lost its place in the ring */
+        uprintf("netecho: ctrl queue: device used %u, expected %u\n", ctrlq.used->idx,
+                ctrlq.last_used);
+    return b[16];
+}
+
+/* announce=1: every 20 ms look at the interrupt status (we poll, interrupts are off); on a
+ * configuration change with VIRTIO_NET_S_ANNOUNCE set, send a gratuitous ARP for our IP
+ * from our MAC (virtio 1.2 §5.1.6.5.4: the guest announces itself after a migration) and
+ * ack it with VIRTIO_NET_CTRL_ANNOUNCE_ACK, which clears the bit. */
+static void announce_poll(void)
+{
+    u32 isr = rd32(VM_ISR);
+    if (!isr)
+        return;
+    wr32(VM_ISR_ACK, isr);
+    if (!(isr & ISR_CONFIG) || !(*(volatile u16 *)(mmio + VM_CONFIG + 6) & NET_S_ANNOUNCE))
+        return;
+    u8 *o;
+    int id = tx_get(&o);
+    if (id < 0) {
+        n_drop++;
+        return;                        /* the bit stays set: the next look tries again */
+    }
+    memset(o, 0xff, 6);
+    memcpy(o + 6, my_mac, 6);
+    put16(o + 12, 0x0806);
+    u8 *r = o + 14;
+    put16(r, 1); put16(r + 2, 0x0800); r[4] = 6; r[5] = 4; put16(r + 6, 1);
+    memcpy(r + 8, my_mac, 6); put32(r + 14, my_ip);
+    memset(r + 18, 0, 6); put32(r + 24, my_ip);
+    memset(o + 42, 0, 18);
+    tx_post(id, 60);
+    kick(&txq);
+    int ack = ctrl_command(CTRL_ANNOUNCE, CTRL_ANNOUNCE_ACK);
+    if (ack == 0)
+        uprintf("netecho: announced (gratuitous ARP), acked\n");
+    else
+        uprintf("netecho: announced (gratuitous ARP), ack=%d\n", ack);
+}
+
 static void rx_post(u16 id)
 {
     volatile struct desc *d = &rxq.desc[id];
@@ -408,7 +480,10 @@ static void user_main(void *arg)
         wr32(VM_STATUS, S_FAILED);
         u_exit(1);
     }
-    features = offered & (F_VERSION_1 | F_MAC | F_MRG_RXBUF | F_EVENT_IDX);
+    int announce = cmdline_is("announce", "1");
+    features = offered & (F_VERSION_1 | F_MAC | F_MRG_RXBUF | F_EVENT_IDX |
+                          (announce ? F_STATUS | F_CTRL_VQ | F_GUEST_ANNOUNCE : 0));
+    announce = (features & (F_CTRL_VQ | F_GUEST_ANNOUNCE)) == (F_CTRL_VQ | F_GUEST_ANNOUNCE);
     event_idx = !!(features & F_EVENT_IDX);
     wr32(VM_DRV_FEAT_SEL, 0);
     wr32(VM_DRV_FEAT, (u32)features);
@@ -420,8 +495,10 @@ static void user_main(void *arg)
         wr32(VM_STATUS, S_FAILED);
         u_exit(1);
     }
-    if (setup_queue(&rxq, 0, rx_desc, rx_avail, rx_used, rx_bufs) < 0 ||
-        setup_queue(&txq, 1, tx_desc, tx_avail, tx_used, tx_bufs) < 0) {
+    if (setup_queue(&rxq, 0, QSZ, rx_desc, rx_avail, rx_used, rx_bufs) < 0 ||
+        setup_queue(&txq, 1, QSZ, tx_desc, tx_avail, tx_used, tx_bufs) < 0 ||
+        (announce && setup_queue(&ctrlq, 2, CTRL_QSZ, ctrl_desc, ctrl_avail, ctrl_used,
+                                 ctrl_buf) < 0)) {
         wr32(VM_STATUS, S_FAILED);
         u_exit(1);
     }
@@ -442,6 +519,9 @@ static void user_main(void *arg)
             my_mac[0], my_mac[1], my_mac[2], my_mac[3], my_mac[4], my_mac[5], features);
     if (cmdline_get("bad", 0))
         bad_chain();
+    if (announce)   /* a command the device does not know: it must answer VIRTIO_NET_ERR */
+        uprintf("netecho: ctrl class 0 cmd 0 -> ack=%d\n", ctrl_command(0, 0));
+    u64 next_look = rdtsc() + us_to_tsc(20000);
 
     int stats = !cmdline_is("stats", "0");
     u64 next_stats = rdtsc() + us_to_tsc(1000000);
@@ -481,6 +561,10 @@ static void user_main(void *arg)
             reclaim_tx();
         } else {
             cpu_relax();
+        }
+        if (announce && (i64)(rdtsc() - next_look) >= 0) {
+            next_look = rdtsc() + us_to_tsc(20000);
+            announce_poll();
         }
         if (stats && (i64)(rdtsc() - next_stats) >= 0) {
             next_stats += us_to_tsc(1000000);

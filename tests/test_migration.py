@@ -336,6 +336,60 @@ def test_ping_flood_goes_through(procs, hosts, tmp_path):
     assert_source_postmigrate(src, src_qmp)
 
 
+# The guest's own gratuitous ARP (an ARP request for its address, from its address) seen on a
+# port: the sender's MAC, or nothing within the time given.  Run in the client's namespace.
+GARP_CAPTURE = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))   # ETH_P_ALL: a bridge
+# port's frames reach only the taps that see all protocols (the bridge takes them before)
+s.bind((sys.argv[1], 0))
+ip = socket.inet_aton(sys.argv[2])
+print("listening", flush=True)
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    s.settimeout(max(0.01, end - time.monotonic()))
+    try:
+        f = s.recv(2048)
+    except socket.timeout:
+        break
+    if len(f) >= 42 and f[12:14] == b"\\x08\\x06" and f[20:22] == b"\\x00\\x01" and \\
+            f[28:32] == ip and f[38:42] == ip:
+        print(f[22:28].hex(":"), flush=True)
+        break
+"""
+
+
+def test_guest_announces_itself_after_the_move(procs, hosts, tmp_path):
+    """VIRTIO_NET_F_GUEST_ANNOUNCE: netecho (announce=1) negotiates it; after the resume
+    the destination sets VIRTIO_NET_S_ANNOUNCE and interrupts, the guest sends its own
+    gratuitous ARP (seen on hostB's switch port, from the guest's MAC) and acks on the
+    control queue, and the destination's status bit is clear afterwards."""
+    src, src_qmp = start_source(procs, hosts, tmp_path, NETECHO,
+                                f"ip={hosts.guest_ip} announce=1", net=True)
+    src.wait_for(r"netecho: up ip=")
+    assert src.wait_for(r"netecho: ctrl class 0 cmd 0 -> ack=(\S+)").group(1) == "1"  # ERR
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path, net=True)
+    capture = subprocess.Popen(hosts.run(hosts.client, sys.executable, "-c", GARP_CAPTURE,
+                                         hosts.switch_port(hosts.host_b), hosts.guest_ip, "20"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert capture.stdout.readline() == "listening\n", capture.stderr.read()
+    info, _ = migrate(src_qmp, uri)
+    assert info["status"] == "completed", info
+    dst.wait_for(r"netecho: announced \(gratuitous ARP\), acked", timeout=20)
+    seen, err = capture.communicate(timeout=30)
+    assert seen.split() == [MAC], (seen, err)
+    assert hosts.port_of(MAC) == hosts.host_b
+    q = qmp_connect(dst_qmp)
+    try:
+        net = next(d for d in qmp(q, "x-query-state")["devices"] if d["name"] == "net0")
+    finally:
+        close(q)
+    assert int(net["features"], 16) & (1 << 17 | 1 << 21) == 1 << 17 | 1 << 21, net
+    assert net["announce"] is False, net
+    assert len(net["queues"]) == 3 and net["queues"][2]["last_avail_idx"] == 2, net
+    assert_source_postmigrate(src, src_qmp)
+
+
 # -- failures before the destination runs the guest: the source goes on --------------------------
 def assert_source_runs(src, qmp_path):
     assert status(qmp_path) == "running"

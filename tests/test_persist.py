@@ -126,6 +126,24 @@ def test_schema_checks_a_device_entry_by_its_kind(mutate, message):
     assert str(err.value) == message
 
 
+def test_a_net_state_of_another_version_is_converted_or_refused():
+    """Version 1 (before the control queue) is converted for the check; one that cannot be
+    converted, or a version never written, is refused naming what is wrong."""
+    v1 = loads((ROOT / "tests/data/devices-net-v1.state").read_bytes())["devices"]
+    assert DEVICES.check(v1) is v1 and v1["net0"]["version"] == 1   # (checked, not changed)
+    assert len(v1["net0"]["state"]["transport"]["queues"]) == 2
+    broken = dict(v1["net0"], state=dict(v1["net0"]["state"], virtio=None))
+    with pytest.raises(StateError) as err:
+        DEVICES.check({"net0": broken})
+    assert str(err.value) == ("devices: net0.state: net state version 1 is malformed: it "
+                              "cannot be converted")
+    for version in (0, 3):
+        with pytest.raises(StateError) as err:
+            DEVICES.check({"net0": dict(v1["net0"], version=version)})
+        assert str(err.value) == (f"devices: net0.version: net state version {version}, this "
+                                  "pyvmm reads version 2")
+
+
 def test_devices_from_0_1_leaves_other_trees_as_they_are():
     """A tree already in this layout (a state that says no version is taken for 0.1.0's)
     or not a devices tree at all is returned unchanged, for the schema to judge."""
@@ -151,23 +169,29 @@ def machine(**kw):
 
 out = []
 old = Machine(MachineConfig(kernel=sys.argv[1], memory=64 << 20, console=out.append,
-                            nets=[f"tap,ifname={sys.argv[2]}"], cmdline="stats=0"))
-new = legacy = None
+                            nets=[f"tap,ifname={sys.argv[2]}"], cmdline="stats=0 announce=1"))
+new = legacy = older = None
 try:
     old.create(); old.boot(); old.start()
     deadline = time.monotonic() + 20
-    while b"netecho: up" not in b"".join(out):
+    while b"netecho: ctrl class" not in b"".join(out):
         assert time.monotonic() < deadline, b"".join(out)
         time.sleep(0.02)
-    old.pause(); old.quiesce_devices()
+    old.pause()
+    asked = old.device("net0").announce()   # the paused guest cannot ack it: saved as set
+    old.quiesce_devices()
     state = fmt.loads(fmt.dumps(old.save_state()))
     check("saved", state)
     old.notify_devices("setup")
     tap = old.cpr_fds()["net0.tap"]
     new = machine(); new.create(restoring=True)
     new.restore_devices(state, {"net0.tap": os.dup(tap)})
+    net = new.device("net0")
     result = {"same": new.save_devices() == state["devices"],
-              "activated": new.device("net0").transport.activated}
+              "activated": net.transport.activated, "asked": asked,
+              "announce": net.virtio.announce, "config_status": net.transport.read(0x106, 2).hex(),
+              "ctrl_next_avail": net.transport.queues[2].next_avail,
+              "ctrl_ready": net.transport.queues[2].ready}
 
     # 0.1.0's tree (tests/data/devices-0.1.0.state, saved by 0.1.0 from netecho), converted
     v01 = fmt.loads(open(sys.argv[3], "rb").read())["devices"]
@@ -181,9 +205,24 @@ try:
     result["v01_mac"] = net.virtio.mac.hex()
     result["v01_activated"] = net.transport.activated
     result["v01_serial_lcr"] = legacy.device("serial").uart.lcr
+    legacy.close()
+    legacy = None
+
+    # a net state of version 1 (the previous layout, before the control queue; saved by
+    # that pyvmm from netecho: tests/data/devices-net-v1.state) passes the schema and restores
+    v1 = fmt.loads(open(sys.argv[4], "rb").read())["devices"]
+    check("saved", dict(state, devices=v1))
+    older = machine(); older.create(restoring=True)
+    older.restore_devices({"devices": v1}, {"net0.tap": os.dup(tap)})
+    net = older.device("net0")
+    result["v1_version"] = v1["net0"]["version"]
+    result["v1_queues"] = [[q.num, q.ready, q.next_avail] for q in net.transport.queues]
+    result["v1_activated"] = net.transport.activated
+    result["v1_announce"] = net.virtio.announce
+    result["v1_saves_as"] = older.save_devices()["net0"]["version"]
     print(json.dumps(result))
 finally:
-    for m in (old, new, legacy):
+    for m in (old, new, legacy, older):
         if m is not None:
             m.close()
 """
@@ -191,7 +230,8 @@ finally:
 
 def test_net_round_trip_and_a_0_1_0_state(guests):
     """A netecho guest's live virtio-net device saved and restored into another machine on
-    the same tap: the new device saves exactly what the old one did.  Then the devices of a
+    the same tap: the new device saves exactly what the old one did (its control queue and
+    a pending announce request too); a net state of the previous version (1) restores.  Then the devices of a
     state pyvmm 0.1.0 saved (queues twice: addresses with the transport, ring positions
     with the device) converted by devices_from_0_1 pass the schema and restore, with the
     addresses from the transport's copy and the positions from the device's."""
@@ -200,18 +240,28 @@ def test_net_round_trip_and_a_0_1_0_state(guests):
     with netns_with_tap() as (ns, tap):
         p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", NET_ROUND_TRIP,
                             str(guests / "netecho.elf"), tap,
-                            str(ROOT / "tests/data/devices-0.1.0.state")],
+                            str(ROOT / "tests/data/devices-0.1.0.state"),
+                            str(ROOT / "tests/data/devices-net-v1.state")],
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["same"] and out["activated"]
+    # netecho announce=1 negotiated the control queue and sent one command on it (its probe
+    # of an unknown class); the announce request, not acked before the pause, came along
+    assert out["asked"] and out["announce"] and out["config_status"] == "0300"
+    assert out["ctrl_ready"] and out["ctrl_next_avail"] == 1
     t = v01["nets"][0]["transport"]
-    assert out["v01_queues"] == [[q["num"], q["desc"], q["driver"], q["device"],
-                                  ring["last_avail_idx"]]
-                                 for q, ring in zip(t["queues"], t["device"]["queues"])]
+    assert out["v01_queues"][:2] == [[q["num"], q["desc"], q["driver"], q["device"],
+                                      ring["last_avail_idx"]]
+                                     for q, ring in zip(t["queues"], t["device"]["queues"])]
+    assert out["v01_queues"][2] == [64, 0, 0, 0, 0]   # the control queue, never set up
     assert out["v01_queues"][0][4] == 3       # netecho had taken 3 RX buffers' worth
     assert out["v01_mac"] == t["device"]["mac"].hex() and out["v01_activated"]
     assert out["v01_serial_lcr"] == v01["serial"]["lcr"]
+    # version 1: two queues (both set up by netecho), a third (the control queue) added unset
+    assert out["v1_version"] == 1 and out["v1_activated"] and out["v1_announce"] is False
+    assert [q[:2] for q in out["v1_queues"]] == [[256, True], [256, True], [64, False]]
+    assert out["v1_saves_as"] == 2
 
 
 # -- a device added through the contract alone, through both live updates --------------------------

@@ -25,8 +25,9 @@ AVAIL_F_NO_INTERRUPT = 1
 HDR = 12                       # the vnet header with num_buffers (VERSION_1)
 MEM_SIZE = 16 << 20
 HALF = MEM_SIZE // 2
-RING_BASE = {RX: 0x10000, TX: 0x20000}
-BUF_BASE = {RX: 0x100000, TX: 0x400000}
+CTRL = 2                       # virtio-net's control queue (answered by the device model)
+RING_BASE = {RX: 0x10000, TX: 0x20000, CTRL: 0x40000}
+BUF_BASE = {RX: 0x100000, TX: 0x400000, CTRL: 0x700000}
 BUF_AREA = 0x200000            # each queue's buffers, carved out round-robin
 TABLE_BASE = 0x30000           # indirect tables
 

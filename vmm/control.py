@@ -95,6 +95,26 @@ class Controller:
     def query_memory_size_summary(self) -> dict:
         return {"base-memory": self.machine.memory.size, "plugged-memory": 0}
 
+    def announce_self(self, params: dict) -> None:
+        """QEMU's announce-self (qapi/net.json): RARP from each NIC's MAC on its tap,
+        `rounds` times, `initial` ms from now, then every `step` ms (at most `max`), and
+        the guest asked to announce itself where its driver negotiated GUEST_ANNOUNCE
+        (vmm/migration/announce.py; what the destination of a migration does by itself)."""
+        self._waiting()
+        for key in ("initial", "max", "rounds", "step"):
+            if not 0 <= params[key] <= 100_000:
+                raise VmmError(f"announce-self: {key} must be 0 to 100000, "
+                               f"got {params[key]}")
+        from .migration.announce import announce
+        interfaces = params.get("interfaces")
+        known = [d.id for d in self.machine.devices if d.KIND == "net"]
+        unknown = sorted(set(interfaces or ()) - set(known))
+        if unknown:
+            raise VmmError(f"announce-self: no NIC {', '.join(unknown)}: this VM has "
+                           f"{', '.join(known) or 'none'}")
+        announce(self.machine, initial=params["initial"] / 1000, rounds=params["rounds"],
+                 step=min(params["step"], params["max"]) / 1000, interfaces=interfaces)
+
     def system_reset(self) -> None:
         raise VmmError("pyvmm cannot reset a guest in place (the toy guests' PVH entry state, "
                        "LAPIC, PIC and PIT would all have to be put back): quit it and start "

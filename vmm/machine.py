@@ -268,7 +268,8 @@ class Machine:
                     if f"{id}.{name}" not in fds:
                         raise StateError(f"the old pyvmm did not pass the fd {id}.{name}")
                     mine[name] = fds.pop(f"{id}.{name}")
-                self._add(cls.restore(self.ctx, cls.State.from_tree(saved["state"]), mine))
+                tree = cls.State.upgrade(saved["version"], saved["state"])
+                self._add(cls.restore(self.ctx, cls.State.from_tree(tree), mine))
         finally:
             for fd in fds.values():   # an fd nobody claimed must not linger in this process
                 os.close(fd)

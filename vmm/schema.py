@@ -215,10 +215,17 @@ class DeviceEntry:
         if v["kind"] not in self.kinds:
             raise _Fail(_at(path, "kind"), f"{_show(v['kind'])} is not a device this pyvmm has")
         state = self.resolve(v)
+        tree = v["state"]
         if v["version"] != state.VERSION:
-            raise _Fail(_at(path, "version"), f"{v['kind']} state version {v['version']}, this "
-                        f"pyvmm reads version {state.VERSION}")
-        state.check(v["state"], _at(path, "state"))
+            if v["version"] not in state.UPGRADES:
+                raise _Fail(_at(path, "version"), f"{v['kind']} state version {v['version']}, "
+                            f"this pyvmm reads version {state.VERSION}")
+            try:
+                tree = state.upgrade(v["version"], tree)
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+                raise _Fail(_at(path, "state"), f"{v['kind']} state version {v['version']} "
+                            "is malformed: it cannot be converted") from None
+        state.check(tree, _at(path, "state"))
 
 
 class Schema:

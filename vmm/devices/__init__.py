@@ -71,6 +71,12 @@ class State:
 
     VERSION = 1
     FIELDS: dict = {}
+    #: How an older saved tree becomes this version's: {version: function(tree) -> the
+    #: tree at version + 1}, a new tree (the saved one is left as it was).  The schema
+    #: check and the restore both go through upgrade(), so an entry saved at an older
+    #: VERSION of the same pyvmm (e.g. a live update from a build before a device grew a
+    #: field) is checked and restored as this version's.
+    UPGRADES: dict = {}
     _map = None
 
     def __init__(self, **values):
@@ -94,6 +100,14 @@ class State:
     def from_tree(cls, tree: dict) -> "State":
         """The state from a tree that passed check() (the schema did the validating)."""
         return cls(**{name: _from_tree(spec, tree[name]) for name, spec in cls.FIELDS.items()})
+
+    @classmethod
+    def upgrade(cls, version: int, tree: dict) -> dict:
+        """The tree saved at `version`, in this VERSION's layout (KeyError: no way there)."""
+        while version != cls.VERSION:
+            tree = cls.UPGRADES[version](tree)
+            version += 1
+        return tree
 
     @classmethod
     def check(cls, tree, path: str) -> None:

@@ -35,10 +35,24 @@ BACKENDS = ("c", "python", "vhost")
 class NetState(State):
     """Which interface (index: its MMIO window and GSI), on which data path and tap
     (the tap's name, for people: the tap itself is the passed fd), and the
-    transport's and the device's state."""
-    VERSION = 1
+    transport's and the device's state.  Version 2: the control queue (a third queue
+    in the transport) and the device's `announce`; a version 1 tree is converted."""
+    VERSION = 2
     FIELDS = {"index": Int(0, IOAPIC_PINS - 1 - FIRST_GSI), "backend": Str(*BACKENDS),
               "tap": Str(), "transport": MmioState, "virtio": VirtioNetState}
+    UPGRADES = {1: lambda tree: _net_from_1(tree)}
+
+
+def _net_from_1(tree: dict) -> dict:
+    """A version 1 net state (no control queue) as version 2: the device was never asked to
+    announce, and its control queue was never set up (the transport's reset queue)."""
+    from ..virtio import Queue
+    from .virtio_net import CTRL, CTRL_QUEUE_SIZE
+    queues = list(tree["transport"]["queues"])
+    if len(queues) == CTRL:
+        queues.append(Queue(CTRL_QUEUE_SIZE, num=CTRL_QUEUE_SIZE).to_tree())
+    return dict(tree, transport=dict(tree["transport"], queues=queues),
+                virtio=dict(tree["virtio"], announce=False))
 
 
 def parse_spec(spec: str) -> dict:
@@ -154,6 +168,14 @@ class NetDevice(Device):
     def fds(self) -> dict[str, int]:
         return {"tap": self.tap.fd}
 
+    def announce(self) -> bool:
+        """Ask the guest to announce itself (VIRTIO_NET_F_GUEST_ANNOUNCE: S_ANNOUNCE and a
+        config interrupt), if its driver negotiated that; True if asked."""
+        if not self.virtio.request_announce():
+            return False
+        self.transport.config_changed()
+        return True
+
     def log_dirty(self, log) -> None:
         """Live migration: only the C data path logs the pages it writes (RX buffers,
         used rings); a migration without that log would lose what they received."""
@@ -177,6 +199,7 @@ class NetDevice(Device):
         return {"name": self.id, "type": "virtio-net-mmio", "base": f"{self.base:#x}",
                 "gsi": self.gsi, "tap": self.tap.name, "backend": self.backend_name,
                 "status": t.status, "features": f"{self.virtio.acked:#x}",
+                "announce": self.virtio.announce,
                 "queues": [{"num": q.num, "last_avail_idx": n}
                            for q, n in zip(t.queues, self.virtio.next_avail() or
                                            [q.next_avail for q in t.queues])],

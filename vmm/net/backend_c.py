@@ -154,18 +154,32 @@ class CNetBackend:
 class DirtyLog:
     """Live migration's device dirty log: one bit per 4 KiB page of guest RAM (by offset
     in the RAM memfd), set by the C data path for every page it writes (RX buffers, used
-    rings), which KVM's own dirty log never sees.  Shared by all of a machine's NICs."""
+    rings), which KVM's own dirty log never sees.  Shared by all of a machine's NICs.
+    The VMM's own writes (virtio-net's control queue, answered in Python) are marked
+    with mark(), in a bitmap of their own: the C writers' word-atomic ORs and a Python
+    read-modify-write of the same words could lose a bit."""
 
     def __init__(self, host_base: int, size: int):
+        import threading
         self.host_base = host_base
         self.npages = size // 4096
         self.nwords = (self.npages + 63) // 64
         self.bits = ffi.new("uint64_t[]", self.nwords)
         self._out = ffi.new("uint64_t[]", self.nwords)
+        self._lock = threading.Lock()
+        self._python = 0   # the pages mark() was told of, as an int bitmap
+
+    def mark(self, offset: int, length: int) -> None:
+        """Python wrote [offset, offset + length) of the RAM memfd."""
+        first, last = offset // 4096, (offset + length - 1) // 4096
+        with self._lock:
+            self._python |= ((1 << (last - first + 1)) - 1) << first
 
     def collect(self) -> int:
         """The pages marked since the last collect, as an int bitmap (bit n: page n),
         and clear them (word by word, atomically against the writers)."""
         ffi.memmove(self._out, bytes(self.nwords * 8), self.nwords * 8)
         lib.vnet_dirty_collect(self.bits, self._out, self.nwords)
-        return int.from_bytes(ffi.buffer(self._out), "little")
+        with self._lock:
+            python, self._python = self._python, 0
+        return int.from_bytes(ffi.buffer(self._out), "little") | python

@@ -12,15 +12,19 @@ Device protocol (duck-typed): `device_id`, `features` (offered), `queue_sizes`
 (max size per queue), `read_config(offset, size) -> bytes`,
 `write_config(offset, data)`, `ack_features(features) -> bool`,
 `activate(mem, queues, kick_fds, call_fd)`, `reset()`, `isr() -> int`,
-`isr_ack(bits)`, `error() -> str | None`.  The queues are the transport's (Queue
-objects, given to activate()); the device writes where it stands in them
-(next_avail) when it stops, and they are saved once, here.
+`isr_ack(bits)`, `error() -> str | None`; optionally `python_queues` (the indices
+of queues whose kicks come to Python: no eventfd, no ioeventfd, the QueueNotify write
+exits to the VMM, which calls `notify(index)` in the vCPU thread; for rare messages,
+e.g. virtio-net's control queue; their kick_fds entry is -1).  The queues are the
+transport's (Queue objects, given to activate()); the device writes where it stands
+in them (next_avail) when it stops, and they are saved once, here.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 
 from ..devices import State
 from ..errors import VmmError
@@ -92,6 +96,7 @@ class VirtioMmio:
         self.queues = [Queue(size) for size in device.queue_sizes]
         self.kick_fds: list[int] = []
         self.call_fd = -1
+        self.isr_lock = threading.Lock()   # isr_extra: the vCPU's acks, config_changed()'s sets
         self._reset_registers()
         self.config_generation = 0
 
@@ -177,7 +182,8 @@ class VirtioMmio:
             self._notify(value)
         elif offset == INTERRUPT_ACK:
             self.device.isr_ack(value)
-            self.isr_extra &= ~value
+            with self.isr_lock:
+                self.isr_extra &= ~value
         elif offset == STATUS:
             self._set_status(value)
         elif offset in (QUEUE_NUM, QUEUE_READY) or offset in _QUEUE_ADDRS or \
@@ -207,8 +213,13 @@ class VirtioMmio:
             setattr(q, name, (old & ~(0xFFFFFFFF << shift)) | (value << shift))
 
     def _notify(self, index: int) -> None:
-        """A kick KVM did not turn into an eventfd signal (e.g. before DRIVER_OK): forward it."""
-        if self.activated and index < len(self.kick_fds):
+        """A kick KVM did not turn into an eventfd signal (e.g. before DRIVER_OK): forward it;
+        a python queue's goes to the device itself."""
+        if not self.activated or index >= len(self.kick_fds):
+            return
+        if self.kick_fds[index] < 0:
+            self.device.notify(index)
+        else:
             os.eventfd_write(self.kick_fds[index], 1)
 
     # -- status machine -------------------------------------------------------------
@@ -272,9 +283,12 @@ class VirtioMmio:
             return
         flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
         self.call_fd = os.eventfd(0, flags)
-        self.kick_fds = [os.eventfd(0, flags) for _ in self.queues]
+        python = getattr(self.device, "python_queues", ())
+        self.kick_fds = [-1 if i in python else os.eventfd(0, flags)
+                         for i in range(len(self.queues))]
         for i, fd in enumerate(self.kick_fds):
-            self.vm.add_ioeventfd(self.base + QUEUE_NOTIFY, 4, fd, datamatch=i)
+            if fd >= 0:
+                self.vm.add_ioeventfd(self.base + QUEUE_NOTIFY, 4, fd, datamatch=i)
         self.vm.add_irqfd(self.call_fd, self.gsi)
         try:
             self.device.activate(self.mem, self.queues, list(self.kick_fds), self.call_fd)
@@ -283,8 +297,10 @@ class VirtioMmio:
             return
         if restoring:
             # Kicks that reached the old VMM after it stopped were lost with it: look again.
+            # (A python queue's kick was handled in the vCPU's exit, before the stop.)
             for fd in self.kick_fds:
-                os.eventfd_write(fd, 1)
+                if fd >= 0:
+                    os.eventfd_write(fd, 1)
 
     def _fail(self, why: str) -> None:
         """Show DEVICE_NEEDS_RESET and tell the driver through a config interrupt."""
@@ -295,9 +311,11 @@ class VirtioMmio:
             os.eventfd_write(self.call_fd, 1)
 
     def config_changed(self) -> None:
-        """The device's config space changed (e.g. link status): bump generation, interrupt."""
-        self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-        self.isr_extra |= INT_CONFIG
+        """The device's config space changed (e.g. link status): bump generation, interrupt.
+        (From any thread: e.g. the announcement's, after a migration.)"""
+        with self.isr_lock:
+            self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
+            self.isr_extra |= INT_CONFIG
         if self.call_fd >= 0:
             os.eventfd_write(self.call_fd, 1)
 
@@ -309,8 +327,9 @@ class VirtioMmio:
 
     def _teardown(self) -> None:
         for i, fd in enumerate(self.kick_fds):
-            self.vm.remove_ioeventfd(self.base + QUEUE_NOTIFY, 4, fd, datamatch=i)
-            os.close(fd)
+            if fd >= 0:
+                self.vm.remove_ioeventfd(self.base + QUEUE_NOTIFY, 4, fd, datamatch=i)
+                os.close(fd)
         self.kick_fds = []
         if self.call_fd >= 0:
             self.vm.remove_irqfd(self.call_fd, self.gsi)
