@@ -103,3 +103,9 @@ def test_client_commands_wait_for_a_vmm_that_is_starting(guests, vmm_procs, tmp_
     out, err = cpr.communicate(timeout=60)
     assert cpr.returncode == 0, err
     assert "live update (cpr-transfer) completed" in out
+
+
+def test_bench_migrate_is_the_issue_s_name_for_the_migration_bench():
+    r = run_pyvmm("bench", "migrate", "--help")
+    assert r.returncode == 0, r.stderr
+    assert "live migration between two hosts" in " ".join(r.stdout.split())

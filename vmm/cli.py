@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("demo", help="live-update a guest with traffic flowing (needs root)")
 
     bench = sub.add_parser("bench", help="benchmarks: `pyvmm bench downtime --help`")
-    bench.add_argument("suite", choices=["downtime", "soak", "migration"])
+    bench.add_argument("suite", choices=["downtime", "soak", "migration", "migrate"],
+                       help="migrate is another name for migration")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the suite's own options")
 
     state = sub.add_parser("state", help="show a running VM's state (registers, memory, devices)")
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "migrate":
             from .client.migrate import cmd_migrate
             return cmd_migrate(args)
-        if args.command == "bench" and args.suite == "migration":
+        if args.command == "bench" and args.suite in ("migration", "migrate"):
             from bench.migration import main as migration_main
             return migration_main(args.args)
         if args.command == "bench" and args.suite == "soak":
