@@ -17,6 +17,7 @@ status), so `pyvmm run --incoming` drives both alike.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -99,6 +100,8 @@ class Receiver(Waiting):
         self.t_start = self.t_go = None
         self.received = 0
         self.passes = 0
+        from ..gil import QuickHandover
+        self.handover = QuickHandover()   # the GIL handed over every 0.2 ms meanwhile
         self.taps = open_taps(nets)
         try:
             if addr is not None:
@@ -150,15 +153,20 @@ class Receiver(Waiting):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # (RSTD, RUNS)
         self.t_start = time.monotonic_ns()
         self._set_status("active")
+        self.handover.start()   # (until complete() or close(): vmm/gil.py)
         try:
             recv_header(self.sock)
-            self._build(expect(self.sock, b"HELO"))
-            self._receive_ram()
+            hello = self._build(expect(self.sock, b"HELO"))
+            from .pages import Applier
+            pages = Applier(self.memory)
+            pages.prealloc(hello.get("populated"))
+            send_section(self.sock, b"REDY")
+            self._receive_ram(pages)
         except BaseException as e:
             self._refuse(e)
             raise
 
-    def _build(self, payload) -> None:
+    def _build(self, payload) -> dict:
         from ..cpr.target import build_machine, warm_up
         from ..memory import GuestMemory
         from ..schema import check
@@ -182,16 +190,16 @@ class Receiver(Waiting):
             self.memory.close()
             self.memory = None
             raise
+        return hello
 
-    def _receive_ram(self) -> None:
+    def _receive_ram(self, pages) -> None:
         """PAGE sections into RAM until STAT.  Pages are written on a second thread
         (its C call drops the GIL) while the next section is received and checked:
         writing fresh RAM (the kernel allocates and zeroes each page) costs as much as
         receiving it."""
         import queue
         import threading
-        from .pages import BATCH_BYTES, Applier
-        pages = Applier(self.memory)
+        from .pages import BATCH_BYTES
         free: queue.Queue = queue.Queue()
         for _ in range(3):
             free.put(bytearray(BATCH_BYTES))
@@ -236,6 +244,7 @@ class Receiver(Waiting):
                     self.passes += 1
                     work.put((None, bytes(payload)))   # (acknowledged once applied)
                 elif tag == b"STAT":
+                    gc.disable()   # (as CPR: no garbage collection inside the downtime)
                     self.state = bytes(payload)
                     break
                 else:
@@ -255,6 +264,8 @@ class Receiver(Waiting):
             return self._complete()
         finally:
             self.settled.set()
+            self.handover.stop()
+            gc.enable()
 
     def _complete(self):
         from ..schema import check
@@ -313,6 +324,8 @@ class Receiver(Waiting):
     def close(self) -> None:
         """Free what is not the machine's: the listener, the connection, unclaimed taps,
         and RAM that never got a machine."""
+        self.handover.stop()
+        gc.enable()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
