@@ -234,11 +234,12 @@ class Migration:
         running the guest until the stop, or again after a rollback) share the GIL:
         hand it over every 0.2 ms instead of every 5 ms, or the preparation would
         stall the guest's exits by milliseconds before the stop even starts."""
-        from ..gil import QuickHandover
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, 0.0002))
         try:
-            with QuickHandover():
-                return self._run()
+            return self._run()
         finally:
+            sys.setswitchinterval(interval)
             self.settled.set()
             self.done.set()
 

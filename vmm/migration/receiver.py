@@ -17,7 +17,6 @@ status), so `pyvmm run --incoming` drives both alike.
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import time
@@ -100,8 +99,6 @@ class Receiver(Waiting):
         self.t_start = self.t_go = None
         self.received = 0
         self.passes = 0
-        from ..gil import QuickHandover
-        self.handover = QuickHandover()   # the GIL handed over every 0.2 ms meanwhile
         self.taps = open_taps(nets)
         try:
             if addr is not None:
@@ -153,7 +150,6 @@ class Receiver(Waiting):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # (RSTD, RUNS)
         self.t_start = time.monotonic_ns()
         self._set_status("active")
-        self.handover.start()   # (until complete() or close(): vmm/gil.py)
         try:
             recv_header(self.sock)
             hello = self._build(expect(self.sock, b"HELO"))
@@ -244,7 +240,6 @@ class Receiver(Waiting):
                     self.passes += 1
                     work.put((None, bytes(payload)))   # (acknowledged once applied)
                 elif tag == b"STAT":
-                    gc.disable()   # (as CPR: no garbage collection inside the downtime)
                     self.state = bytes(payload)
                     break
                 else:
@@ -264,8 +259,6 @@ class Receiver(Waiting):
             return self._complete()
         finally:
             self.settled.set()
-            self.handover.stop()
-            gc.enable()
 
     def _complete(self):
         from ..schema import check
@@ -324,8 +317,6 @@ class Receiver(Waiting):
     def close(self) -> None:
         """Free what is not the machine's: the listener, the connection, unclaimed taps,
         and RAM that never got a machine."""
-        self.handover.stop()
-        gc.enable()
         if self.listener is not None:
             self.listener.close()
             self.listener = None

@@ -19,7 +19,6 @@ the guest is the destination's: this pyvmm stays paused (postmigrate) until quit
 
 from __future__ import annotations
 
-import gc
 import os
 import select
 import socket
@@ -43,6 +42,8 @@ THROTTLE_INITIAL, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99
 #: Bytes one C call sends in a precopy pass at full speed before Python looks for a
 #: cancel again (~10-40 ms on this host's veth).
 SEND_BUDGET = 16 << 20
+#: The slowest the destination may allocate pass 1's pages before REDY (bytes/s).
+ALLOC_RATE = 100e6
 
 
 class Cancelled(VmmError):
@@ -192,13 +193,9 @@ class Outgoing:
     # -- the sequence ------------------------------------------------------------------------
     def run(self) -> bool:
         """Migrate; True once the guest has left (GO!! sent: `status` is then completed,
-        or failed if the destination never said it runs it).  The GIL is handed over
-        every 0.2 ms meanwhile (vmm/gil.py), as in CPR: the stop and the last pass are
-        many short steps, each of which would otherwise wait up to 5 ms for it."""
-        from ..gil import QuickHandover
+        or failed if the destination never said it runs it)."""
         try:
-            with QuickHandover():
-                return self._run()
+            return self._run()
         except Exception as e:   # (a bug): query-migrate must not say "active" forever
             if self.tracker is not None:
                 self.tracker.stop()   # (the data path must not keep a pointer to its log)
@@ -239,7 +236,6 @@ class Outgoing:
             was_running = m.running
             self.t_stop = time.monotonic_ns()
             self.settled.clear()
-            gc.disable()   # (as CPR: no garbage collection inside the downtime)
             m.pause()
             stopped = True
             if was_running:
@@ -257,14 +253,10 @@ class Outgoing:
             self.committed = True               # the point of no return
             self.settled.set()
         except Exception as e:
-            gc.enable()
             self.throttle.stop()
             tracker.stop()
             return self._failed(e, stopped=stopped, was_running=was_running)
-        try:
-            return self._finish(tracker)
-        finally:
-            gc.enable()
+        return self._finish(tracker)
 
     def _connect(self) -> None:
         try:
@@ -285,7 +277,8 @@ class Outgoing:
         hello = {"shape": m.shape(), "nets": [d.id for d in m.devices if d.KIND == "net"],
                  "pyvmm": __version__, "populated": self.pages.bitmap()}
         send_section(self.sock, b"HELO", state_format.dumps(hello))
-        self._await(b"REDY")
+        # (allocating takes ~0.4 s per GiB here: allow for 100 MB/s on top of the stall)
+        self._await(b"REDY", extra=self.remaining / ALLOC_RATE)
 
     def _precopy(self, tracker: DirtyTracker) -> None:
         """Passes until the rest fits in downtime-limit (at the throughput of the last)."""
@@ -418,10 +411,10 @@ class Outgoing:
             raise StreamError(f"migration stream out of order: PACK for pass "
                               f"{int.from_bytes(payload, 'little')}, expected {n}")
 
-    def _await(self, tag: bytes):
-        """The destination's next section, which must be `tag`; waited for in slices, so
-        a cancel is seen within 0.1 s."""
-        deadline = time.monotonic() + self.timeout
+    def _await(self, tag: bytes, extra: float = 0.0):
+        """The destination's next section, which must be `tag`, within the stall timeout
+        (+ `extra` s); waited for in slices, so a cancel is seen within 0.1 s."""
+        deadline = time.monotonic() + self.timeout + extra
         while not select.select([self.sock], [], [], 0.1)[0]:
             self._check_cancel()
             if time.monotonic() > deadline:
