@@ -191,8 +191,8 @@ class Receiver(Waiting):
     def _receive_ram(self, pages) -> None:
         """PAGE sections into RAM until STAT.  Pages are written on a second thread
         (its C call drops the GIL) while the next section is received and checked:
-        writing fresh RAM (the kernel allocates and zeroes each page) costs as much as
-        receiving it."""
+        writing RAM costs about as much as receiving it, even with pass 1's pages
+        allocated beforehand (Applier.prealloc)."""
         import queue
         import threading
         from .pages import BATCH_BYTES
