@@ -444,6 +444,29 @@ def test_cancel_mid_precopy_resumes_the_source(procs, hosts, tmp_path):
     pattern_passes(dst2)
 
 
+def test_cancel_in_a_full_speed_pass_is_seen_at_once(procs, hosts, tmp_path):
+    """Without max-bandwidth a pass runs in C (pyvmm_mig_send), Python looking in every
+    16 MiB; on a 24 Mbit/s link the C call waits on a full socket for seconds at a time,
+    and migrate_cancel still ends it at once (shutting the socket down wakes it)."""
+    hosts.set_link(rate="24mbit")
+    try:
+        src, src_qmp, dst, dst_qmp = in_precopy(procs, hosts, tmp_path, 0)
+        q = qmp_connect(src_qmp)
+        try:
+            mid = qmp(q, "query-migrate")
+            assert mid["status"] == "active" and mid["ram"]["dirty-sync-count"] == 1, mid
+            t0 = time.monotonic()
+            qmp(q, "migrate_cancel")
+            info = wait_migration(q, 20)
+            took = time.monotonic() - t0
+        finally:
+            close(q)
+    finally:
+        hosts.set_link()
+    assert info["status"] == "cancelled" and took < 1.0, (info, took)
+    assert_source_runs(src, src_qmp)
+
+
 def test_destination_killed_mid_stream_resumes_the_source(procs, hosts, tmp_path):
     src, src_qmp, dst, dst_qmp = in_precopy(procs, hosts, tmp_path, 4 << 20)
     dst.proc.kill()
@@ -548,6 +571,84 @@ def test_the_stream_checksum_is_crc32c():
     data = os.urandom(4099)
     assert fast(data) == crc32c(data) and fast(memoryview(data)[3:]) == crc32c(data[3:])
     assert fast(b"") == 0
+
+
+def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused():
+    """pyvmm_mig_send (many PAGE sections in one C call, no Python between them) over a
+    socket pair, read back with recv_section and applied to fresh RAM: the same RAM, holes
+    left holes, the destination's allocation done beforehand from the source's bitmap;
+    then the same stream with one byte of page data flipped is refused by its CRC."""
+    import socket
+    import threading
+    from vmm.kvm.ffi import ffi, lib
+    from vmm.memory import GuestMemory
+    from vmm.migration.pages import BATCH_BYTES, Applier, PageSet
+    from vmm.migration.stream import SECTION, StreamError, recv_section
+    assert SECTION.size == lib.PYVMM_MIG_HEAD   # (one frame, two languages)
+    size = 8 << 20
+    src, dst = GuestMemory(size), GuestMemory(size)
+    data = os.urandom(3 << 20)
+    os.pwrite(src.fd, data, 1 << 20)             # pages 256..1023 hold data,
+    os.pwrite(src.fd, bytes(4096), 6 << 20)      # page 1536 is written but zero
+    pages = PageSet(src)
+    pages.add_populated()
+    bitmap = pages.bitmap()
+    a, b = socket.socketpair()
+    wire = bytearray()
+    status = []
+
+    def send():
+        buf = ffi.new("uint8_t[]", lib.PYVMM_MIG_HEAD + BATCH_BYTES)
+        status.append(pages.send(a.fileno(), buf, BATCH_BYTES, 1 << 62, 5000))
+        a.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    while chunk := b.recv(1 << 20):
+        wire += chunk
+    sender.join()
+    assert status == [(0, len(wire))] and pages.count() == 0
+    assert pages.counts.normal_pages == 768 and pages.counts.zero_pages == 2048 - 768
+    applier = Applier(dst)
+    applier.prealloc(bitmap)
+    with pytest.raises(StreamError, match="bitmap does not match"):
+        applier.prealloc(bitmap[:8])
+
+    def replay(stream: bytes):
+        c, d = socket.socketpair()
+
+        def feed():
+            try:
+                c.sendall(stream)
+            except OSError:   # (the reader refused the stream and hung up)
+                pass
+            c.close()
+
+        threading.Thread(target=feed).start()
+        try:
+            while True:
+                try:
+                    tag, payload = recv_section(d)
+                except StreamError as e:
+                    if "truncated" in str(e) and "section header" in str(e):
+                        return
+                    raise
+                assert tag == b"PAGE"
+                applier.apply(payload)
+        finally:
+            d.close()
+
+    replay(bytes(wire))
+    assert os.pread(dst.fd, size, 0) == os.pread(src.fd, size, 0)
+    assert os.lseek(dst.fd, 0, os.SEEK_DATA) == 1 << 20   # the holes stay holes
+    flipped = bytearray(wire)
+    flipped[len(wire) // 2] ^= 1
+    with pytest.raises(StreamError, match="CRC-32C does not match"):
+        replay(bytes(flipped))
+    with pytest.raises(StreamError, match="truncated"):
+        replay(bytes(wire[:len(wire) - 100]))
+    for m in (src, dst):
+        m.close()
 
 
 def section(tag: bytes, payload: bytes, crc=None) -> bytes:

@@ -3,7 +3,9 @@
  * memfd it was given (the file never grows past it), and accepts a payload only if it
  * is a whole number of well-formed entries; packing that RAM back must then give
  * entries that apply again to the same RAM.  The section checksum, CRC-32C, is
- * checked against a bit-by-bit one. */
+ * checked against a bit-by-bit one (its three-stream form at every length and
+ * alignment the input gives).  The first 8 bytes, as HELO's "populated" bitmap, go to
+ * pyvmm_mig_prealloc, which must allocate inside the RAM only. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
@@ -64,6 +66,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		abort();
 	if (pyvmm_crc32c(0, data, size) != crc32c_bitwise(data, size))
 		abort();
+	if (size >= 8) {
+		uint64_t populated;
+
+		memcpy(&populated, data, 8);
+		populated |= ~0ULL << NPAGES;	/* bits past the RAM must be ignored */
+		if (pyvmm_mig_prealloc(fd2, &populated, NPAGES) != 0)
+			abort();
+	}
 	if (pyvmm_mig_apply(data, size, fd, ram, NPAGES, &touched, &c) == 0) {
 		if (c.zero_pages + c.normal_pages > size / 8)
 			abort();

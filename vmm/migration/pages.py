@@ -61,14 +61,31 @@ class PageSet:
         self.add(pages)
         self.counts.zero_pages += self.npages - pages.bit_count()
 
+    def bitmap(self) -> bytes:
+        """The pages still to send, one bit each (bit n: page n), little-endian u64 words:
+        pass 1's (HELO's "populated", which the destination allocates beforehand)."""
+        return bytes(ffi.buffer(self.bits))
+
     def count(self) -> int:
-        return int.from_bytes(ffi.buffer(self.bits), "little").bit_count()
+        return lib.pyvmm_mig_count(self.bits, self.npages)
 
     def pack(self, out, cap: int) -> int:
         """Pack the next pages into `out` (a cffi buffer of `cap` bytes): bytes written,
         0 when no page is left to send."""
         return lib.pyvmm_mig_pack(self.ram, self.npages, self.bits, self.cursor, out, cap,
                                   self.counts)
+
+    def send(self, fd: int, buf, cap: int, budget: int, timeout_ms: int) -> tuple[int, int]:
+        """Send the next pages as PAGE sections of at most `cap` payload bytes on the
+        socket fd, about `budget` bytes of them, all in C without the GIL (buf: a cffi
+        buffer of PYVMM_MIG_HEAD + cap bytes).  (status, bytes sent): status 0 when no
+        page is left, 1 when the budget is spent, lib.PYVMM_MIG_PEER when the peer sent
+        something or hung up, -errno when the socket failed (-ETIMEDOUT: it took
+        nothing for timeout_ms)."""
+        sent = ffi.new("uint64_t *")
+        r = lib.pyvmm_mig_send(self.ram, self.npages, self.bits, self.cursor, fd, buf, cap,
+                               budget, timeout_ms, self.counts, sent)
+        return r, sent[0]
 
 
 class DirtyTracker:
@@ -126,6 +143,20 @@ class Applier:
         self.ram = ffi.cast("uint8_t *", memory.host_base)
         self.touched = ffi.new("uint64_t[]", (self.npages + 63) // 64)
         self.counts = ffi.new("struct pyvmm_mig_counts *")
+
+    def prealloc(self, bitmap: bytes) -> None:
+        """Allocate the pages set in `bitmap` (the source's pass 1, HELO's "populated"),
+        before pass 1 comes, so that applying it copies and no longer allocates too; a
+        guest that does not fit here fails now, with a clear error, and not half-way."""
+        from .stream import StreamError
+        if not isinstance(bitmap, bytes) or len(bitmap) != len(self.touched) * 8:
+            raise StreamError("migration stream is corrupt: its HELO section's page "
+                              "bitmap does not match the guest's RAM size")
+        r = lib.pyvmm_mig_prealloc(self.memory.fd, ffi.from_buffer("uint64_t[]", bitmap),
+                                   self.npages)
+        if r < 0:
+            raise VmmError(f"cannot allocate the guest's {self.memory.size >> 20} MiB of RAM "
+                           f"here: {os.strerror(-r)}")
 
     def apply(self, payload) -> None:
         """Write one PAGE section's pages, or raise StreamError."""

@@ -39,6 +39,11 @@ STALL_TIMEOUT = 10.0
 STALL_TIMEOUT_ENV = "PYVMM_MIGRATION_TIMEOUT"
 #: QEMU's auto-converge defaults: cpu-throttle-initial, -increment, max-cpu-throttle.
 THROTTLE_INITIAL, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99
+#: Bytes one C call sends in a precopy pass at full speed before Python looks for a
+#: cancel again (~10-40 ms on this host's veth).
+SEND_BUDGET = 16 << 20
+#: The slowest the destination may allocate pass 1's pages before REDY (bytes/s).
+ALLOC_RATE = 100e6
 
 
 class Cancelled(VmmError):
@@ -213,12 +218,14 @@ class Outgoing:
             self._connect()
             tracker.start()          # refuses a device that cannot log (backend=python)
             self._check_cancel()
+            # (after start: a page first written from now on is in the log)
+            self.pages = PageSet(m.memory)
+            self.pages.add_populated()
+            self.remaining = self.pages.count() * PAGE
+            self._hello()
         except Exception as e:
             tracker.stop()
             return self._failed(e, stopped=False)
-        self.pages = PageSet(m.memory)
-        self.pages.add_populated()
-        self.remaining = self.pages.count() * PAGE
         self.t_active = time.monotonic_ns()
         self._set_status("active")
         stopped = was_running = False
@@ -261,10 +268,17 @@ class Outgoing:
                            "there?)") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         send_header(self.sock)
+
+    def _hello(self) -> None:
+        """HELO (the machine's shape, and the pages pass 1 sends: the destination allocates
+        them first), then wait for REDY: the destination's machine is built and its RAM
+        allocated (setup-time), so pass 1 goes at the link's speed."""
         m = self.machine
         hello = {"shape": m.shape(), "nets": [d.id for d in m.devices if d.KIND == "net"],
-                 "pyvmm": __version__}
+                 "pyvmm": __version__, "populated": self.pages.bitmap()}
         send_section(self.sock, b"HELO", state_format.dumps(hello))
+        # (allocating takes ~0.4 s per GiB here: allow for 100 MB/s on top of the stall)
+        self._await(b"REDY", extra=self.remaining / ALLOC_RATE)
 
     def _precopy(self, tracker: DirtyTracker) -> None:
         """Passes until the rest fits in downtime-limit (at the throughput of the last)."""
@@ -296,32 +310,48 @@ class Outgoing:
 
     def _pass(self, *, final: bool) -> tuple[int, float]:
         """Send every page in the set, then PASS; (bytes sent, seconds taken).  Pages go
-        from RAM into one buffer in C (csrc/migrate.c: zero pages as 8 bytes) and from
-        there to the socket: no copy in Python."""
-        from ..kvm.ffi import ffi
+        from RAM into one buffer and from there to the socket, section after section, in
+        one C call per SEND_BUDGET bytes (csrc/migrate.c pyvmm_mig_send: zero pages as
+        8 bytes, no Python and no GIL in between); between calls, a cancel is seen and
+        max-bandwidth paced."""
+        import errno
+        from ..kvm.ffi import ffi, lib
         self.passes += 1
         self.emit("MIGRATION_PASS", {"pass": self.passes})
         if self._out is None:
-            self._out = ffi.new("uint8_t[]", BATCH_BYTES)
-        cap = BATCH_BYTES
-        if self.max_bandwidth > 0 and not final:
+            self._out = ffi.new("uint8_t[]", lib.PYVMM_MIG_HEAD + BATCH_BYTES)
+        cap = budget = BATCH_BYTES
+        if final:
+            budget = 1 << 62   # (the guest is stopped: all at once)
+        elif self.max_bandwidth > 0:
             # sections of ~0.1 s at a low rate: a smooth pace, and no pause between two
             # sections long enough for the destination to take it for a stall
-            cap = max(ENTRY, min(cap, self.max_bandwidth // 10))
+            cap = budget = max(ENTRY, min(cap, self.max_bandwidth // 10))
+        else:
+            budget = SEND_BUDGET
         counts = self.pages.counts
         before = counts.zero_pages + counts.normal_pages
         base = self.precopy_bytes + self.downtime_bytes
+        timeout_ms = max(1, int(self.timeout * 1000))
         t0 = time.monotonic()
         sent = 0
         while True:
             if not final:
                 self._check_cancel()
-            n = self.pages.pack(self._out, cap)
-            if n == 0:
-                break
-            sent += self._send(b"PAGE", ffi.buffer(self._out, n))
+            r, n = self.pages.send(self.sock.fileno(), self._out, cap, budget, timeout_ms)
+            sent += n
             self.transferred = base + sent
             self.remaining = self.pages.count() * PAGE   # (QEMU's: RAM bytes still to send)
+            if r == 0:
+                break
+            if r < 0 or r == lib.PYVMM_MIG_PEER:
+                self._check_cancel()
+                if r == -errno.ETIMEDOUT:
+                    raise StreamError(f"the destination took no data for {self.timeout:g} s "
+                                      "(link down or the destination stopped?)")
+                lost = (f"migration connection lost: {os.strerror(-r)}" if r < 0 else
+                        "the destination hung up")
+                raise StreamError(self._peer_reason() or lost)
             if self.max_bandwidth > 0 and not final:   # (never slow the stopped guest down)
                 ahead = sent / self.max_bandwidth - (time.monotonic() - t0)
                 if ahead > 0:
@@ -340,7 +370,7 @@ class Outgoing:
 
     def _send(self, tag: bytes, payload) -> int:
         """Send a section; a destination that said FAIL meanwhile stops us with its reason
-        (it waits for us to hang up: one select per ~1 MiB section)."""
+        (it waits for us to hang up): PASS, STAT; PAGE sections go by _pass's C loop."""
         if select.select([self.sock], [], [], 0)[0] and not self._pack_waiting():
             raise StreamError(self._peer_reason() or "the destination hung up")
         try:
@@ -376,16 +406,21 @@ class Outgoing:
     def _wait_applied(self, n: int) -> None:
         """PACK n from the destination: every page of precopy pass n is in its RAM.
         Waited for in slices, so a cancel is seen within 0.1 s."""
-        deadline = time.monotonic() + self.timeout
+        payload = self._await(b"PACK")
+        if int.from_bytes(payload, "little") != n:
+            raise StreamError(f"migration stream out of order: PACK for pass "
+                              f"{int.from_bytes(payload, 'little')}, expected {n}")
+
+    def _await(self, tag: bytes, extra: float = 0.0):
+        """The destination's next section, which must be `tag`, within the stall timeout
+        (+ `extra` s); waited for in slices, so a cancel is seen within 0.1 s."""
+        deadline = time.monotonic() + self.timeout + extra
         while not select.select([self.sock], [], [], 0.1)[0]:
             self._check_cancel()
             if time.monotonic() > deadline:
                 raise StreamError(f"the destination took no data for {self.timeout:g} s "
                                   "(link down or the destination stopped?)")
-        payload = expect(self.sock, b"PACK")
-        if int.from_bytes(payload, "little") != n:
-            raise StreamError(f"migration stream out of order: PACK for pass "
-                              f"{int.from_bytes(payload, 'little')}, expected {n}")
+        return expect(self.sock, tag)
 
     def _wait_for(self, tag: bytes) -> None:
         """The destination's answer, within the stall timeout; a cancel is seen at once.

@@ -3,9 +3,10 @@
     stream header   8 bytes magic b"PYVMMIG\\0", u32 version (little-endian)
     section         4-byte tag, u32 CRC-32C of the payload, u64 payload length, payload
 
-Tags (source to destination): HELO (the machine's shape, a state blob),
-PAGE (RAM pages, csrc/migrate.h), PASS (end of a pass), STAT (device, vCPU
-and VM state, a state blob), GO!! (resume now).  Destination to source: PACK
+Tags (source to destination): HELO (the machine's shape and the pages pass 1
+sends, a state blob), PAGE (RAM pages, csrc/migrate.h), PASS (end of a pass),
+STAT (device, vCPU and VM state, a state blob), GO!! (resume now).  Destination
+to source: REDY (machine built, pass 1's pages allocated: send them), PACK
 (every page of precopy pass N, a u64, is in RAM here), RSTD (restored, waiting
 for GO!!), RUNS (the guest runs here), FAIL (why not, UTF-8).  A blob is vmm/state.py's format (never pickle).  Anything else (a
 foreign stream, a bad CRC, a section cut short, an unknown tag) is refused
@@ -23,10 +24,10 @@ from ..errors import VmmError
 from ..kvm.ffi import ffi, lib
 
 MAGIC = b"PYVMMIG\0"
-VERSION = 2   # 2: PACK after each precopy pass
+VERSION = 3   # 2: PACK after each precopy pass; 3: HELO's "populated", REDY
 STREAM_HEADER = struct.Struct("<8sI")
 SECTION = struct.Struct("<4sIQ")
-TAGS = (b"HELO", b"PAGE", b"PASS", b"STAT", b"GO!!", b"PACK", b"RSTD", b"RUNS", b"FAIL")
+TAGS = (b"HELO", b"REDY", b"PAGE", b"PASS", b"STAT", b"GO!!", b"PACK", b"RSTD", b"RUNS", b"FAIL")
 MAX_PAYLOAD = 64 << 20   # a PAGE section is at most ~1 MiB, a state blob a few
 
 
