@@ -239,6 +239,8 @@ def test_progress_during_pass_1_and_the_destination_events(procs, hosts, tmp_pat
         finally:
             close(q)
         assert info["status"] == "completed", info
+        # the source completes on the destination's RUNS: the guest runs there, and says so
+        assert qmp(watch, "query-status")["status"] == "running"
         assert info["ram"]["remaining"] == 0
         time.sleep(0.2)
         events = [e["event"] if e["event"] != "MIGRATION" else e["data"]["status"]

@@ -50,6 +50,11 @@ class Controller:
     # -- run state --------------------------------------------------------------------------
     def query_status(self) -> dict:
         status = self.status
+        arrived = getattr(self.incoming, "machine", None)
+        if status == "inmigrate" and arrived is not None and arrived.running:
+            # The guest runs here already: its source may have reported completed (our
+            # RUNS/"running" went out) before this process finished taking it over.
+            return {"status": "running", "running": True}
         if status in ("running", "paused"):
             status = "running" if self.machine.running else "paused"
         return {"status": status, "running": status == "running"}
