@@ -302,6 +302,18 @@ class Machine:
         for d in self.devices:
             d.resume()
 
+    def roll_back(self, *, was_running: bool, released: bool) -> bool:
+        """After a live update or a migration failed with the guest stopped: the devices
+        taken back (if the update had released them: the "failed" notifier) and running
+        again, then the vCPUs if the guest ran before the stop (a paused guest stays
+        paused); whether they were resumed (the caller emits RESUME)."""
+        if released:
+            self.notify_devices("failed")
+        self.resume_devices()
+        if was_running:
+            self.resume()
+        return was_running
+
     def log_dirty_devices(self, log) -> None:
         """Live migration: every device logs the guest RAM it writes in `log` (None: stop)."""
         for d in self.devices:

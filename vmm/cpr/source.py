@@ -467,11 +467,7 @@ class Migration:
             os.close(self.prebuild_fd)
             self.prebuild_fd = -1
         if stopped:
-            m = self.machine
-            m.notify_devices("failed")
-            m.resume_devices()
-            if was_running:
-                m.resume()
+            if self.machine.roll_back(was_running=was_running, released=True):
                 self.emit("RESUME")
             self.timeline.mark("rollback")
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")

@@ -457,12 +457,8 @@ class Outgoing:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        if stopped:
-            m = self.machine
-            m.resume_devices()
-            if was_running:
-                m.resume()
-                self.emit("RESUME")
+        if stopped and self.machine.roll_back(was_running=was_running, released=False):
+            self.emit("RESUME")
         self.settled.set()
         self.t_end = time.monotonic_ns()
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")
