@@ -67,9 +67,10 @@ class WatchedProcess:
     """A child whose stdout lines are read on a thread and stamped with the
     CLOCK_MONOTONIC time they arrived (the host's view of a guest heartbeat).
 
-    A last fragment without a newline (a line the old VMM was half-way through
-    when it handed the guest over) is kept, with `partial` set, so it can be
-    joined with the new VMM's first line.
+    `lines` holds the complete lines.  A last fragment without a newline (a line
+    the old VMM was half-way through when it handed the guest over) is shown at
+    once by snapshot() and text(), with `partial` set, so it can be joined with
+    the new VMM's first line; search() looks at it only once the output ended.
     """
 
     def __init__(self, cmd: list[str], *, env: dict | None = None, cwd=None,
@@ -80,7 +81,8 @@ class WatchedProcess:
                                      stdin=stdin, cwd=cwd,
                                      env=dict(os.environ, **(env or {})))
         self.lines: list[tuple[float, str]] = []
-        self.partial = False
+        self.partial = False     # the output so far ends inside a line (_tail)
+        self._tail, self._tail_t = "", 0.0
         self.stderr = ""
         self._cond = threading.Condition()
         self._eof = False
@@ -88,17 +90,26 @@ class WatchedProcess:
         threading.Thread(target=self._read_err, daemon=True).start()
 
     def _read(self):
+        # Chunks, not `for line in stdout`: a line iteration holds back a fragment
+        # until its newline comes, and a VMM that stopped its guest mid-line (a
+        # migration source in postmigrate) never sends one.
+        import codecs
         import time
-        for raw in self.proc.stdout:
+        decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        while True:
+            chunk = self.proc.stdout.read1(65536)
             t = time.monotonic()
-            text = raw.decode(errors="replace")
+            text = decode(chunk, final=not chunk)
             with self._cond:
-                self.partial = not text.endswith("\n")
-                self.lines.append((t, text.rstrip("\r\n")))
+                *done, self._tail = (self._tail + text).split("\n")
+                self.lines += [(t, line.rstrip("\r")) for line in done]
+                if text:
+                    self._tail_t = t
+                self.partial = bool(self._tail)
+                self._eof = not chunk
                 self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
+            if not chunk:
+                return
 
     def _read_err(self):
         self.stderr = self.proc.stderr.read().decode(errors="replace")
@@ -112,12 +123,12 @@ class WatchedProcess:
             return len(self.lines)
 
     def snapshot(self) -> list[tuple[float, str]]:
+        """The lines so far, the fragment after the last newline (if any) last."""
         with self._cond:
-            return list(self.lines)
+            return self.lines + [(self._tail_t, self._tail.rstrip("\r"))] * self.partial
 
     def text(self) -> str:
-        with self._cond:
-            return "\n".join(line for _, line in self.lines)
+        return "\n".join(line for _, line in self.snapshot())
 
     def search(self, pattern: str, timeout: float = 30.0, start: int = 0):
         """The first match of `pattern` in a line at index >= start, waiting for it;
@@ -128,7 +139,8 @@ class WatchedProcess:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                for _, line in self.lines[start:]:
+                ended = self._eof and self.partial   # (a fragment can still grow before)
+                for _, line in self.lines[start:] + [(0.0, self._tail)] * ended:
                     m = rx.search(line)
                     if m:
                         return m

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -145,3 +146,26 @@ def test_vcpus_must_be_counts(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().endswith("--vcpus: give vCPU counts above 0, comma-separated"), \
         r.stderr
+
+
+def test_a_line_left_unfinished_shows_at_once():
+    """A VMM that stopped its guest mid-line (a migration source, paused for good)
+    never sends the newline: the fragment must still be seen, to be joined with the
+    next VMM's first line (the heartbeat and the SMP tests depend on it)."""
+    from bench.downtime.heartbeat import joined_lines
+    from bench.lab import WatchedProcess
+    code = "import sys, time; print('tick 1'); print('tick 2 t_u', end='', flush=True); time.sleep(30)"
+    old = WatchedProcess([sys.executable, "-c", code])
+    new = WatchedProcess([sys.executable, "-c", "print('s=5'); print('tick 3')"])
+    try:
+        deadline = time.monotonic() + 10
+        while not old.partial and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert old.text() == "tick 1\ntick 2 t_u" and old.partial, old.text()
+        assert old.search("tick 2", timeout=0.2) is None   # not a line until it ends
+        assert new.search("tick 3")
+        assert [line for _, line in joined_lines([old, new])] == ["tick 1", "tick 2 t_us=5",
+                                                                 "tick 3"]
+    finally:
+        old.stop()
+        new.stop()
