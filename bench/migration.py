@@ -58,7 +58,7 @@ VMM_NAME = {"pyvmm": "pyvmm", "qemu10": f"QEMU {qemu10.VERSION}", "qemu72": "QEM
 
 
 def qemu_cmd(binary: str | Path, guest: str, size_mb: int, cmdline: str, qmp: Path,
-             incoming: str | None = None) -> list[str]:
+             incoming: str | None = None, prealloc: bool = False) -> list[str]:
     """One QEMU running guest/build/GUEST.elf, its serial on stdout, QMP on unix `qmp`."""
     cmd = [str(binary), "-L", qemu10.FIRMWARE_DIR,
            "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm", "-cpu", "qemu64",
@@ -69,6 +69,8 @@ def qemu_cmd(binary: str | Path, guest: str, size_mb: int, cmdline: str, qmp: Pa
            "-kernel", str(BUILD / f"{guest}.elf"), "-append", cmdline]
     if incoming:
         cmd += ["-incoming", incoming]
+    if prealloc:
+        cmd += ["-mem-prealloc"]
     return cmd
 
 
@@ -80,8 +82,9 @@ def guest_for(size: int, dirty: str) -> tuple[str, str, str]:
     return "pattern", f"pattern_mb={size // MiB - 32} dirty_mbps={mbps}", r"^pass 1$"
 
 
-def start_pair(reg: Cleanup, t, vmm: str, size: int, dirty: str) -> tuple:
-    """The source in hostA (guest ready) and the destination waiting in hostB."""
+def start_pair(reg: Cleanup, t, vmm: str, size: int, dirty: str, prealloc: bool = False) -> tuple:
+    """The source in hostA (guest ready) and the destination waiting in hostB (with
+    `prealloc`, its RAM allocated: pyvmm's --mem-prealloc, QEMU's -mem-prealloc)."""
     kernel, cmdline, ready = guest_for(size, dirty)
     uri = f"tcp:{t.link_ip(t.host_b)}:{MIGRATION_PORT}"
     sq, dq = reg.tmp / f"{vmm}-src.qmp", reg.tmp / f"{vmm}-dst.qmp"
@@ -92,19 +95,24 @@ def start_pair(reg: Cleanup, t, vmm: str, size: int, dirty: str) -> tuple:
         src = Proc(t.run(t.host_a, *pyvmm_cmd("run", "--kernel", str(BUILD / f"{kernel}.elf"),
                                                "--memory", f"{size // MiB}M", "--cmdline",
                                                cmdline, "--qmp", str(sq))), reg)
-        dst = Proc(t.run(t.host_b, *pyvmm_cmd("run", "--incoming", uri, "--qmp", str(dq))), reg)
+        ram = ["-m", f"{size // MiB}M", "--mem-prealloc"] if prealloc else []
+        dst = Proc(t.run(t.host_b, *pyvmm_cmd("run", "--incoming", uri, "--qmp", str(dq),
+                                               *ram)), reg)
     else:
         binary = qemu10.binary() if vmm == "qemu10" else QEMU72
         src = Proc(t.run(t.host_a, *qemu_cmd(binary, kernel, size // MiB, cmdline, sq)), reg)
         dst = Proc(t.run(t.host_b, *qemu_cmd(binary, kernel, size // MiB, cmdline, dq,
-                                             incoming=uri)), reg)
+                                             incoming=uri, prealloc=prealloc)), reg)
     src.wait_for(ready, timeout=120)
+    if prealloc:   # (both serve QMP once their RAM is allocated)
+        with qmp_connect(dq, timeout=120) as d:
+            d.execute("query-status")
     return src, sq, dst, dq, uri
 
 
 def migrate_once(reg: Cleanup, t, vmm: str, size: int, dirty: str, downtime_ms: int,
-                 bandwidth: int, timeout: float) -> dict:
-    src, sq, dst, dq, uri = start_pair(reg, t, vmm, size, dirty)
+                 bandwidth: int, timeout: float, prealloc: bool = False) -> dict:
+    src, sq, dst, dq, uri = start_pair(reg, t, vmm, size, dirty, prealloc)
     samples: list[tuple[float, int, int]] = []    # (time, dirty-sync-count, transferred)
     with qmp_connect(sq) as s, qmp_connect(dq) as d:
         time.sleep(0.3)                           # a steady heartbeat before
@@ -180,6 +188,10 @@ def parse_args(argv):
                     help="max-bandwidth for both, like 100M (default: unlimited)")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="a migration not done in this many seconds is cancelled (default 60)")
+    ap.add_argument("--prealloc", action="store_true",
+                    help="the destinations allocate their RAM before the migration (pyvmm "
+                         "-m SIZE --mem-prealloc, QEMU -mem-prealloc): on a host that backs "
+                         "its memory lazily, writing fresh pages is what limits pass 1")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "migration"),
                     metavar="DIR", help="where results.md and results.json go")
     args = ap.parse_args(argv)
@@ -230,7 +242,7 @@ def main(argv=None) -> int:
                             try:
                                 rec = migrate_once(reg, t, vmm, size, dirty,
                                                    args.downtime_limit, args.bandwidth,
-                                                   args.timeout)
+                                                   args.timeout, args.prealloc)
                             except (BenchError, QmpError, OSError) as e:
                                 failures.append(f"{what}: {str(e).splitlines()[0]}")
                                 print(f"failed {what}: {e}", file=sys.stderr)
@@ -253,7 +265,8 @@ def main(argv=None) -> int:
             f"- host: {host_description()}",
             f"- link: veth between two network namespaces, "
             f"{args.link_rate or 'unlimited'}; downtime-limit {args.downtime_limit} ms, "
-            f"max-bandwidth {args.max_bandwidth or 'unlimited'}",
+            f"max-bandwidth {args.max_bandwidth or 'unlimited'}; destination RAM "
+            + ("preallocated before the migration" if args.prealloc else "allocated as pages come"),
             f"- took {time.monotonic() - started:.0f} s", ""]
     text = "\n".join(head) + "\n" + report(records, skipped + [f"FAILED {f}" for f in failures])
     (out / "results.md").write_text(text)

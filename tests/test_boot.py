@@ -329,3 +329,17 @@ def test_uart_fast_path_writes_the_same_bytes_in_order(guests, tmp_path):
     # The same lines apart from the times the guest printed.
     strip = lambda text: re.sub(r"\d+", "N", text)  # noqa: E731
     assert strip(outputs[False]) == strip(outputs[True])
+
+
+@pytest.mark.parametrize("prealloc", [False, True])
+def test_mem_prealloc_allocates_all_ram_before_the_guest_runs(guests, prealloc):
+    """--mem-prealloc (QEMU's -mem-prealloc): every page of RAM is allocated before the
+    boot; without it only what the guest touched is."""
+    m = Machine(MachineConfig(kernel=str(guests / "hello.elf"), memory=64 << 20,
+                              prealloc=prealloc, console=lambda b: None))
+    try:
+        m.create()
+        allocated = os.fstat(m.memory.fd).st_blocks * 512
+        assert (allocated == 64 << 20) if prealloc else (allocated < 8 << 20), allocated
+    finally:
+        m.close()

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, VmmProcess, need_kvm
+from conftest import ROOT, VmmProcess, need_kvm, run_pyvmm
 from bench.twohosts import two_hosts
 from test_cpr import (QmpFailed, assert_ticks_continuous, check_pattern, close, qmp, qmp_connect,
                       ram_of, ticks, wait_migration)
@@ -67,14 +67,14 @@ def start_source(procs, hosts, tmp_path, kernel, cmdline="", net=False):
     return procs(hosts.host_a, args), qmp_path
 
 
-def start_destination(procs, hosts, tmp_path, net=False, defer=False, console=None):
+def start_destination(procs, hosts, tmp_path, net=False, defer=False, console=None, extra=()):
     """A pyvmm in hostB waiting on a free port of the link; (process, QMP path, tcp URI)."""
     qmp_path = tmp_path / "dst.qmp"
     host = hosts.link_ip(hosts.host_b)
     incoming = "defer" if defer else f"tcp:{host}:0"
     p = procs(hosts.host_b, ["run", "--incoming", incoming, "--qmp", str(qmp_path)] +
               (["--net", f"tap,ifname={hosts.tap}"] if net else []) +
-              (["--console", str(console)] if console else []))
+              (["--console", str(console)] if console else []) + list(extra))
     q = qmp_connect(qmp_path)
     try:
         if defer:
@@ -555,6 +555,61 @@ def test_destination_refusing_resumes_the_source(procs, hosts, tmp_path):
     ping = subprocess.run(hosts.run(hosts.client, "ping", "-c", "2", "-i", "0.1", "-W", "1",
                                     hosts.guest_ip), capture_output=True, text=True, timeout=30)
     assert ping.returncode == 0, ping.stdout
+
+
+def ram_allocated(pid: int) -> int:
+    """Bytes the process's guest-RAM memfd has allocated (its st_blocks)."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if "pyvmm-ram" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+            return os.stat(f"/proc/{pid}/fd/{fd}").st_blocks * 512
+    raise AssertionError(f"pid {pid} holds no guest RAM")
+
+
+def test_a_destination_given_the_size_allocates_ram_before_the_source_comes(procs, hosts,
+                                                                            tmp_path):
+    """`-m 128M --mem-prealloc` on the destination (QEMU's -mem-prealloc): its RAM is all
+    allocated while it waits (so pass 1 does not pay for fresh pages), and the guest
+    arrives in it whole."""
+    src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=8")
+    progress = int(src.wait_for(r"pattern: progress=(0x[0-9a-f]+)").group(1), 16)
+    src.wait_for(r"^pass 2$")
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path,
+                                          extra=["-m", "128M", "--mem-prealloc"])
+    assert ram_allocated(dst.proc.pid) == 128 << 20
+    info, events = migrate(src_qmp, uri)
+    assert_figures_sane(info, events)
+    q = qmp_connect(dst_qmp)
+    try:
+        qmp(q, "stop")
+        k, _ = check_pattern(ram_of(dst.proc.pid), progress)
+        qmp(q, "cont")
+    finally:
+        close(q)
+    dst.wait_for(rf"^pass {k + 1}$")
+    assert_source_postmigrate(src, src_qmp)
+
+
+def test_a_destination_of_another_ram_size_is_refused_and_the_source_runs_on(procs, hosts,
+                                                                            tmp_path):
+    src, src_qmp = start_source(procs, hosts, tmp_path, PATTERN, "pattern_mb=8")
+    src.wait_for(r"^pass 2$")
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path, extra=["-m", "64M"])
+    info, _ = migrate(src_qmp, uri)
+    assert info["status"] == "failed", info
+    assert "128 MiB of RAM" in info["error-desc"] and "64 MiB" in info["error-desc"], info
+    assert_source_runs(src, src_qmp)
+    assert_destination_gone(dst, dst_qmp, "give the destination the guest's -m")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--incoming", "tcp:127.0.0.1:0", "--mem-prealloc"], "needs the guest's RAM size"),
+    (["--incoming", "cpr-transfer:/tmp/x.sock", "-m", "1G"], "--memory cannot be given"),
+    (["--incoming", "cpr-transfer:/tmp/x.sock", "--mem-prealloc"], "--mem-prealloc cannot"),
+])
+def test_ram_options_an_incoming_cannot_use_are_one_line_errors(args, says):
+    r = run_pyvmm("run", *args, timeout=20)
+    assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr
 
 
 def crc32c(data: bytes) -> int:

@@ -75,7 +75,11 @@ def _parser() -> argparse.ArgumentParser:
                          epilog=RUN_EPILOG,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--kernel", help="PVH ELF kernel image")
-    run.add_argument("--memory", "-m", default="256M", help="guest RAM, e.g. 256M, 1G (default 256M)")
+    run.add_argument("--memory", "-m", help="guest RAM, e.g. 256M, 1G (default 256M; with "
+                     "--incoming tcp: the guest's, to make RAM before it comes)")
+    run.add_argument("--mem-prealloc", action="store_true",
+                     help="allocate all guest RAM at start (QEMU's -mem-prealloc): before the "
+                          "guest boots, or before a migration (--incoming tcp) comes")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--vcpus", type=int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("--hugetlb", action="store_true", help="back RAM with 2 MiB huge pages")
@@ -200,9 +204,10 @@ def cmd_run(args) -> int:
             return _run_incoming(args, config, console)
         if not args.kernel:
             raise VmmError("give the guest kernel with --kernel PATH (or --incoming to receive one)")
-        mconf = MachineConfig(kernel=args.kernel, memory=parse_size(args.memory),
+        mconf = MachineConfig(kernel=args.kernel, memory=parse_size(args.memory or "256M"),
                               cmdline=args.cmdline, vcpus=args.vcpus, hugetlb=args.hugetlb,
-                              console=console, nets=args.net, devices=args.device)
+                              console=console, nets=args.net, devices=args.device,
+                              prealloc=args.mem_prealloc)
         machine = Machine(mconf)
         try:
             machine.create()
@@ -230,18 +235,27 @@ def _run_incoming(args, config, console) -> int:
     it brings."""
     import signal
     from .cpr.target import Incoming, IncomingAborted, parse_incoming
+    from .memory import GuestMemory, parse_size
     from .migration.receiver import Receiver, parse_incoming as parse_tcp_incoming
-
     tcp = parse_tcp_incoming(args.incoming, args.net)
-    for given, what in ((args.kernel, "--kernel"), (args.net, "--net"), (args.device, "--device")):
-        if given and not (tcp and what == "--net"):
+    for given, what in ((args.kernel, "--kernel"), (args.net, "--net"), (args.device, "--device"),
+                        (args.memory, "--memory"), (args.hugetlb, "--hugetlb"),
+                        (args.mem_prealloc, "--mem-prealloc")):
+        if given and not (tcp and what in ("--net", "--memory", "--hugetlb", "--mem-prealloc")):
             raise VmmError(f"{what} cannot be given with --incoming: the guest's kernel, RAM "
                            "and devices (NICs with their taps) come from the old VMM in the update"
                            + ("" if what != "--net" else " (a TCP migration, "
                               "--incoming tcp:HOST:PORT, takes this host's taps with --net)"))
+    if tcp and args.mem_prealloc and not args.memory:
+        raise VmmError("--mem-prealloc with --incoming tcp needs the guest's RAM size: "
+                       "give -m SIZE (as on the source)")
+    ram = None   # RAM made before the source comes (tcp with -m), allocated with --mem-prealloc
     if tcp:
+        if args.memory:
+            ram = GuestMemory(parse_size(args.memory), hugetlb=args.hugetlb)
+
         def make():
-            return Receiver(tcp[0], args.net, console=console, deferred=tcp[1])
+            return Receiver(tcp[0], args.net, console=console, deferred=tcp[1], memory=ram)
     else:
         path, deferred = parse_incoming(args.incoming)
 
@@ -261,6 +275,8 @@ def _run_incoming(args, config, console) -> int:
         signal.signal(signo, on_signal)
     incoming = monitor = None
     try:
+        if ram is not None and args.mem_prealloc:   # (Ctrl-C stops it: a signal raises)
+            ram.prealloc()
         # A signal while the sockets are being made is held until both are known,
         # so the cleanup below removes each one that exists.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
@@ -282,6 +298,8 @@ def _run_incoming(args, config, console) -> int:
             incoming.close()
             if incoming.machine is not None:
                 incoming.machine.close()
+        if ram is not None and (incoming is None or incoming.machine is None):
+            ram.close()   # (again after incoming.close(): closing twice is harmless)
         if exit_code:
             return exit_code[0]
         raise

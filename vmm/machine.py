@@ -24,12 +24,14 @@ class MachineConfig:
     """What `pyvmm run` was asked for."""
 
     def __init__(self, kernel: str | None = None, memory: int = 256 * MiB, cmdline: str = "",
-                 vcpus: int = 1, hugetlb: bool = False, console=None, nets=None, devices=None):
+                 vcpus: int = 1, hugetlb: bool = False, console=None, nets=None, devices=None,
+                 prealloc: bool = False):
         self.kernel = kernel
         self.memory = memory
         self.cmdline = cmdline
         self.vcpus = vcpus
         self.hugetlb = hugetlb
+        self.prealloc = prealloc   # --mem-prealloc: all of RAM allocated before the boot
         self.console = console     # callable taking bytes: serial output; stdout by default
         self.nets = list(nets or [])          # --net specs
         self.devices = list(devices or [])    # --device specs: "KIND[,OPTS]"
@@ -127,7 +129,15 @@ class Machine:
         from .kvm.ffi import ffi
 
         cfg = self.config
-        self.memory = memory or GuestMemory(cfg.memory, hugetlb=cfg.hugetlb)
+        if memory is None:
+            memory = GuestMemory(cfg.memory, hugetlb=cfg.hugetlb)
+            if cfg.prealloc:
+                try:
+                    memory.prealloc()
+                except BaseException:
+                    memory.close()
+                    raise
+        self.memory = memory
         if kvm_parts is None:
             kvm_parts = create_kvm_parts(self.memory, cfg.vcpus, cpuids)
         self.kvm, self.vm, self.vcpus = kvm_parts

@@ -164,6 +164,20 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes) -> None:
         self.view(gpa, len(data))[:] = data
 
+    def prealloc(self, chunk: int = 64 * MiB) -> None:
+        """Allocate every page of RAM now (QEMU's -mem-prealloc), so that neither the
+        guest nor an incoming migration pays for it later.  On a host that backs its
+        own memory lazily (a nested or ballooned VM, as this project's CI), a first
+        write to a page costs ~25 us: 4 GiB written into fresh pages arrive at
+        ~300 MB/s, into allocated ones at over 1 GB/s (docs/MIGRATION.md)."""
+        for off in range(0, self.size, chunk):
+            try:
+                self._map.populate(off, min(chunk, self.size - off))
+            except OSError as e:
+                raise VmmError(f"cannot preallocate {self.size // MiB} MiB of guest RAM: "
+                               f"{e.strerror}" + (" (not enough free memory or huge pages)"
+                                                  if e.errno in (12, 14) else "")) from None
+
     def state(self) -> dict:
         """What a new VMM needs to map this RAM again (the fd travels separately)."""
         return {"size": self.size, "name": self.name, "hugetlb": self.hugetlb,

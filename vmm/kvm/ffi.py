@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 from ..errors import KvmError
@@ -76,6 +77,17 @@ class SharedMapping:
 
     def buffer(self):
         return ffi.buffer(self.ptr, self.size)
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault [offset, offset+length) in, writable (MADV_POPULATE_WRITE, Linux 5.14):
+        every page allocated and zeroed now, not at its first touch."""
+        while True:
+            if lib.madvise(ffi.cast("char *", self.ptr) + offset, length,
+                           lib.MADV_POPULATE_WRITE) == 0:
+                return
+            err = ffi.errno
+            if err != errno.EINTR:   # (EINTR: a signal came; the pages done stay done)
+                raise OSError(err, os.strerror(err))
 
     def close(self) -> None:
         if self.ptr is not None:

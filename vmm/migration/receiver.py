@@ -85,14 +85,16 @@ class Receiver(Waiting):
     """One incoming TCP migration (see the module's docstring)."""
 
     def __init__(self, addr: dict | None, nets: list[str], console=None, *,
-                 deferred: bool = False):
+                 deferred: bool = False, memory=None):
+        """memory: RAM made (and preallocated) before the source came (`-m SIZE
+        --mem-prealloc`); the guest's must then be the same size, or it is refused."""
         from .sender import STALL_TIMEOUT, STALL_TIMEOUT_ENV
         super().__init__(deferred)
         self.console = console
         self.timeout = 3 * float(os.environ.get(STALL_TIMEOUT_ENV, STALL_TIMEOUT))
         self.sock = None
         self.machine = None
-        self.memory = None
+        self.memory = memory
         self.arrival = None
         self.address = None   # where we listen: {"host", "port"} (port 0 is resolved)
         self.state = None
@@ -178,7 +180,15 @@ class Receiver(Waiting):
                            "--net tap,ifname=NAME per NIC")
         self.nets = nets
         mem = shape["memory"]
-        self.memory = GuestMemory(mem["size"], hugetlb=mem.get("hugetlb", False))
+        hugetlb = bool(mem.get("hugetlb", False))
+        if self.memory is None:
+            self.memory = GuestMemory(mem["size"], hugetlb=hugetlb)
+        elif (self.memory.size, self.memory.hugetlb) != (mem["size"], hugetlb):
+            def ram(size, huge):
+                return f"{size // (1 << 20)} MiB" + (" of huge pages" if huge else "")
+            raise VmmError(f"the guest has {ram(mem['size'], hugetlb)} of RAM and this pyvmm "
+                           f"was started with {ram(self.memory.size, self.memory.hugetlb)}: "
+                           "give the destination the guest's -m (and --hugetlb), or no -m")
         try:
             self.machine = build_machine(shape, -1, {}, self.console, memory=self.memory)
             warm_up(self.machine, shape)
