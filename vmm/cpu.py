@@ -49,6 +49,7 @@ class VcpuThread:
         self._want_pause = False
         self._want_stop = False
         self._paused = False
+        self._exited = False   # set (under _cond) as the thread ends: no kick after it
         self._thread: sync.Thread | None = None
         self._tid = 0
         self.entered_ns = 0   # when the thread last went (back) into the guest
@@ -58,13 +59,17 @@ class VcpuThread:
     def start(self, paused: bool = False) -> None:
         install_kick_handler()
         self._want_pause = paused
+        self._tid, self._exited = 0, False
         self._thread = sync.Thread(self._main, name=f"vcpu{self.vcpu.index}")
         self._thread.start()
 
     def _kick(self) -> None:
+        """Out of KVM_RUN (the caller holds _cond).  Never once the thread has ended:
+        pthread_kill on a thread that is gone reads its freed descriptor (glibc unmaps
+        the stacks it does not cache: a segfault seen with 8 vCPUs)."""
         self.vcpu.run.immediate_exit = 1
-        if self._tid:
-            lib.pyvmm_kick_thread(self._tid, KICK_SIGNAL)   # ESRCH: the thread is gone
+        if self._tid and not self._exited:
+            lib.pyvmm_kick_thread(self._tid, KICK_SIGNAL)
 
     def pause(self) -> None:
         """Return once the vCPU is out of the guest with its state consistent."""
@@ -79,7 +84,7 @@ class VcpuThread:
             self._want_pause = True
             if self._paused or not self.alive:
                 return
-        self._kick()
+            self._kick()
 
     def wait_paused(self) -> None:
         """After request_pause(): until the vCPU is parked with its exit completed."""
@@ -106,7 +111,7 @@ class VcpuThread:
         with self._cond:
             self._want_stop = True
             self._cond.notify_all()
-        self._kick()
+            self._kick()
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread is not None and self._thread.ident != sync.get_ident():
@@ -133,6 +138,7 @@ class VcpuThread:
         finally:
             with self._cond:
                 self._paused = False
+                self._exited = True
                 self._cond.notify_all()
 
     def _park(self, pending: bool = True) -> bool:
