@@ -603,6 +603,7 @@ def test_a_destination_of_another_ram_size_is_refused_and_the_source_runs_on(pro
 
 @pytest.mark.parametrize("args, says", [
     (["--incoming", "tcp:127.0.0.1:0", "--mem-prealloc"], "needs the guest's RAM size"),
+    (["--incoming", "tcp:127.0.0.1:0", "--hugetlb"], "--hugetlb with --incoming tcp needs"),
     (["--incoming", "cpr-transfer:/tmp/x.sock", "-m", "1G"], "--memory cannot be given"),
     (["--incoming", "cpr-transfer:/tmp/x.sock", "--mem-prealloc"], "--mem-prealloc cannot"),
 ])

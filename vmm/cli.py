@@ -246,9 +246,10 @@ def _run_incoming(args, config, console) -> int:
                            "and devices (NICs with their taps) come from the old VMM in the update"
                            + ("" if what != "--net" else " (a TCP migration, "
                               "--incoming tcp:HOST:PORT, takes this host's taps with --net)"))
-    if tcp and args.mem_prealloc and not args.memory:
-        raise VmmError("--mem-prealloc with --incoming tcp needs the guest's RAM size: "
-                       "give -m SIZE (as on the source)")
+    for given, what in ((args.mem_prealloc, "--mem-prealloc"), (args.hugetlb, "--hugetlb")):
+        if tcp and given and not args.memory:
+            raise VmmError(f"{what} with --incoming tcp needs the guest's RAM size: "
+                           "give -m SIZE (as on the source)")
     ram = None   # RAM made before the source comes (tcp with -m), allocated with --mem-prealloc
     if tcp:
         if args.memory:
