@@ -97,6 +97,7 @@ class GuestMemory:
         self.size = size
         self.name = name
         self.hugetlb = hugetlb
+        self.preallocated = False   # prealloc() done: every page of RAM is allocated
         self.regions = layout(size)
         self._adopted = fd is not None
         if fd is None:
@@ -177,6 +178,7 @@ class GuestMemory:
                 raise VmmError(f"cannot preallocate {self.size // MiB} MiB of guest RAM: "
                                f"{e.strerror}" + (" (not enough free memory or huge pages)"
                                                   if e.errno in (12, 14) else "")) from None
+        self.preallocated = True
 
     def state(self) -> dict:
         """What a new VMM needs to map this RAM again (the fd travels separately)."""
