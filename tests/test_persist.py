@@ -306,3 +306,27 @@ def test_scratch_device_goes_through_cpr_exec_and_cpr_transfer(guests, vmm_procs
     assert [int(v) for _, v in lines] == [1000 + int(t) - 1 for t, _ in lines]
     assert [int(t) for t, _ in lines] == list(range(1, len(lines) + 1))
     assert scratch_value(new_qmp) >= 1000 + n + 5
+
+
+def test_a_kind_that_passes_fds_imports_its_restore_path_before_the_stop(guests):
+    """warm_up_restore (a new VMM, before the stop) cannot build a throwaway net device
+    (it would open a tap), but imports what its restore needs: 1-2 ms of imports that
+    ran inside the downtime before."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from vmm.machine import Machine, MachineConfig
+m = Machine(MachineConfig(kernel={str(guests / 'hello.elf')!r}, memory=16 << 20,
+                          console=lambda b: None))
+m.create()
+wanted = ("vmm.net.tap", "vmm.net.backend_c", "vmm.devices.virtio_net", "fcntl")
+before = [name for name in wanted if name in sys.modules]
+m.warm_up_restore(["serial", "net"])
+print(before, [name for name in wanted if name not in sys.modules])
+m.close()
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("[]"), r.stdout   # every one imported by the warm-up
+    assert "vmm.net.tap" not in r.stdout.split("]")[0], r.stdout   # (and not before it)

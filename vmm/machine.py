@@ -289,8 +289,9 @@ class Machine:
         throwaway devices of these kinds: a first run in a fresh process is the slow
         one (State classes, their schema maps, the models' code paths), and in the
         new VMM the real one runs inside the downtime.  Kinds that pass fds (a net
-        device's tap) are left out: creating one would open what it owns.  The
-        throwaways sit on buses of their own, never the machine's."""
+        device's tap) only import what they need (Device.warm_up): creating one
+        would open what it owns.  The throwaways sit on buses of their own, never
+        the machine's."""
         from .devices import Device, DeviceContext, device_class, entry
         from .devices.bus import Bus
         from .kvm.ffi import ffi
@@ -299,6 +300,7 @@ class Machine:
         for kind in kinds:
             cls = device_class(kind)
             if cls.fds is not Device.fds:
+                cls.warm_up()
                 continue
             tree = entry(cls.create(ctx, 0, ""))["state"]
             cls.State.check(tree, "warm-up")

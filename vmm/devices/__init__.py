@@ -169,6 +169,12 @@ class Device:
         machine calls resume() when the guest goes on)."""
         raise NotImplementedError
 
+    @classmethod
+    def warm_up(cls) -> None:
+        """In a new VMM before the stop, for a kind whose throwaway copy cannot be made
+        (one that passes fds: making it would open what it owns): import what restore()
+        will, so that it does not import inside the downtime."""
+
     def attach(self, ctx: DeviceContext) -> str:
         """Put the device on its bus; returns a kernel cmdline snippet ("" for none)."""
         return ""
