@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import struct
 import subprocess
 import sys
@@ -611,6 +612,33 @@ def test_ram_options_an_incoming_cannot_use_are_one_line_errors(args, says):
     r = run_pyvmm("run", *args, timeout=20)
     assert r.returncode != 0 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
         r.stderr
+
+
+def test_ctrl_c_while_the_destination_preallocates_stops_it_at_once(tmp_path):
+    """Allocating 8 GiB takes seconds here (docs/MIGRATION.md, "Fresh pages"): Ctrl-C
+    stops it within a chunk, exits 130 and leaves no QMP socket behind."""
+    need_kvm()
+    qmp_path = tmp_path / "dst.qmp"
+    p = VmmProcess(["run", "--incoming", "tcp:127.0.0.1:0", "-m", "8G", "--mem-prealloc",
+                    "--qmp", str(qmp_path)])
+    try:
+        deadline = time.monotonic() + 20
+        while True:   # until its RAM is being allocated
+            assert p.proc.poll() is None and time.monotonic() < deadline, p.stderr
+            try:
+                if ram_allocated(p.proc.pid) >= 64 << 20:
+                    break
+            except (AssertionError, OSError):   # (no RAM yet)
+                pass
+            time.sleep(0.01)
+        t = time.monotonic()
+        p.proc.send_signal(signal.SIGINT)
+        assert not qmp_path.exists()   # (it listens only once RAM is all there)
+        assert p.wait(10) == 130, p.stderr
+        assert time.monotonic() - t < 2.0
+        assert not qmp_path.exists() and "Traceback" not in p.stderr, p.stderr
+    finally:
+        p.stop()
 
 
 def crc32c(data: bytes) -> int:
