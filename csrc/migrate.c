@@ -192,11 +192,19 @@ int pyvmm_mig_prealloc(int fd, const uint64_t *bits, uint64_t npages)
 
 #define APPLY_IOV 64
 
-/* pwritev the run of pages in iov (page `first` on), all of it. */
-static int flush_run(int fd, struct iovec *iov, int n, uint64_t first)
+/* Write the run of pages in iov (page `first` on), all of it: with pwritev on the
+ * memfd, or (fd < 0: RAM allocated beforehand) copied into the mapping. */
+static int flush_run(int fd, uint8_t *ram, struct iovec *iov, int n, uint64_t first)
 {
 	off_t off = (off_t)(first * PYVMM_MIG_PAGE);
 	uint64_t left = (uint64_t)n * PYVMM_MIG_PAGE;
+
+	if (fd < 0) {
+		for (int i = 0; i < n; i++)
+			memcpy(ram + (first + (uint64_t)i) * PYVMM_MIG_PAGE, iov[i].iov_base,
+			       PYVMM_MIG_PAGE);
+		return 0;
+	}
 
 	while (left) {
 		ssize_t w = pwritev(fd, iov, n, off);
@@ -242,7 +250,7 @@ int pyvmm_mig_apply(const uint8_t *in, uint64_t len, int fd, uint8_t *ram, uint6
 		pos += 8;
 		/* a page that does not extend the run (or a zero page) ends it */
 		if (n && (n == APPLY_IOV || pg != first + (uint64_t)n || (flags & PYVMM_MIG_ZERO))) {
-			r = flush_run(fd, iov, n, first);
+			r = flush_run(fd, ram, iov, n, first);
 			if (r)
 				return r;
 			n = 0;
@@ -262,9 +270,9 @@ int pyvmm_mig_apply(const uint8_t *in, uint64_t len, int fd, uint8_t *ram, uint6
 		touched[pg / 64] |= 1ULL << (pg % 64);
 		counts->normal_pages++;
 	}
-	return n ? flush_run(fd, iov, n, first) : 0;
+	return n ? flush_run(fd, ram, iov, n, first) : 0;
 bad:
-	r = n ? flush_run(fd, iov, n, first) : 0;
+	r = n ? flush_run(fd, ram, iov, n, first) : 0;
 	return r ? r : -EINVAL;
 }
 

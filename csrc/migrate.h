@@ -59,7 +59,9 @@ int pyvmm_mig_prealloc(int fd, const uint64_t *bits, uint64_t npages);
 /* Write a PAGE payload into the npages pages of RAM: the memfd `fd` whose
  * mapping is `ram`.  Whole pages go in with pwritev() on the memfd, runs of
  * consecutive pages in one call: the kernel allocates and fills them without a
- * page fault per page in this process's mapping.  `touched` has one bit per
+ * page fault per page in this process's mapping.  With fd < 0 (RAM all allocated
+ * and mapped beforehand: --mem-prealloc) they are copied into `ram` instead,
+ * which costs less than pwritev's page cache steps (9 against 5-6.5 GB/s here).  `touched` has one bit per
  * page, set for each page written; a zero page is written (memset) only if it
  * was touched before, so the untouched pages of the fresh memfd stay holes
  * (never allocated).  Returns 0; -EINVAL if an entry is cut short, has unknown

@@ -5,7 +5,9 @@
  * entries that apply again to the same RAM.  The section checksum, CRC-32C, is
  * checked against a bit-by-bit one (its three-stream form at every length and
  * alignment the input gives).  The first 8 bytes, as HELO's "populated" bitmap, go to
- * pyvmm_mig_prealloc, which must allocate inside the RAM only. */
+ * pyvmm_mig_prealloc, which must allocate inside the RAM only.  Applied with fd -1
+ * (copied into the mapping, as with preallocated RAM), the payload must give the same
+ * answer and the same RAM as with pwritev. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdlib.h>
@@ -56,11 +58,13 @@ static uint32_t crc32c_bitwise(const uint8_t *p, size_t n)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	int fd, fd2;
-	uint8_t *ram = new_ram(&fd), *copy = new_ram(&fd2);
+	int fd, fd2, fd3;
+	uint8_t *ram = new_ram(&fd), *copy = new_ram(&fd2), *mapped = new_ram(&fd3);
 	uint8_t *out = malloc(NPAGES * PYVMM_MIG_ENTRY);
 	uint64_t touched = 0, bits = (1ULL << NPAGES) - 1, cursor = 0, touched2 = 0;
-	struct pyvmm_mig_counts c = { 0, 0 }, c2 = { 0, 0 };
+	uint64_t touched3 = 0;
+	struct pyvmm_mig_counts c = { 0, 0 }, c2 = { 0, 0 }, c3 = { 0, 0 };
+	int r;
 
 	if (!out)
 		abort();
@@ -74,7 +78,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (pyvmm_mig_prealloc(fd2, &populated, NPAGES) != 0)
 			abort();
 	}
-	if (pyvmm_mig_apply(data, size, fd, ram, NPAGES, &touched, &c) == 0) {
+	r = pyvmm_mig_apply(data, size, fd, ram, NPAGES, &touched, &c);
+	if (pyvmm_mig_apply(data, size, -1, mapped, NPAGES, &touched3, &c3) != r ||
+	    touched3 != touched || memcmp(ram, mapped, SIZE) ||
+	    c3.zero_pages != c.zero_pages || c3.normal_pages != c.normal_pages)
+		abort();
+	if (r == 0) {
 		if (c.zero_pages + c.normal_pages > size / 8)
 			abort();
 		uint64_t n = pyvmm_mig_pack(ram, NPAGES, &bits, &cursor, out,
@@ -87,6 +96,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	}
 	free_ram(ram, fd);
 	free_ram(copy, fd2);
+	free_ram(mapped, fd3);
 	free(out);
 	return 0;
 }

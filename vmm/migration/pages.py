@@ -163,9 +163,9 @@ class Applier:
     def apply(self, payload) -> None:
         """Write one PAGE section's pages, or raise StreamError."""
         from .stream import StreamError
+        fd = -1 if self.memory.preallocated else self.memory.fd   # (-1: memcpy, no pwritev)
         r = lib.pyvmm_mig_apply(ffi.from_buffer("uint8_t[]", payload), len(payload),
-                                self.memory.fd, self.ram, self.npages, self.touched,
-                                self.counts)
+                                fd, self.ram, self.npages, self.touched, self.counts)
         if r == -errno.EINVAL:
             raise StreamError("migration stream is corrupt: a PAGE section names a page "
                               "outside guest RAM or is cut short")
