@@ -343,3 +343,9 @@ def test_mem_prealloc_allocates_all_ram_before_the_guest_runs(guests, prealloc):
         assert (allocated == 64 << 20) if prealloc else (allocated < 8 << 20), allocated
     finally:
         m.close()
+
+
+def test_qemus_spelling_mem_prealloc_is_not_taken_for_m(guests):
+    """A QEMU user types `-m 64M -mem-prealloc`: that is --mem-prealloc, not `-m em-prealloc`."""
+    r = run_pyvmm("run", "--kernel", str(guests / "hello.elf"), "-m", "64M", "-mem-prealloc")
+    assert r.returncode == 0 and "ring3: ok" in r.stdout, r.stderr

@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--kernel", help="PVH ELF kernel image")
     run.add_argument("--memory", "-m", help="guest RAM, e.g. 256M, 1G (default 256M; with "
                      "--incoming tcp: the guest's, to make RAM before it comes)")
-    run.add_argument("--mem-prealloc", action="store_true",
+    run.add_argument("--mem-prealloc", "-mem-prealloc", action="store_true",
                      help="allocate all guest RAM at start (QEMU's -mem-prealloc): before the "
                           "guest boots, or before a migration (--incoming tcp) comes")
     run.add_argument("--cmdline", default="", help="kernel command line")
