@@ -86,8 +86,7 @@ def check_transfer_order(out):
     assert [t for t, _ in lines] == sorted(t for t, _ in lines), out
     assert_before(lines, "setup", "stop", "quiesce", "notify", "save", "transfer",
                   "old: state memfd and device fds sent", "restore", "new: state blob loaded",
-                  "new: vCPU, VM and device state written", 'old: "restored" received',
-                  'new: "go" received', "resume")
+                  "new: vCPU, VM and device state written", "new: guest claimed", "resume")
 
 
 def check_exec_order(out):
@@ -140,7 +139,7 @@ def test_trace_plot_transfer(guests, vmm_procs, tmp_path):
     r = run_transfer(vmm_procs, tmp_path, "--trace-plot", str(plot))
     text = svg_texts(plot)
     for label in ("old pyvmm", "new pyvmm", "guest RAM", "hello + RAM memfd", "prepared",
-                  "state + device fds", "restored", "go (point of no return)", "running",
+                  "state + device fds", "go (point of no return): commit page claimed", "running",
                   "point of no return", "never copied"):
         assert label in text, (label, text)
     # the downtime drawn is the one this update measured and printed

@@ -77,6 +77,10 @@ def messages(info: dict) -> list[tuple[str, int, int, str]]:
          _find(steps, "old:", "\"restored\" received"), "new->old"),
         ("go (point of no return)", _find(steps, "old:", "sending \"go\""),
          _find(steps, "new:", "\"go\" received"), "old->new"),
+        # (since protocol 2 "go" is no message: the new VMM claims the commit word both
+        # map, which the old one reads; drawn as a new->old arrow at that instant)
+        ("go (point of no return): commit page claimed", _find(steps, "new:", "guest claimed"),
+         _find(steps, "new:", "guest claimed"), "new->old"),
     ]
     for label, sent, received, direction in pairs:
         if sent is not None and received is not None:

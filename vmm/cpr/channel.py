@@ -121,8 +121,10 @@ def check_hello(msg: dict, fds: list[int]) -> dict:
     if why:
         raise ChannelError(why)
     check("hello", msg)
-    if len(fds) != 1:
-        raise ChannelError(f"expected the RAM memfd, got {len(fds)} fds")
+    want = 2 if msg.get("commit") else 1   # (pyvmm 0.1.0 sends no commit page)
+    if len(fds) != want:
+        raise ChannelError(f"expected the RAM memfd{' and the commit page' if want == 2 else ''}"
+                           f", got {len(fds)} fds")
     return check("shape", state_format.decode_tree(msg["shape"]))
 
 

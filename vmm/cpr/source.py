@@ -5,8 +5,9 @@ cancel before the point of no return) runs the notifiers with "failed", so each
 device takes back what it released, and resumes the guest exactly where it
 was: the guest sees a pause and nothing else.
 
-The point of no return is the "go" message in cpr-transfer (sent only after
-the new VMM has restored everything and is one step from resuming) and the
+The point of no return ("go") is, in cpr-transfer, the new VMM's claim of the
+shared commit word once it has restored everything (vmm/cpr/commit.py: this
+process claims the same word only to roll back, and one swap decides), and the
 execve itself in cpr-exec.  Before it, the guest stays stopped at most
 `downtime-limit` ms waiting for the new VMM: past that we roll back.  After it,
 this process never resumes the guest (both would run on the same RAM); without
@@ -26,6 +27,7 @@ from ..errors import VmmError
 from . import (DOWNTIME_LIMIT_MS, EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume_command,
                search_path)
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError, ChannelTimeout
+from .commit import NEW, OLD
 from .faults import Faults
 from .modes import check_migrate_mode
 from .timeline import Timeline, now_ns, timeline_info
@@ -183,7 +185,10 @@ class Migration:
             self.running_timeout = float(os.environ.get(RUNNING_TIMEOUT_ENV, RUNNING_TIMEOUT))
         except ValueError:
             raise VmmError(f"{RUNNING_TIMEOUT_ENV} must be a number of seconds") from None
-        self.committed = False   # "go" sent: the guest is the new VMM's, whatever happens
+        self.committed = False   # past "go": the guest is the new VMM's, whatever happens
+        self.commit = None       # cpr-transfer: the shared word that decides it (.commit)
+        self._running = None     # the new VMM's "running", if it came while we waited
+        self._gone = None        # why the channel broke after the new VMM's claim
         # cpr-exec with QEMU's `file:PATH`: the new image writes the state there (off
         # the downtime; the state itself crosses the exec in a memfd)
         self.state_file = None
@@ -332,13 +337,15 @@ class Migration:
 
     def _prepare_target(self) -> None:
         """Before the stop: the new VMM maps RAM and builds an empty VM (off the downtime)."""
+        from .commit import CommitWord
         m = self.machine
         self.channel = Channel.connect(self.cpr_path)
+        self.commit = CommitWord.create()
         self.channel.send({"msg": "hello", "protocol": PROTOCOL, "version": PROTOCOL_VERSION,
                            "pyvmm": __version__,
                            "shape": state_format.encode_tree(m.shape()), "config": self.config,
-                           "faults": self.faults.for_target()},
-                          [m.memory.fd])
+                           "faults": self.faults.for_target(), "commit": True},
+                          [m.memory.fd, self.commit.fd])
         self.timeline.step("old: hello and RAM memfd sent")
         try:
             prepared, _ = self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
@@ -369,40 +376,48 @@ class Migration:
         state_fd = state_format.to_memfd(blob)
         # Stamped before sendmsg, not after it returns: once the fds are sent the new
         # VMM may run first, and a later stamp would put the send after its receipt.
+        # (It travels with the state, so that the new VMM's trace has it.)
         self.timeline.step("old: state memfd and device fds sent")
         try:
             self.channel.send({"msg": "state", "fds": ["state"] + names,
-                               "t_transfer": self.timeline.get("transfer")},
+                               "t_transfer": self.timeline.get("transfer"),
+                               "steps": self.timeline.steps[-1:]},
                               [state_fd] + [fds[n] for n in names])
         finally:
             os.close(state_fd)
-        self._wait_restored()
-        self._check_cancel()
-        # The point of no return: the new VMM resumes the guest on "go".
-        self.timeline.step("old: \"restored\" received, sending \"go\"")
-        # (with the old VMM's steps since the save, so that the new one's trace has them;
-        # a send that fails delivered nothing: SOCK_SEQPACKET, so we can still roll back)
-        self.channel.send({"msg": "go", "steps": self.timeline.steps[-2:]})
-        self.committed = True
-        # (the monitor's clients wait on until the new VMM says it runs the guest:
-        # released at "go", they woke with the new VMM, which had to wait for a core)
+        self._wait_claimed()
+        # (the monitor's clients wait on until the new VMM says it runs the guest)
 
-    def _wait_restored(self) -> None:
-        """"restored" from the new VMM before the guest has been stopped downtime-limit ms;
-        a cancel meanwhile is seen within 50 ms."""
+    def _take_back(self, why: Exception) -> None:
+        """Claim the guest back for a rollback and raise `why`; if the new VMM's claim
+        landed first, the guest is its own: mark the update committed and return."""
+        if self.commit.claim(OLD):
+            raise why
+        self.committed = True
+
+    def _wait_claimed(self) -> None:
+        """Until the new VMM has claimed the guest (its "running", or the word says so),
+        or we take it back: at downtime-limit after the stop, on a cancel (seen within
+        50 ms), on the new VMM's refusal or when it goes away."""
         deadline = self.timeline.get("stop") + self.downtime_limit_ms * 1_000_000
-        while True:
+        while not self.committed:
             left = (deadline - now_ns()) / 1e9
             if left <= 0:
-                raise VmmError(
+                return self._take_back(VmmError(
                     f"the new pyvmm had not restored the guest within downtime-limit "
                     f"({self.downtime_limit_ms} ms) of the stop; rolled back (raise it with "
-                    "migrate-set-parameters downtime-limit=MS)")
+                    "migrate-set-parameters downtime-limit=MS)"))
             try:
-                self.channel.expect("restored", timeout=min(left, 0.05))
-                return
+                self._running, _ = self.channel.expect("running", timeout=min(left, 0.05))
+                self.committed = True
             except ChannelTimeout:
-                self._check_cancel()
+                if self._cancel.is_set():
+                    self._take_back(Cancelled("migration cancelled"))
+                elif self.commit.holder() == NEW:
+                    self.committed = True
+            except ChannelError as e:   # refused, or gone: ours again unless it claimed
+                self._gone = e
+                self._take_back(e)
 
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
         state_fd = state_format.to_memfd(blob)
@@ -439,7 +454,11 @@ class Migration:
         "running" makes this update completed; without it the update failed (the guest
         went with a new VMM that died, or is frozen with one that does not answer)."""
         try:
-            msg, _ = self.channel.expect("running", timeout=self.running_timeout)
+            if self._gone is not None:
+                raise self._gone
+            msg = self._running
+            if msg is None:
+                msg, _ = self.channel.expect("running", timeout=self.running_timeout)
             self.timeline.marks = [list(x) for x in msg.get("timeline", self.timeline.marks)]
             self.timeline.steps = [list(x) for x in msg.get("steps", self.timeline.steps)]
         except ChannelTimeout:
@@ -450,6 +469,7 @@ class Migration:
             self.error = (f"after \"go\", the new pyvmm went away before it reported running "
                           f"({e}): the guest went with it")
         self.channel.close()
+        self.commit.close()
         self.machine.notify_devices("done")
         self._set_status("failed" if self.error else "completed")
         return True
@@ -460,6 +480,9 @@ class Migration:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
+        if self.commit is not None:
+            self.commit.close()
+            self.commit = None
         if getattr(self, "holder", None) is not None:
             self.holder.cancel()
             self.holder = None

@@ -290,6 +290,7 @@ class Incoming(Waiting):
         self.path = None
         self.console = console
         self.channel = None
+        self.commit = None    # the old VMM's commit word (None from pyvmm 0.1.0: "go")
         self.machine = None
         self.arrival = None   # how the guest came, once it runs here
         self.timeline = Timeline()
@@ -322,7 +323,13 @@ class Incoming(Waiting):
             self._unlink()
         if self.channel is not None:
             self.channel.close()
+        self._close_commit()
         self._close_wake()
+
+    def _close_commit(self) -> None:
+        if self.commit is not None:
+            self.commit.close()
+            self.commit = None
 
     def _unlink(self) -> None:
         try:
@@ -348,6 +355,9 @@ class Incoming(Waiting):
                 _close(fd)
             raise IncomingAborted("quit while waiting for the live update")
         try:
+            if len(fds) == 2:    # the commit page (check_hello: only with "commit")
+                from .commit import CommitWord
+                self.commit = CommitWord.receive(fds.pop())
             self.faults = Faults(msg.get("faults", ()))
             self.faults.check("target-prepare")
             self.faults.delay("target-slow-prepare")
@@ -357,6 +367,7 @@ class Incoming(Waiting):
         except Exception as e:
             for fd in fds:
                 _close(fd)
+            self._close_commit()
             self._refuse(e)
             raise
         self.timeline.step("new: VM built on the same RAM, \"prepared\" sent")
@@ -410,11 +421,19 @@ class Incoming(Waiting):
             self._refuse(e)
             raise
         self.faults.delay("target-slow-restore")
-        self.channel.send({"msg": "restored"})
-        go, _ = self.channel.expect("go", timeout=None)   # EOF = the old VMM rolled back
-        self.timeline.step("new: \"go\" received")
-        self.timeline.steps += [list(s) for s in go.get("steps", [])
-                                if isinstance(s, list) and len(s) == 2]
+        self.timeline.steps += [list(s) for s in msg.get("steps", ())]
+        if self.commit is not None:
+            from .commit import NEW
+            if not self.commit.claim(NEW):
+                raise ChannelError("the old pyvmm took the guest back before this one could "
+                                   "run it (a cancel, or the pause passed its downtime-limit)")
+            self.timeline.step("new: guest claimed (\"go\": the point of no return)")
+        else:   # pyvmm 0.1.0: "restored", then its "go" (EOF: it rolled back)
+            self.channel.send({"msg": "restored"})
+            go, _ = self.channel.expect("go", timeout=None)
+            self.timeline.step("new: \"go\" received")
+            self.timeline.steps += [list(s) for s in go.get("steps", [])
+                                    if isinstance(s, list) and len(s) == 2]
         resume_guest(self.machine, state, self.timeline, msg.get("t_transfer"))
         self.faults.delay("target-slow-running")
         # Past "go" this process owns the guest, whatever became of the old one (killed,
@@ -428,6 +447,7 @@ class Incoming(Waiting):
             print(f"pyvmm: live update: the old pyvmm went away after \"go\" ({e}); "
                   "this pyvmm runs the guest", file=sys.stderr)
         self.channel.close()
+        self._close_commit()
         self.arrival = Arrival("cpr-transfer", self.timeline, self.peer_threads)
         return self.machine
 
