@@ -271,7 +271,7 @@ static void early_run(struct early_vcpu *e)
     int r;
 
     for (;;) {
-        r = pyvmm_vcpu_run(e->fd, e->run, g_uart.enabled ? &g_uart : NULL);
+        r = pyvmm_vcpu_run(e->fd, e->run, g_uart.enabled ? &g_uart : NULL, NULL);
         if (r == -EINTR || r == -EAGAIN) {
             if (__atomic_load_n(&g_early_stop, __ATOMIC_ACQUIRE))
                 return;

@@ -1,6 +1,7 @@
 /*
  * The vCPU thread's C side, compiled into vmm.kvm._kvm: the KVM_RUN loop with
- * the UART fast path, the kick that interrupts it, and small wrappers that
+ * the UART fast path, the kick that interrupts it, the gate a paused vCPU
+ * thread waits at (without Python, without the GIL), and small wrappers that
  * return -errno.  vmm/cpu.py (VcpuThread) calls them; the contract is
  * csrc/vcpu_run.h.
  *
@@ -9,11 +10,15 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "vcpu_run.h"
@@ -75,11 +80,119 @@ static int uart_exit(struct kvm_run *run, struct pyvmm_uart_fast *u)
     return 1;
 }
 
-int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart)
+/* -- the gate (vcpu_run.h) ------------------------------------------------------------ */
+static long futex(unsigned int *word, int op, unsigned int val, const struct timespec *t)
+{
+    return syscall(SYS_futex, word, op, val, t, NULL, 0);
+}
+
+static void wake_all(unsigned int *word)
+{
+    futex(word, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+}
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Wait (futex) while *word == val, until timeout_ms (< 0: for ever) has passed
+ * since `start`: 0 once it differs, -ETIMEDOUT. */
+static int wait_while(unsigned int *word, unsigned int val, int timeout_ms, long long start)
+{
+    while (__atomic_load_n(word, __ATOMIC_SEQ_CST) == val) {
+        struct timespec t, *tp = NULL;
+        if (timeout_ms >= 0) {
+            long long left = start + timeout_ms * 1000000LL - now_ns();
+            if (left <= 0)
+                return -ETIMEDOUT;
+            t.tv_sec = left / 1000000000LL;
+            t.tv_nsec = left % 1000000000LL;
+            tp = &t;
+        }
+        futex(word, FUTEX_WAIT_PRIVATE, val, tp);
+    }
+    return 0;
+}
+
+int pyvmm_gate_park(struct pyvmm_vcpu_gate *g, struct kvm_run *run)
 {
     for (;;) {
-        if (ioctl(fd, KVM_RUN, 0) < 0)
-            return -errno;
+        unsigned int want = __atomic_load_n(&g->want, __ATOMIC_SEQ_CST);
+        if (want & PYVMM_GATE_STOP)
+            return 1;
+        if (want & PYVMM_GATE_PAUSE) {
+            if (__atomic_load_n(&g->parked, __ATOMIC_SEQ_CST) != PYVMM_GATE_PARKED) {
+                __atomic_store_n(&g->parked, PYVMM_GATE_PARKED, __ATOMIC_SEQ_CST);
+                wake_all(&g->parked);
+            }
+            futex(&g->want, FUTEX_WAIT_PRIVATE, want, NULL);
+            continue;
+        }
+        /* Leaving: immediate_exit off first, then `want` once more.  A pause asked
+         * after that look sets immediate_exit after our clear (kick), so the next
+         * KVM_RUN returns at once instead of running the guest on. */
+        __atomic_store_n(&run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&g->want, __ATOMIC_SEQ_CST))
+            continue;
+        __atomic_store_n(&g->parked, PYVMM_GATE_RUNNING, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&g->entered_ns, now_ns(), __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&g->entered, 1, __ATOMIC_SEQ_CST);
+        wake_all(&g->entered);
+        return 0;
+    }
+}
+
+void pyvmm_gate_gone(struct pyvmm_vcpu_gate *g)
+{
+    __atomic_store_n(&g->parked, PYVMM_GATE_GONE, __ATOMIC_SEQ_CST);
+    wake_all(&g->parked);
+}
+
+void pyvmm_gate_set(struct pyvmm_vcpu_gate *g, unsigned int bits)
+{
+    __atomic_or_fetch(&g->want, bits, __ATOMIC_SEQ_CST);
+    wake_all(&g->want);
+}
+
+void pyvmm_gate_clear(struct pyvmm_vcpu_gate *g, unsigned int bits)
+{
+    __atomic_and_fetch(&g->want, ~bits, __ATOMIC_SEQ_CST);
+    wake_all(&g->want);
+}
+
+int pyvmm_gate_kick(struct kvm_run *run, unsigned long thread, int signo)
+{
+    __atomic_store_n(&run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+    return -pthread_kill((pthread_t)thread, signo);
+}
+
+int pyvmm_gate_wait_parked(struct pyvmm_vcpu_gate *g, int timeout_ms)
+{
+    return wait_while(&g->parked, PYVMM_GATE_RUNNING, timeout_ms, now_ns());
+}
+
+int pyvmm_gate_wait_entered(struct pyvmm_vcpu_gate *g, unsigned int since, int timeout_ms)
+{
+    return wait_while(&g->entered, since, timeout_ms, now_ns());
+}
+
+int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart,
+                   struct pyvmm_vcpu_gate *gate)
+{
+    for (;;) {
+        if (ioctl(fd, KVM_RUN, 0) < 0) {
+            int e = errno;
+            /* A kick for a pause: KVM completes pending IO before it looks at
+             * signals, so nothing is half done; park, and run on when released. */
+            if (gate && (e == EINTR || e == EAGAIN) &&
+                __atomic_load_n(&gate->want, __ATOMIC_SEQ_CST) == PYVMM_GATE_PAUSE &&
+                pyvmm_gate_park(gate, run) == 0)
+                continue;
+            return -e;
+        }
         if (run->exit_reason != KVM_EXIT_IO || !uart_exit(run, uart))
             return (int)run->exit_reason;
     }

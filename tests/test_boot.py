@@ -161,6 +161,40 @@ def test_a_failed_build_step_is_named_and_leaves_nothing_open():
 
 
 # -- in-process: pause, resume, state --------------------------------------------------------
+def test_vcpu_parks_and_reenters_without_the_gil(guests):
+    """A vCPU thread parks at its gate and goes back into the guest in C (csrc/vcpu_run.h):
+    neither waits for the GIL.  This thread keeps the GIL throughout (switch interval
+    1 s, a pure-Python spin that never blocks) while it asks for a pause and watches
+    the thread park, then while it releases it and watches it re-enter the guest.  A
+    vCPU thread that needed Python for either would wait out the whole spin."""
+    import sys
+    m, console = boot(guests, "ticker", "period_us=1000000")
+    try:
+        console.wait_for(r"tick 2 [^\n]*\n")   # (its whole line: each byte is an exit)
+        t = m.threads[0]
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1.0)
+        try:
+            t.request_pause()
+            deadline = time.monotonic() + 0.3
+            while not t.paused and time.monotonic() < deadline:
+                pass
+            parked = t.paused
+            since = t.gate.entered
+            t.resume()
+            deadline = time.monotonic() + 0.3
+            while t.gate.entered == since and time.monotonic() < deadline:
+                pass
+            reentered = t.gate.entered != since
+        finally:
+            sys.setswitchinterval(interval)
+        assert parked, "the vCPU thread needed the GIL to park"
+        assert reentered, "the vCPU thread needed the GIL to go back into the guest"
+        console.wait_for(r"tick 4 ", timeout=10)   # and the guest runs on
+    finally:
+        m.close()
+
+
 def test_pause_resume_keeps_counter_going(guests):
     m, console = boot(guests, "ticker", "period_us=20000")
     try:

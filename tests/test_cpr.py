@@ -71,7 +71,9 @@ def qmp(q, name, **args):
 
 
 def ticks(text):
-    return [(int(n), int(t)) for n, t in re.findall(r"tick (\d+) t_us=(\d+)", text)]
+    """(tick, t_us) of each tick whose time was written whole: the console is read
+    while the guest writes it byte by byte, so the text may end inside a number."""
+    return [(int(n), int(t)) for n, t in re.findall(r"tick (\d+) t_us=(\d+)(?=\s)", text)]
 
 
 def assert_ticks_go_on(p, n=3):

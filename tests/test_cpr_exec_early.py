@@ -38,7 +38,7 @@ def start_scratch_ticker(vmm_procs, tmp_path, period=5000):
 
 
 def scratch_values(text):
-    return [int(v) for v in re.findall(r"scratch=(\d+)", text)]
+    return [int(v) for v in re.findall(r"scratch=(\d+)(?=\s)", text)]   # (whole numbers only)
 
 
 def take_over(info) -> tuple[int, int]:

@@ -232,9 +232,21 @@ def test_old_vmm_stays_in_postmigrate_until_quit(guests, vmm_procs, tmp_path):
     q = qmp_connect(old_qmp)
     try:
         qmp(q, "migrate-set-parameters", mode="cpr-transfer")
+        qmp(q, "migrate-set-capabilities", capabilities=[{"capability": "events",
+                                                          "state": True}])
         addr = {"transport": "socket", "type": "unix", "path": str(sock)}
         qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
                                     {"channel-type": "cpr", "addr": addr}])
+        # A client that only listens (no query-migrate polling to wake the monitor)
+        # gets every event of the update, in order: those inside the downtime are
+        # queued and sent when it ends (qmp/server.py, Monitor.emit).
+        got = []
+        while ("MIGRATION", "completed") not in got:
+            event = q.pull_event(wait=10.0)
+            assert event is not None, f"no event for 10 s after {got}"
+            got.append((event["event"], event.get("data", {}).get("status")))
+        assert got == [("MIGRATION", "setup"), ("MIGRATION", "active"), ("STOP", None),
+                       ("MIGRATION", "device"), ("MIGRATION", "completed")], got
         assert wait_migration(q)["status"] == "completed"
         time.sleep(0.5)
         assert old.proc.poll() is None                    # still there, as QEMU's

@@ -34,6 +34,8 @@ class Controller:
         self.emit = emit or (lambda name, data=None: None)
         self.on_exit = on_exit or (lambda code: None)
         self.clients = lambda: 0   # how many QMP clients are connected (the monitor's count)
+        # The monitor's: sends what emit(..., wake=False) queued (None: no monitor)
+        self.flush_events = None
         self.params = {"mode": DEFAULT_MODE, "cpr-exec-command": default_exec_command(),
                        "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 134217728,
                        "x-fault": []}
@@ -233,10 +235,17 @@ class Controller:
                 self.status = "postmigrate"
         if name in ("MIGRATION", "MIGRATION_PASS") and not self.capabilities["events"]:
             return                                 # QEMU: both only with events on
-        self.emit(name, data)
+        settled = getattr(self.migration, "settled", None)
+        if settled is not None and not settled.is_set() and self.flush_events is not None:
+            self.emit(name, data, wake=False)      # sent when it settles (_run_migration)
+        else:
+            self.emit(name, data)
 
     def _run_migration(self) -> None:
-        if self.migration.run():
+        left = self.migration.run()
+        if self.flush_events is not None:
+            self.flush_events()   # the events queued inside the downtime (_migration_event)
+        if left:
             # The guest left this process.  As QEMU's after cpr-transfer, this one stays
             # in postmigrate (query-migrate says completed, or failed past "go"; cont is
             # refused) while a QMP client is connected, until it sends quit; with nobody

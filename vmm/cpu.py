@@ -5,11 +5,15 @@ Port IO and MMIO exits go to the machine's buses; anything pyvmm cannot handle
 stops the VM with a register dump.
 
 Pausing is the first step of a live update, so it must be exact: the pausing
-thread sets `immediate_exit` and sends SIGUSR1 (an empty C handler, so KVM_RUN
-returns EINTR).  The vCPU thread then runs KVM_RUN once more with
-immediate_exit set, which completes a half-done IO instruction without
-entering the guest (KVM documents that vCPU state is consistent only after
-that), and only then reports itself paused.
+thread asks the vCPU's gate (csrc/vcpu_run.h) for a pause, sets
+`immediate_exit` and sends SIGUSR1 (an empty C handler, so KVM_RUN returns
+EINTR).  A vCPU thread kicked out of KVM_RUN parks at the gate right there, in
+C: KVM completes a pending IO instruction before it looks at signals, so
+nothing is half done.  One that was in Python handling an exit when the pause
+came runs KVM_RUN once more with immediate_exit set, which completes a half-done
+IO instruction without entering the guest (KVM documents that vCPU state is
+consistent only after that), and only then parks.  Parked threads wait in C
+without the GIL; released, they go back into the guest from C, all at once.
 """
 
 from __future__ import annotations
@@ -45,20 +49,19 @@ class VcpuThread:
         # An exit another thread left in kvm_run for this one to complete first (the
         # cpr-exec prebuilder's vCPU threads: Machine.take_over_early); 0 for none.
         self.pending_exit = 0
-        self._cond = sync.Condition()
-        self._want_pause = False
-        self._want_stop = False
-        self._paused = False
+        self.gate = vcpu.gate   # want (pause, stop), parked, entered: csrc/vcpu_run.h
+        self._cond = sync.Condition()   # guards the kick against the thread's end
         self._exited = False   # set (under _cond) as the thread ends: no kick after it
         self._thread: sync.Thread | None = None
         self._tid = 0
-        self.entered_ns = 0   # when the thread last went (back) into the guest
-        self._entered = sync.Event()   # set at that moment (wait_entered blocks on it)
+        self._since: int | None = None   # gate.entered at the last resume of a paused vCPU
 
     # -- control (other threads) -------------------------------------------------------
     def start(self, paused: bool = False) -> None:
         install_kick_handler()
-        self._want_pause = paused
+        g = self.gate
+        g.want, g.parked = (lib.PYVMM_GATE_PAUSE if paused else 0), lib.PYVMM_GATE_RUNNING
+        self._since = g.entered if paused else None
         self._tid, self._exited = 0, False
         self._thread = sync.Thread(self._main, name=f"vcpu{self.vcpu.index}")
         self._thread.start()
@@ -67,9 +70,10 @@ class VcpuThread:
         """Out of KVM_RUN (the caller holds _cond).  Never once the thread has ended:
         pthread_kill on a thread that is gone reads its freed descriptor (glibc unmaps
         the stacks it does not cache: a segfault seen with 8 vCPUs)."""
-        self.vcpu.run.immediate_exit = 1
         if self._tid and not self._exited:
-            lib.pyvmm_kick_thread(self._tid, KICK_SIGNAL)
+            lib.pyvmm_gate_kick(self.vcpu.run, self._tid, KICK_SIGNAL)
+        else:
+            self.vcpu.run.immediate_exit = 1
 
     def pause(self) -> None:
         """Return once the vCPU is out of the guest with its state consistent."""
@@ -81,36 +85,41 @@ class VcpuThread:
         all its vCPUs first, then waits for each (wait_paused), so N vCPUs stop in
         about the time of one."""
         with self._cond:
-            self._want_pause = True
-            if self._paused or not self.alive:
+            lib.pyvmm_gate_set(self.gate, lib.PYVMM_GATE_PAUSE)
+            if self.gate.parked != lib.PYVMM_GATE_RUNNING or not self.alive:
                 return
             self._kick()
 
     def wait_paused(self) -> None:
-        """After request_pause(): until the vCPU is parked with its exit completed."""
-        with self._cond:
-            while not self._paused and self.alive:
-                self._cond.wait(0.05)
-                if not self._paused:
-                    self._kick()
+        """After request_pause(): until the vCPU is parked with its exit completed (or its
+        thread has ended).  Waits in C, GIL released; kicks again every 50 ms."""
+        while self.gate.parked == lib.PYVMM_GATE_RUNNING and self.alive:
+            if lib.pyvmm_gate_wait_parked(self.gate, 50) < 0:
+                with self._cond:
+                    if self.gate.parked == lib.PYVMM_GATE_RUNNING:
+                        self._kick()
 
     def resume(self) -> None:
-        with self._cond:
-            if self._want_pause:
-                self._entered.clear()
-            self._want_pause = False
-            self._cond.notify_all()
+        g = self.gate
+        if g.want & lib.PYVMM_GATE_PAUSE:
+            self._since = g.entered
+        lib.pyvmm_gate_clear(g, lib.PYVMM_GATE_PAUSE)
+
+    @property
+    def entered_ns(self) -> int:
+        """When the thread last went (back) into the guest (CLOCK_MONOTONIC ns)."""
+        return self.gate.entered_ns
 
     def wait_entered(self, timeout: float) -> int:
-        """After resume(): block (GIL released, so the vCPU thread gets it at once)
-        until the thread is back in KVM_RUN; returns when it went in."""
-        self._entered.wait(timeout)
-        return self.entered_ns
+        """After resume(): block in C (GIL released) until the thread has left the gate
+        for the guest; returns when it went in."""
+        if self._since is not None and self.alive:
+            lib.pyvmm_gate_wait_entered(self.gate, self._since, int(timeout * 1000))
+        return self.gate.entered_ns
 
     def stop(self) -> None:
         with self._cond:
-            self._want_stop = True
-            self._cond.notify_all()
+            lib.pyvmm_gate_set(self.gate, lib.PYVMM_GATE_STOP)
             self._kick()
 
     def join(self, timeout: float | None = None) -> None:
@@ -123,7 +132,7 @@ class VcpuThread:
 
     @property
     def paused(self) -> bool:
-        return self._paused
+        return self.gate.parked == lib.PYVMM_GATE_PARKED
 
     # -- the vCPU thread ---------------------------------------------------------------
     def _main(self) -> None:
@@ -137,34 +146,25 @@ class VcpuThread:
             self.on_error(GuestError(f"vCPU {self.vcpu.index}: {type(e).__name__}: {e}"))
         finally:
             with self._cond:
-                self._paused = False
                 self._exited = True
-                self._cond.notify_all()
+                lib.pyvmm_gate_gone(self.gate)
 
     def _park(self, pending: bool = True) -> bool:
-        """Complete any half-done exit, then wait while paused. False = stop.
+        """Complete any half-done exit, then wait at the gate while paused (in C, GIL
+        released). False = stop.
 
         `pending`: the last KVM_RUN returned an exit whose emulation KVM finishes
         only on the next KVM_RUN (IO, MMIO).  After an EINTR exit there is none:
         KVM completes pending operations before it looks at signals or
         immediate_exit, so the extra KVM_RUN (~50 us here) is skipped."""
         run = self.vcpu.run
+        if self.gate.want & lib.PYVMM_GATE_STOP:
+            return False
         if pending:   # (the kick set immediate_exit; a thread parked from its start must not:
             # the cpr-exec prebuilder's vCPU thread may still run this vCPU)
             run.immediate_exit = 1
             self.vcpu.run_once()  # finishes pending IO/MMIO without entering the guest
-        with self._cond:
-            self._paused = True
-            self._cond.notify_all()
-            while self._want_pause and not self._want_stop:
-                self._cond.wait()
-            self._paused = False
-            if self._want_stop:
-                return False
-            run.immediate_exit = 0
-        self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        self._entered.set()
-        return True
+        return lib.pyvmm_gate_park(self.gate, run) == 0
 
     def _loop(self) -> None:
         vcpu = self.vcpu
@@ -172,18 +172,17 @@ class VcpuThread:
         pio, mmio = self.pio_bus, self.mmio_bus
         EXIT_IO, EXIT_MMIO, EXIT_INTR = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_INTR
         IO_OUT = lib.KVM_EXIT_IO_OUT
-        uart = self.uart
-        self.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        self._entered.set()
+        uart, gate = self.uart, self.gate
+        if not gate.want:
+            gate.entered_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         reason = EXIT_INTR
         while True:
-            if self._want_pause or self._want_stop:
-                if self._want_stop or not self._park(pending=reason != EXIT_INTR):
-                    return
+            if gate.want and not self._park(pending=reason != EXIT_INTR):
+                return
             if self.pending_exit:
                 reason, self.pending_exit = self.pending_exit, 0
             else:
-                reason = vcpu.run_once(uart)
+                reason = vcpu.run_once(uart, gate)
             self.exits += 1
             if reason == EXIT_IO:
                 io = run.io

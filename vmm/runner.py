@@ -170,6 +170,7 @@ def _start_monitor(config, machine, *, listen_fd=None, status="running", incomin
     controller.incoming = incoming
     monitor = Monitor(config["qmp"], controller, listen_fd=listen_fd)
     controller.emit = monitor.emit
+    controller.flush_events = monitor.flush
     controller.clients = monitor.client_count
     if incoming is not None:
         incoming.on_status = lambda status: monitor.emit("MIGRATION", {"status": status})

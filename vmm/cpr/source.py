@@ -270,8 +270,8 @@ class Migration:
 
         # (1) stop: from here on, any failure resumes the guest.
         was_running = self.was_running = m.running   # a paused guest stays paused (QEMU)
+        self.settled.clear()   # (first: "active" is then queued, not sent: see emit)
         self._set_status("active")
-        self.settled.clear()
         self._mark("stop")
         m.pause()
         if was_running:

@@ -163,15 +163,20 @@ class Vcpu:
         self._save_order = bytes(_PIECE[name] for name in self._pieces + ["msrs"])
         self._tsc_khz: int | None = None
         self._written: dict[str, bytes] = {}   # IDEMPOTENT pieces set_state() wrote
+        # Where a paused thread running this vCPU waits (vmm/cpu.py); its `entered`
+        # count also tells set_state() whether the guest ran since the last write.
+        self.gate = ffi.new("struct pyvmm_vcpu_gate *")
+        self._written_at = 0
         self.skipped: tuple[str, ...] = ()     # what the last set_state() skipped
 
     # -- running -------------------------------------------------------------------
-    def run_once(self, uart=ffi.NULL) -> int:
-        """KVM_RUN (again and again while `uart`, a UART fast path, takes the exits);
-        returns the exit reason, or KVM_EXIT_INTR when a kick interrupted it."""
+    def run_once(self, uart=ffi.NULL, gate=ffi.NULL) -> int:
+        """KVM_RUN (again and again while `uart`, a UART fast path, takes the exits,
+        and across pauses at `gate`: vmm/cpu.py); returns the exit reason, or
+        KVM_EXIT_INTR when a kick interrupted it."""
         if self._written:
             self._written = {}   # the guest may change anything (see set_state)
-        r = lib.pyvmm_vcpu_run(self.fd, self.run, uart)
+        r = lib.pyvmm_vcpu_run(self.fd, self.run, uart, gate)
         if r < 0:
             if r in (-errno.EINTR, -errno.EAGAIN):
                 return lib.KVM_EXIT_INTR
@@ -332,10 +337,13 @@ class Vcpu:
         of a vCPU's nine set ioctls (~10-16 us each here).  tests/test_vcpu_state.py
         checks it."""
         written, self._written = self._written, {}
+        if self.gate.entered != self._written_at:   # it ran since (inside one run_once)
+            written = {}
         skip = {name for name, value in written.items() if state.get(name) == value}
         s, buf = self.restore_struct(state, skip)
         self._call(lib.pyvmm_vcpu_restore, s, buf)
         self._written = {name: state[name] for name in IDEMPOTENT if name in state}
+        self._written_at = self.gate.entered
         self.skipped = tuple(name for name in RESTORE_ORDER if name in skip)
         self.adopt_state(state)
 

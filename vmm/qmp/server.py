@@ -196,10 +196,15 @@ class Monitor:
 
     # -- events --------------------------------------------------------------
 
-    def emit(self, name: str, data: dict | None = None):
+    def emit(self, name: str, data: dict | None = None, *, wake: bool = True):
         """Send an event to every negotiated client.  Any thread may call this.
 
-        Like QEMU, an event without data has no "data" member.
+        Like QEMU, an event without data has no "data" member.  With wake=False the
+        event is only queued: it goes out, in order, at the next wake (flush()).  A
+        live update's events inside its downtime are queued so: sending them there
+        wakes the client's process, and waking this thread takes the GIL from the
+        update (~0.1-0.2 ms per event in a cpr-transfer's stop phase, measured with
+        `pyvmm cpr --trace`).
         """
         now = time.time()
         seconds = int(now)
@@ -211,7 +216,12 @@ class Monitor:
         with self._lock:
             for client in self._clients:
                 if client.negotiated and not (client.closing or client.eof):
-                    self._queue(client, line)
+                    self._queue(client, line, send=wake)
+        if wake:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what emit(wake=False) queued."""
         if threading.current_thread() is not self._thread:
             self._wake()
 
@@ -436,9 +446,9 @@ class Monitor:
     def _encode(msg) -> bytes:
         return (json.dumps(msg, allow_nan=False) + "\r\n").encode()
 
-    def _queue(self, client, line: bytes):
-        """Append to a client's output and send what the socket takes now.
-        Caller holds the lock."""
+    def _queue(self, client, line: bytes, send: bool = True):
+        """Append to a client's output and send what the socket takes now (with send;
+        without, the loop sends it once woken).  Caller holds the lock."""
         if client.closing or client.deaf:
             return
         if len(client.out) + len(line) > MAX_OUTPUT:
@@ -447,7 +457,8 @@ class Monitor:
             client.closing = True
             return
         client.out += line
-        self._flush(client)
+        if send:
+            self._flush(client)
 
     def _flush(self, client):
         while client.out:
