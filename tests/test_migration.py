@@ -849,3 +849,21 @@ def test_there_and_back_again(procs, hosts, tmp_path):
     n = ticks(console.read_text())[-1][0]
     wait_file(console, rf"tick {n + 3} ")
     assert_ticks_continuous(console.read_text())
+
+
+def test_the_destinations_warm_up_leaves_nothing_behind():
+    """A TCP destination builds and tears down a throwaway 2 MiB machine with the
+    devices it will need while it waits (vmm.cpr.target.warm_up_empty: the real build
+    is then warm, and is part of the source's setup-time).  It leaves no fd (KVM VM,
+    vCPUs, memfd, eventfds) and no thread behind, and a second one does the same."""
+    from vmm.cpr.target import warm_up_empty
+    need_kvm()
+    fds = set(os.listdir("/proc/self/fd"))
+    threads = len(os.listdir("/proc/self/task"))
+    for _ in range(2):
+        warm_up_empty(["net"])
+        assert set(os.listdir("/proc/self/fd")) <= fds, "an fd was left open"
+        deadline = time.monotonic() + 5   # (a joined thread leaves /proc a moment later)
+        while len(os.listdir("/proc/self/task")) != threads and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(os.listdir("/proc/self/task")) == threads, "a thread was left running"

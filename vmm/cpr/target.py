@@ -73,6 +73,33 @@ def warm_up(machine, shape: dict) -> None:
     machine.warm_up_restore(shape.get("devices", ()))
 
 
+def warm_up_empty(kinds) -> None:
+    """build_machine() and warm_up() once on a throwaway 2 MiB machine with devices of
+    these kinds, then tear it down: a destination that does it while it waits for
+    the source builds the real machine in ~3 ms instead of 13-39 ms (its first run
+    imports and first-uses everything), and that build is part of the migration's
+    setup time."""
+    from ..machine import Machine, MachineConfig
+    from ..memory import MIN_RAM, GuestMemory
+    model = Machine(MachineConfig(kernel=None, memory=MIN_RAM))
+    try:
+        model.create()
+        shape = model.shape()
+    finally:
+        model.close()
+    shape["devices"] = sorted(set(shape["devices"]) | set(kinds))
+    memory = GuestMemory(MIN_RAM)
+    try:
+        machine = build_machine(shape, -1, {}, memory=memory)
+    except BaseException:
+        memory.close()
+        raise
+    try:
+        warm_up(machine, shape)
+    finally:
+        machine.close()   # (and its memory)
+
+
 def restore(machine, state: dict, fds: dict[str, int]) -> None:
     """Write the saved state into the machine and re-own its devices (not resumed yet)."""
     machine.restore_state(state)

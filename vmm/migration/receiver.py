@@ -144,6 +144,8 @@ class Receiver(Waiting):
     # -- the sequence -------------------------------------------------------------------------
     def prepare(self) -> None:
         """Accept the source, build the machine, take RAM until the state comes."""
+        from ..cpr.target import warm_up_empty
+        warm_up_empty(["net"] if self.taps else [])   # (off the setup time: see there)
         self._wait_for_peer()
         self.sock, _ = self.listener.accept()
         self.listener.close()
