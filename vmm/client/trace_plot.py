@@ -244,8 +244,10 @@ class _Plot:
             ax.add_patch(FancyArrowPatch((ms(sent), y[a]), (ms(received), y[b]),
                                          arrowstyle="->", mutation_scale=11, lw=0.9, zorder=6))
             go = label.startswith("go")
-            ax.text(ms(received), (y[a] + y[b]) / 2 + (0.25 if go else 0), " " + label,
-                    fontsize=7.5, va="center", weight="bold" if go else "normal")
+            # (go's label left of its line: it falls near the resume, at the right edge)
+            ax.text(ms(received), (y[a] + y[b]) / 2 + (0.25 if go else 0),
+                    label + " " if go else " " + label, fontsize=7.5, va="center",
+                    ha="right" if go else "left", weight="bold" if go else "normal")
             if go:
                 ax.axvline(ms(sent), color="black", ls=":", lw=1)
                 ax.text(ms(sent), 0.05, " point of no return", fontsize=7.5, va="bottom")
