@@ -247,3 +247,26 @@ def test_a_claim_that_landed_holds_past_downtime_limit(guests, vmm_procs, tmp_pa
     assert "tick" not in old.text()[n:], "the old VMM ran the guest after the new one's claim"
     assert_ticks_go_on(new, 5)
     assert_ticks_continuous(old.text() + new.text())
+
+
+def test_a_cancel_after_the_claim_comes_too_late(guests, vmm_procs, tmp_path):
+    """migrate_cancel after the new VMM claimed the guest (target-slow-running holds it
+    between running the guest and saying "running"): the old VMM's claim fails, so it
+    does not roll back; the update completes and the guest ticks only in the new VMM."""
+    old, old_qmp = start_ticker(vmm_procs, tmp_path)
+    new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 3 ")
+    q = qmp_connect(old_qmp)
+    try:
+        start_migrate(q, sock, ["target-slow-running"])
+        resumed_in_new(new)
+        n = len(old.text())
+        qmp(q, "migrate_cancel")
+        info = wait_status(q, ("completed", "failed", "cancelled"))
+    finally:
+        close(q)
+    assert info["status"] == "completed", info
+    assert old.wait(15) == 0, old.stderr
+    assert "tick" not in old.text()[n:], "the old VMM ran the guest after the new one's claim"
+    assert_ticks_go_on(new, 5)
+    assert_ticks_continuous(old.text() + new.text())
