@@ -31,7 +31,9 @@ from . import __version__
 
 #: The live-update protocol each version speaks: the cpr-transfer channel's messages
 #: and the cpr-exec environment (PYVMM_CPR_EXEC_STATE ...).  2: `pyvmm` and `version`
-#: in hello/prepared, cpr.pyvmm in the state, the dry run's version check.
+#: in hello/prepared, cpr.pyvmm in the state, the dry run's version check, and "go" as
+#: the claim of a commit page sent with hello (vmm/cpr/commit.py) instead of the
+#: restored/go messages (still spoken to a 0.1.0 old VMM, which sends no page).
 PROTOCOLS = {"0.1.0": 1, "0.2.0": 2}
 PROTOCOL = PROTOCOLS[__version__]
 #: What a peer that says no version is: the first release, which said none.
