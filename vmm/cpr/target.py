@@ -76,9 +76,9 @@ def warm_up(machine, shape: dict) -> None:
 def warm_up_empty(kinds) -> None:
     """build_machine() and warm_up() once on a throwaway 2 MiB machine with devices of
     these kinds, then tear it down: a destination that does it while it waits for
-    the source builds the real machine in ~3 ms instead of 13-39 ms (its first run
-    imports and first-uses everything), and that build is part of the migration's
-    setup time."""
+    the source builds the real machine in 3-6 ms instead of 6-14 ms (its first run
+    imports and first-uses everything; docs/MIGRATION.md), and that build is part of
+    the migration's setup time."""
     from ..machine import Machine, MachineConfig
     from ..memory import MIN_RAM, GuestMemory
     model = Machine(MachineConfig(kernel=None, memory=MIN_RAM))
