@@ -5,7 +5,7 @@
  * return -errno.  vmm/cpu.py (VcpuThread) calls them; the contract is
  * csrc/vcpu_run.h.
  *
- * pyvmm_kick_thread and pyvmm_set_thread_name exist so that the cpr-exec
+ * pyvmm_gate_kick and pyvmm_set_thread_name exist so that the cpr-exec
  * critical path never imports Python's signal module (and enum) to do either.
  */
 #define _GNU_SOURCE
@@ -44,11 +44,6 @@ int pyvmm_install_kick_handler(int signo)
     sa.sa_handler = pyvmm_kick;
     sigemptyset(&sa.sa_mask);
     return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
-}
-
-int pyvmm_kick_thread(unsigned long thread, int signo)
-{
-    return -pthread_kill((pthread_t)thread, signo);
 }
 
 int pyvmm_set_thread_name(const char *name)

@@ -81,10 +81,9 @@ int pyvmm_ioctl(int fd, unsigned long request, void *arg);
 int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 
 /* The kick: an empty C handler for `signo` (no SA_RESTART), so KVM_RUN returns
- * -EINTR and Python's own signal machinery is never involved on a vCPU thread;
- * pyvmm_kick_thread is pthread_kill (`thread` is threading.get_ident()). */
+ * -EINTR and Python's own signal machinery is never involved on a vCPU thread
+ * (the kick itself is pyvmm_gate_kick, above). */
 int pyvmm_install_kick_handler(int signo);
-int pyvmm_kick_thread(unsigned long thread, int signo);
 
 /* Name the calling OS thread (visible in ps, top and /proc/PID/task/TID/comm). */
 int pyvmm_set_thread_name(const char *name);
