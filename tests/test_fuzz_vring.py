@@ -106,9 +106,10 @@ def test_fuzz_prebuild_request(tmp_path):
 
 
 def test_fuzz_migration_pages(tmp_path):
-    """A migration stream's PAGE payload, which comes from the network
-    (csrc/fuzz/fuzz_migrate.c): applied only inside the RAM given, accepted only when
-    well formed, and what it wrote packs and applies back the same."""
+    """A migration stream's PAGE section, which comes from the network
+    (csrc/fuzz/fuzz_migrate.c): received only inside the RAM given, the same through
+    pwritev and straight into RAM, accepted only when well formed, and what it wrote
+    sends and receives back the same."""
     if shutil.which("clang") is None:
         pytest.skip("clang is not installed (apt-get install clang): cannot build the libFuzzer target")
     p = subprocess.run(["make", "-s", "-C", str(FUZZ), "fuzz_migrate"], capture_output=True,
@@ -121,10 +122,12 @@ def test_fuzz_migration_pages(tmp_path):
     corpus.mkdir()
     rng = random.Random(7)
 
-    def entry(page: int, zero: bool = False) -> bytes:
-        return struct.pack("<Q", page << 12 | zero) + (b"" if zero else rng.randbytes(4096))
-    (corpus / "run").write_bytes(entry(0) + entry(1) + entry(2) + entry(5, True) + entry(7))
-    p = subprocess.run([str(FUZZ / "fuzz_migrate"), "-max_total_time=10", "-max_len=70000",
+    pages = [(0, False), (1, False), (2, False), (5, True), (7, False)]
+    index = struct.pack("<Q", len(pages)) + b"".join(struct.pack("<Q", pg << 12 | zero)
+                                                     for pg, zero in pages)
+    bodies = b"".join(rng.randbytes(4096) for _, zero in pages if not zero)
+    (corpus / "run").write_bytes(index + bodies)
+    p = subprocess.run([str(FUZZ / "fuzz_migrate"), "-max_total_time=10", "-max_len=65536",
                         f"-artifact_prefix={tmp_path}/", str(corpus)],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     tail = "\n".join(p.stderr.splitlines()[-20:])

@@ -659,20 +659,23 @@ def test_the_stream_checksum_is_crc32c():
     assert fast(b"") == 0
 
 
-def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused():
+@pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "into-ram"])
+def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
     """pyvmm_mig_send (many PAGE sections in one C call, no Python between them) over a
-    socket pair, read back with recv_section and applied to fresh RAM: the same RAM, holes
-    left holes, the destination's allocation done beforehand from the source's bitmap;
-    then the same stream with one byte of page data flipped is refused by its CRC."""
+    socket pair, taken by pyvmm_mig_recv into fresh RAM (through pwritev, or straight
+    from the socket into preallocated RAM): the same RAM, holes left holes, the
+    destination's allocation done beforehand from the source's bitmap; then the same
+    stream with one byte of page data flipped, or of a page number, or cut short, is
+    refused with its reason, and nothing lands outside RAM."""
     import socket
     import threading
     from vmm.kvm.ffi import ffi, lib
     from vmm.memory import GuestMemory
-    from vmm.migration.pages import BATCH_BYTES, Applier, PageSet
-    from vmm.migration.stream import SECTION, StreamError, recv_section
+    from vmm.migration.pages import BATCH_PAGES, Applier, PageSet
+    from vmm.migration.stream import SECTION, StreamError
     assert SECTION.size == lib.PYVMM_MIG_HEAD   # (one frame, two languages)
     size = 8 << 20
-    src, dst = GuestMemory(size), GuestMemory(size)
+    src = GuestMemory(size)
     data = os.urandom(3 << 20)
     os.pwrite(src.fd, data, 1 << 20)             # pages 256..1023 hold data,
     os.pwrite(src.fd, bytes(4096), 6 << 20)      # page 1536 is written but zero
@@ -684,8 +687,8 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused():
     status = []
 
     def send():
-        buf = ffi.new("uint8_t[]", lib.PYVMM_MIG_HEAD + BATCH_BYTES)
-        status.append(pages.send(a.fileno(), buf, BATCH_BYTES, 1 << 62, 5000))
+        buf = ffi.new("uint8_t[]", lib.PYVMM_MIG_BUF)
+        status.append(pages.send(a.fileno(), buf, BATCH_PAGES, 1 << 62, 5000))
         a.shutdown(socket.SHUT_WR)
 
     sender = threading.Thread(target=send)
@@ -695,13 +698,15 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused():
     sender.join()
     assert status == [(0, len(wire))] and pages.count() == 0
     assert pages.counts.normal_pages == 768 and pages.counts.zero_pages == 2048 - 768
-    applier = Applier(dst)
-    applier.prealloc(bitmap)
-    with pytest.raises(StreamError, match="bitmap does not match"):
-        applier.prealloc(bitmap[:8])
 
-    def replay(stream: bytes):
+    def replay(stream: bytes) -> GuestMemory:
+        dst = GuestMemory(size)
+        if prealloc:
+            dst.prealloc()
+        applier = Applier(dst)
+        applier.prealloc(bitmap)
         c, d = socket.socketpair()
+        d.settimeout(5)   # (non-blocking underneath, as the destination's socket)
 
         def feed():
             try:
@@ -714,27 +719,32 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused():
         try:
             while True:
                 try:
-                    tag, payload = recv_section(d)
+                    assert applier.receive(d, 1 << 62, 5000) is None
                 except StreamError as e:
                     if "truncated" in str(e) and "section header" in str(e):
-                        return
+                        return dst
+                    dst.close()
                     raise
-                assert tag == b"PAGE"
-                applier.apply(payload)
         finally:
             d.close()
 
-    replay(bytes(wire))
+    dst = replay(bytes(wire))
     assert os.pread(dst.fd, size, 0) == os.pread(src.fd, size, 0)
-    assert os.lseek(dst.fd, 0, os.SEEK_DATA) == 1 << 20   # the holes stay holes
+    if not prealloc:
+        assert os.lseek(dst.fd, 0, os.SEEK_DATA) == 1 << 20   # the holes stay holes
+    assert os.fstat(dst.fd).st_size == size
+    dst.close()
     flipped = bytearray(wire)
     flipped[len(wire) // 2] ^= 1
-    with pytest.raises(StreamError, match="CRC-32C does not match"):
+    with pytest.raises(StreamError, match="PAGE section's CRC-32C does not match"):
         replay(bytes(flipped))
-    with pytest.raises(StreamError, match="truncated"):
+    far = bytearray(wire)   # the first section's first entry names a page past RAM
+    far[16 + 8:16 + 16] = ((size // 4096 + 5) << 12).to_bytes(8, "little")
+    with pytest.raises(StreamError, match="names a page outside guest RAM"):
+        replay(bytes(far))
+    with pytest.raises(StreamError, match="truncated.*in a PAGE section"):
         replay(bytes(wire[:len(wire) - 100]))
-    for m in (src, dst):
-        m.close()
+    src.close()
 
 
 def section(tag: bytes, payload: bytes, crc=None) -> bytes:

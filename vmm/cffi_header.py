@@ -2,7 +2,9 @@
 
 Used by the build scripts (vmm/kvm/_build.py, vmm/net/_build_vnet.py): cffi's cdef
 takes plain C declarations and `#define NAME value` integer constants, so the
-header's comments, include guard, `#include`s and other directives are dropped.
+header's comments, include guard, `#include`s and other directives are dropped.  A
+constant defined by an expression, `#define A (8 + B)`, becomes `#define A ...`:
+cffi (API mode) takes its value from the compiled C.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import re
 
 _COMMENT = re.compile(r"/\*.*?\*/|//[^\n]*", re.S)
-_DEFINE = re.compile(r"#\s*define\s+\w+\s+\S+$")
+_DEFINE = re.compile(r"#\s*define\s+(\w+)\s+(\S.*)$")
 
 
 def cdef_from_header(path: str) -> str:
@@ -21,6 +23,7 @@ def cdef_from_header(path: str) -> str:
         stripped = line.strip()
         if not stripped.startswith("#"):
             out.append(line.rstrip())
-        elif _DEFINE.match(stripped):
-            out.append(stripped)
+        elif m := _DEFINE.match(stripped):
+            name, value = m.group(1), m.group(2).strip()
+            out.append(stripped if re.fullmatch(r"\S+", value) else f"#define {name} ...")
     return "\n".join(out)

@@ -17,9 +17,8 @@ from ..errors import VmmError
 from ..kvm.ffi import ffi, lib
 
 PAGE = lib.PYVMM_MIG_PAGE
-ENTRY = 8 + PAGE   # csrc/migrate.h PYVMM_MIG_ENTRY: the most one page takes
-BATCH_PAGES = 256   # pages per PAGE section
-BATCH_BYTES = BATCH_PAGES * ENTRY   # the largest PAGE payload (~1 MiB)
+ENTRY = lib.PYVMM_MIG_ENTRY   # the most one page takes on the wire
+BATCH_PAGES = lib.PYVMM_MIG_BATCH   # pages in one PAGE section, at most
 
 
 class PageSet:
@@ -69,22 +68,17 @@ class PageSet:
     def count(self) -> int:
         return lib.pyvmm_mig_count(self.bits, self.npages)
 
-    def pack(self, out, cap: int) -> int:
-        """Pack the next pages into `out` (a cffi buffer of `cap` bytes): bytes written,
-        0 when no page is left to send."""
-        return lib.pyvmm_mig_pack(self.ram, self.npages, self.bits, self.cursor, out, cap,
-                                  self.counts)
-
-    def send(self, fd: int, buf, cap: int, budget: int, timeout_ms: int) -> tuple[int, int]:
-        """Send the next pages as PAGE sections of at most `cap` payload bytes on the
+    def send(self, fd: int, buf, max_pages: int, budget: int,
+             timeout_ms: int) -> tuple[int, int]:
+        """Send the next pages as PAGE sections of at most `max_pages` pages on the
         socket fd, about `budget` bytes of them, all in C without the GIL (buf: a cffi
-        buffer of PYVMM_MIG_HEAD + cap bytes).  (status, bytes sent): status 0 when no
-        page is left, 1 when the budget is spent, lib.PYVMM_MIG_PEER when the peer sent
+        buffer of PYVMM_MIG_BUF bytes).  (status, bytes sent): status 0 when no page is
+        left, 1 when the budget is spent, lib.PYVMM_MIG_PEER when the peer sent
         something or hung up, -errno when the socket failed (-ETIMEDOUT: it took
         nothing for timeout_ms)."""
         sent = ffi.new("uint64_t *")
-        r = lib.pyvmm_mig_send(self.ram, self.npages, self.bits, self.cursor, fd, buf, cap,
-                               budget, timeout_ms, self.counts, sent)
+        r = lib.pyvmm_mig_send(self.ram, self.npages, self.bits, self.cursor, fd, buf,
+                               max_pages, budget, timeout_ms, self.counts, sent)
         return r, sent[0]
 
 
@@ -135,7 +129,7 @@ class DirtyTracker:
 
 
 class Applier:
-    """The destination's side: PAGE sections written into fresh RAM (csrc/migrate.c)."""
+    """The destination's side: PAGE sections received into fresh RAM (csrc/migrate.c)."""
 
     def __init__(self, memory):
         self.memory = memory
@@ -143,6 +137,8 @@ class Applier:
         self.ram = ffi.cast("uint8_t *", memory.host_base)
         self.touched = ffi.new("uint64_t[]", (self.npages + 63) // 64)
         self.counts = ffi.new("struct pyvmm_mig_counts *")
+        self.received = 0   # bytes of PAGE sections and of the headers read here
+        self._buf = self._head = None
 
     def prealloc(self, bitmap: bytes) -> None:
         """Allocate the pages set in `bitmap` (the source's pass 1, HELO's "populated"),
@@ -160,14 +156,36 @@ class Applier:
             raise VmmError(f"cannot allocate the guest's {self.memory.size >> 20} MiB of RAM "
                            f"here: {os.strerror(-r)}")
 
-    def apply(self, payload) -> None:
-        """Write one PAGE section's pages, or raise StreamError."""
+    def receive(self, sock, budget: int, timeout_ms: int) -> bytes | None:
+        """Take PAGE sections from the socket into RAM, in C without the GIL, until a
+        section of another kind comes: its header (16 bytes; the payload is still to
+        read, stream.recv_section(head=...)); None after about `budget` bytes (call
+        again).  A stream that is corrupt, cut, stalls or fails raises StreamError.
+        Preallocated RAM (--mem-prealloc) takes the pages straight from the socket;
+        other RAM through a buffer and pwritev() (csrc/migrate.h says why)."""
         from .stream import StreamError
-        fd = -1 if self.memory.preallocated else self.memory.fd   # (-1: memcpy, no pwritev)
-        r = lib.pyvmm_mig_apply(ffi.from_buffer("uint8_t[]", payload), len(payload),
-                                fd, self.ram, self.npages, self.touched, self.counts)
-        if r == -errno.EINVAL:
-            raise StreamError("migration stream is corrupt: a PAGE section names a page "
-                              "outside guest RAM or is cut short")
-        if r < 0:
-            raise VmmError(f"cannot write the guest's RAM here: {os.strerror(-r)}")
+        if self._buf is None:
+            self._buf = ffi.new("uint8_t[]", lib.PYVMM_MIG_BUF)
+            self._head = ffi.new("uint8_t[]", lib.PYVMM_MIG_HEAD)
+        fd = -1 if self.memory.preallocated else self.memory.fd
+        got = ffi.new("uint64_t *")
+        r = lib.pyvmm_mig_recv(sock.fileno(), fd, self.ram, self.npages, self.touched,
+                               self._buf, budget, timeout_ms, self._head, self.counts, got)
+        self.received += got[0]
+        if r == 0:
+            return bytes(ffi.buffer(self._head))
+        if r == 1:
+            return None
+        raise StreamError({
+            lib.PYVMM_MIG_END: "migration stream truncated: the peer closed the connection "
+                               "in a section header",
+            lib.PYVMM_MIG_CUT: "migration stream truncated: the peer closed the connection "
+                               "in a PAGE section",
+            lib.PYVMM_MIG_CORRUPT: "migration stream is corrupt: a PAGE section names a "
+                                   "page outside guest RAM, or its length does not match "
+                                   "its pages",
+            lib.PYVMM_MIG_BADCRC: "migration stream is corrupt: the PAGE section's CRC-32C "
+                                  "does not match",
+            -errno.ETIMEDOUT: "migration stream stalled while reading a PAGE section",
+        }.get(r) or f"migration connection failed while reading a PAGE section: "
+                    f"{os.strerror(-r)}")

@@ -201,67 +201,34 @@ class Receiver(Waiting):
         return hello
 
     def _receive_ram(self, pages) -> None:
-        """PAGE sections into RAM until STAT.  Pages are written on a second thread
-        (its C call drops the GIL) while the next section is received and checked:
-        writing RAM costs about as much as receiving it, even with pass 1's pages
-        allocated beforehand (Applier.prealloc)."""
-        import queue
-        import threading
-        from .pages import BATCH_BYTES
-        free: queue.Queue = queue.Queue()
-        for _ in range(3):
-            free.put(bytearray(BATCH_BYTES))
-        work: queue.Queue = queue.Queue()
-        failed: list[BaseException] = []
-
-        def writer():
-            while (item := work.get()) is not None:
-                buf, payload = item
-                if buf is None:   # a pass ended and all its pages are in: PACK n
-                    try:
-                        if not failed:
-                            send_section(self.sock, b"PACK", payload)
-                    except OSError as e:
-                        failed.append(StreamError(f"migration connection lost: {e}"))
-                    continue
-                try:
-                    if not failed:
-                        pages.apply(payload)
-                except BaseException as e:
-                    failed.append(e)
-                finally:
-                    payload.release()
-                    free.put(buf)
-
-        thread = threading.Thread(target=writer, name="mig-write", daemon=True)
-        thread.start()
+        """PAGE sections into RAM until STAT: C takes them (pages.receive, no Python and
+        no GIL between sections) and hands back every other section's header; a PASS
+        is acknowledged at once (PACK n: all of pass n is in RAM here)."""
+        budget = 16 << 20   # (bytes between two looks at self.aborted)
+        timeout_ms = max(1, int(self.timeout * 1000))
+        other = 0   # (the payloads of the sections that are not PAGE)
         try:
             while True:
                 if self.aborted:
                     raise IncomingAborted("quit while the migration was coming")
-                if failed:
-                    raise failed[0]
-                buf = free.get()
-                tag, payload = recv_section(self.sock, buf)
-                self.received += 16 + len(payload)
-                if tag == b"PAGE":
-                    work.put((buf, payload))
+                head = pages.receive(self.sock, budget, timeout_ms)
+                self.received = pages.received + other
+                if head is None:
                     continue
-                free.put(buf)
+                tag, payload = recv_section(self.sock, head=head)
+                other += len(payload)
+                self.received = pages.received + other
                 if tag == b"PASS":
                     self.passes += 1
-                    work.put((None, bytes(payload)))   # (acknowledged once applied)
+                    send_section(self.sock, b"PACK", bytes(payload))
                 elif tag == b"STAT":
                     self.state = bytes(payload)
-                    break
+                    return
                 else:
                     raise StreamError(f"migration stream out of order: {tag.decode()} "
                                       "while RAM was coming")
         finally:
-            work.put(None)
-            thread.join()   # every page is in RAM before the state is restored
-        if failed:
-            raise failed[0]
+            self.received = pages.received + other
 
     def complete(self):
         """Restore, RSTD, wait for GO!!, resume, RUNS, announce.  Returns the machine.

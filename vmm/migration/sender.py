@@ -29,7 +29,7 @@ import time
 from .. import __version__
 from .. import state as state_format
 from ..errors import VmmError
-from .pages import BATCH_BYTES, ENTRY, PAGE, DirtyTracker, PageSet
+from .pages import BATCH_PAGES, ENTRY, PAGE, DirtyTracker, PageSet
 from .stream import (StreamError, expect, expect_failed, recv_section, send_header,
                      send_section)
 
@@ -319,14 +319,15 @@ class Outgoing:
         self.passes += 1
         self.emit("MIGRATION_PASS", {"pass": self.passes})
         if self._out is None:
-            self._out = ffi.new("uint8_t[]", lib.PYVMM_MIG_HEAD + BATCH_BYTES)
-        cap = budget = BATCH_BYTES
+            self._out = ffi.new("uint8_t[]", lib.PYVMM_MIG_BUF)
+        max_pages = BATCH_PAGES
         if final:
             budget = 1 << 62   # (the guest is stopped: all at once)
         elif self.max_bandwidth > 0:
             # sections of ~0.1 s at a low rate: a smooth pace, and no pause between two
             # sections long enough for the destination to take it for a stall
-            cap = budget = max(ENTRY, min(cap, self.max_bandwidth // 10))
+            max_pages = max(1, min(BATCH_PAGES, self.max_bandwidth // 10 // ENTRY))
+            budget = max_pages * ENTRY
         else:
             budget = SEND_BUDGET
         counts = self.pages.counts
@@ -338,7 +339,8 @@ class Outgoing:
         while True:
             if not final:
                 self._check_cancel()
-            r, n = self.pages.send(self.sock.fileno(), self._out, cap, budget, timeout_ms)
+            r, n = self.pages.send(self.sock.fileno(), self._out, max_pages, budget,
+                                  timeout_ms)
             sent += n
             self.transferred = base + sent
             self.remaining = self.pages.count() * PAGE   # (QEMU's: RAM bytes still to send)

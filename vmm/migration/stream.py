@@ -24,7 +24,8 @@ from ..errors import VmmError
 from ..kvm.ffi import ffi, lib
 
 MAGIC = b"PYVMMIG\0"
-VERSION = 3   # 2: PACK after each precopy pass; 3: HELO's "populated", REDY
+VERSION = 4   # 2: PACK after each precopy pass; 3: HELO's "populated", REDY;
+              # 4: a PAGE section's index before its pages (csrc/migrate.h)
 STREAM_HEADER = struct.Struct("<8sI")
 SECTION = struct.Struct("<4sIQ")
 TAGS = (b"HELO", b"REDY", b"PAGE", b"PASS", b"STAT", b"GO!!", b"PACK", b"RSTD", b"RUNS", b"FAIL")
@@ -67,10 +68,14 @@ def send_section(sock: socket.socket, tag: bytes, payload=b"") -> int:
     return len(head) + len(view)
 
 
-def recv_section(sock: socket.socket, buf: bytearray | None = None) -> tuple[bytes, memoryview]:
+def recv_section(sock: socket.socket, buf: bytearray | None = None,
+                 head: bytes | None = None) -> tuple[bytes, memoryview]:
     """One section: (tag, payload), its CRC checked.  With `buf`, the payload is read
-    into it (no new allocation per PAGE section)."""
-    tag, crc, length = SECTION.unpack(recv_exact(sock, SECTION.size, "a section header"))
+    into it (no new allocation); with `head`, its header was read already (by the C
+    loop that takes PAGE sections, pages.Applier.receive)."""
+    if head is None:
+        head = recv_exact(sock, SECTION.size, "a section header")
+    tag, crc, length = SECTION.unpack(head)
     if tag not in TAGS:
         raise StreamError(f"migration stream is corrupt: unknown section {tag!r}")
     if length > MAX_PAYLOAD:
