@@ -16,7 +16,9 @@ during the copy as during pass 1.  The guest:
 
 Per migration: total time, downtime (the VMM's own `downtime`, and the host's view: the
 source's STOP event to the destination's RESUME event, QMP timestamps), transferred
-bytes, passes (dirty-sync-count), pass-1 throughput (the rate of `transferred`
+bytes, the bytes sent while the guest was stopped (`downtime-bytes`: a VMM that
+switches over with much still to send moves it while the stopped guest's vCPU leaves
+its CPU to the copy), passes (dirty-sync-count), pass-1 throughput (the rate of `transferred`
 between the first and the last sample with dirty-sync-count 1) and the plain copy's
 throughput of the same number of bytes; with the ticker, the largest gap between two heartbeat
 lines as the host received them (bench/downtime/heartbeat.py).
@@ -152,6 +154,8 @@ def migrate_once(reg: Cleanup, t, vmm: str, size: int, dirty: str, downtime_ms: 
     rec = {"vmm": vmm, "size": size, "dirty": dirty, "total_ms": info.get("total-time"),
            "downtime_ms": info.get("downtime"), "setup_ms": info.get("setup-time"),
            "host_downtime_us": host_us, "transferred": ram.get("transferred"),
+           # (QEMU's and pyvmm's own count of what went while the guest was stopped)
+           "downtime_bytes": ram.get("downtime-bytes"),
            "passes": ram.get("dirty-sync-count"), "zero_pages": ram.get("duplicate"),
            "normal_pages": ram.get("normal"),
            "copy_bytes": size - 32 * MiB if dirty != "ticker" else None,
@@ -296,9 +300,9 @@ def _median(rs: list[dict], key: str):
 def report(records: list[dict], skipped: list[str]) -> str:
     """Medians per VMM and point, and pyvmm/QEMU ratios where both ran."""
     rows = ["| VMM | RAM | dirty MB/s | n | total ms | downtime ms (own) | STOP→RESUME ms | "
-            "heartbeat gap ms | transferred MiB | passes | pass 1 MB/s | plain copy MB/s | "
-            "pass 1 / copy |",
-            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+            "heartbeat gap ms | transferred MiB | sent stopped MiB | passes | pass 1 MB/s | "
+            "plain copy MB/s | pass 1 / copy |",
+            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     points = sorted({(r["size"], r["dirty"]) for r in records},
                     key=lambda p: (p[0], p[1] != "idle", p[1] == "ticker",
                                    int(p[1]) if p[1].isdigit() else 0))
@@ -311,7 +315,8 @@ def report(records: list[dict], skipped: list[str]) -> str:
             if not rs:
                 continue
             m = {k: _median(rs, k) for k in ("total_ms", "downtime_ms", "host_downtime_us",
-                                             "heartbeat_gap_us", "transferred", "passes",
+                                             "heartbeat_gap_us", "transferred",
+                                             "downtime_bytes", "passes",
                                              "pass1_MBps", "copy_MBps")}
             ratio = [r["pass1_MBps"] / r["copy_MBps"] for r in rs
                      if r.get("pass1_MBps") and r.get("copy_MBps")]
@@ -322,7 +327,9 @@ def report(records: list[dict], skipped: list[str]) -> str:
                 f"{_f(m['total_ms'])} | {_f(m['downtime_ms'])} | "
                 f"{_f(m['host_downtime_us'] and m['host_downtime_us'] / 1000, '{:.1f}')} | "
                 f"{_f(m['heartbeat_gap_us'] and m['heartbeat_gap_us'] / 1000, '{:.1f}')} | "
-                f"{_f(m['transferred'] and m['transferred'] / MiB)} | {_f(m['passes'])} | "
+                f"{_f(m['transferred'] and m['transferred'] / MiB)} | "
+                f"{_f(m['downtime_bytes'] and m['downtime_bytes'] / MiB, '{:.1f}')} | "
+                f"{_f(m['passes'])} | "
                 f"{_f(m['pass1_MBps'])} | {_f(m['copy_MBps'])} | "
                 f"{_f(m['pass1_ratio'] and 100 * m['pass1_ratio'], '{:.0f} %')} |")
         qemu = med.get("qemu10") or med.get("qemu72")
