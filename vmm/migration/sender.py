@@ -325,9 +325,12 @@ class Outgoing:
             budget = 1 << 62   # (the guest is stopped: all at once)
         elif self.max_bandwidth > 0:
             # sections of ~0.1 s at a low rate: a smooth pace, and no pause between two
-            # sections long enough for the destination to take it for a stall
+            # sections long enough for the destination to take it for a stall; and per
+            # C call ~0.1 s of data (at most SEND_BUDGET), not one section: each call
+            # costs Python ~30 us, and at QEMU's "unlimited" 1 TiB/s one section per
+            # call put 4,096 of them in a 4 GiB pass (~0.1 s of a single CPU, perf)
             max_pages = max(1, min(BATCH_PAGES, self.max_bandwidth // 10 // ENTRY))
-            budget = max_pages * ENTRY
+            budget = max(max_pages * ENTRY, min(SEND_BUDGET, self.max_bandwidth // 10))
         else:
             budget = SEND_BUDGET
         counts = self.pages.counts
