@@ -171,7 +171,7 @@ CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
 # csrc/build_vm.c, the one way a VM is built (normal boot and cpr-exec prebuilder);
 # csrc/cpr_exec.c, the cpr-exec prebuilder and holder;
 # csrc/kvm_state.c, a vCPU's and the VM's state in one call each;
-# csrc/migrate.c, live migration's RAM pages packed and applied;
+# csrc/migrate.c, live migration's RAM pages sent and received;
 # csrc/commit.c, cpr-transfer's point of no return in a shared word.
 for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h", "kvm_state.h", "migrate.h",
                "commit.h"):
