@@ -417,8 +417,10 @@ static int recv_page_section(int fd, int memfd, uint8_t *ram, uint64_t npages,
 		return PYVMM_MIG_BADCRC;
 	if (memfd >= 0) {
 		r = write_bodies(memfd, idx, n, bodies);
-		if (r)
-			return r;
+		if (r) {
+			errno = -r;	/* (cffi's ffi.errno hands it to Python) */
+			return PYVMM_MIG_WRITE;
+		}
 	}
 	for (uint64_t i = 0; i < n; i++) {
 		uint64_t entry = get_u64(idx + 8 + 8 * i), pg = entry >> 12;

@@ -31,6 +31,7 @@
 #define PYVMM_MIG_CORRUPT 5	/* recv: a PAGE section names a page outside RAM, has
 				 * unknown flags, or its length does not match its index */
 #define PYVMM_MIG_BADCRC 6	/* recv: a PAGE section's CRC-32C does not match */
+#define PYVMM_MIG_WRITE 7	/* recv: pwritev() into the RAM memfd failed (errno says why) */
 
 struct pyvmm_mig_counts {
 	uint64_t zero_pages;	/* QEMU's "duplicate" */

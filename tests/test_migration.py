@@ -659,26 +659,13 @@ def test_the_stream_checksum_is_crc32c():
     assert fast(b"") == 0
 
 
-@pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "into-ram"])
-def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
-    """pyvmm_mig_send (many PAGE sections in one C call, no Python between them) over a
-    socket pair, taken by pyvmm_mig_recv into fresh RAM (through pwritev, or straight
-    from the socket into preallocated RAM): the same RAM, holes left holes, the
-    destination's allocation done beforehand from the source's bitmap; then the same
-    stream with one byte of page data flipped, or of a page number, or cut short, is
-    refused with its reason, and nothing lands outside RAM."""
+def _pass_stream(src) -> tuple[bytes, bytes, object, list]:
+    """Pass 1 of `src` as pyvmm_mig_send puts it on a socket: the bytes, the page
+    bitmap (HELO's "populated"), the PageSet and what its send() returned."""
     import socket
     import threading
     from vmm.kvm.ffi import ffi, lib
-    from vmm.memory import GuestMemory
-    from vmm.migration.pages import BATCH_PAGES, Applier, PageSet
-    from vmm.migration.stream import SECTION, StreamError
-    assert SECTION.size == lib.PYVMM_MIG_HEAD   # (one frame, two languages)
-    size = 8 << 20
-    src = GuestMemory(size)
-    data = os.urandom(3 << 20)
-    os.pwrite(src.fd, data, 1 << 20)             # pages 256..1023 hold data,
-    os.pwrite(src.fd, bytes(4096), 6 << 20)      # page 1536 is written but zero
+    from vmm.migration.pages import BATCH_PAGES, PageSet
     pages = PageSet(src)
     pages.add_populated()
     bitmap = pages.bitmap()
@@ -696,6 +683,59 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
     while chunk := b.recv(1 << 20):
         wire += chunk
     sender.join()
+    a.close()
+    b.close()
+    return bytes(wire), bitmap, pages, status
+
+
+def _take(applier, stream: bytes) -> None:
+    """Feed `stream` on a socket to applier.receive (pyvmm_mig_recv) until it ends
+    cleanly between two sections; its StreamError or VmmError otherwise."""
+    import socket
+    import threading
+    from vmm.migration.stream import StreamError
+    c, d = socket.socketpair()
+    d.settimeout(5)   # (non-blocking underneath, as the destination's socket)
+
+    def feed():
+        try:
+            c.sendall(stream)
+        except OSError:   # (the reader refused the stream and hung up)
+            pass
+        c.close()
+
+    threading.Thread(target=feed).start()
+    try:
+        while True:
+            try:
+                assert applier.receive(d, 1 << 62, 5000) is None
+            except StreamError as e:
+                if "truncated" in str(e) and "section header" in str(e):
+                    return
+                raise
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("prealloc", [False, True], ids=["pwritev", "into-ram"])
+def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
+    """pyvmm_mig_send (many PAGE sections in one C call, no Python between them) over a
+    socket pair, taken by pyvmm_mig_recv into fresh RAM (through pwritev, or straight
+    from the socket into preallocated RAM): the same RAM, holes left holes, the
+    destination's allocation done beforehand from the source's bitmap; then the same
+    stream with one byte of page data flipped, or of a page number, or cut short, is
+    refused with its reason, and nothing lands outside RAM."""
+    from vmm.kvm.ffi import lib
+    from vmm.memory import GuestMemory
+    from vmm.migration.pages import Applier
+    from vmm.migration.stream import SECTION, StreamError
+    assert SECTION.size == lib.PYVMM_MIG_HEAD   # (one frame, two languages)
+    size = 8 << 20
+    src = GuestMemory(size)
+    data = os.urandom(3 << 20)
+    os.pwrite(src.fd, data, 1 << 20)             # pages 256..1023 hold data,
+    os.pwrite(src.fd, bytes(4096), 6 << 20)      # page 1536 is written but zero
+    wire, bitmap, pages, status = _pass_stream(src)
     assert status == [(0, len(wire))] and pages.count() == 0
     assert pages.counts.normal_pages == 768 and pages.counts.zero_pages == 2048 - 768
 
@@ -705,30 +745,14 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
             dst.prealloc()
         applier = Applier(dst)
         applier.prealloc(bitmap)
-        c, d = socket.socketpair()
-        d.settimeout(5)   # (non-blocking underneath, as the destination's socket)
-
-        def feed():
-            try:
-                c.sendall(stream)
-            except OSError:   # (the reader refused the stream and hung up)
-                pass
-            c.close()
-
-        threading.Thread(target=feed).start()
         try:
-            while True:
-                try:
-                    assert applier.receive(d, 1 << 62, 5000) is None
-                except StreamError as e:
-                    if "truncated" in str(e) and "section header" in str(e):
-                        return dst
-                    dst.close()
-                    raise
-        finally:
-            d.close()
+            _take(applier, stream)
+        except BaseException:
+            dst.close()
+            raise
+        return dst
 
-    dst = replay(bytes(wire))
+    dst = replay(wire)
     assert os.pread(dst.fd, size, 0) == os.pread(src.fd, size, 0)
     if not prealloc:
         assert os.lseek(dst.fd, 0, os.SEEK_DATA) == 1 << 20   # the holes stay holes
@@ -743,8 +767,79 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
     with pytest.raises(StreamError, match="names a page outside guest RAM"):
         replay(bytes(far))
     with pytest.raises(StreamError, match="truncated.*in a PAGE section"):
-        replay(bytes(wire[:len(wire) - 100]))
+        replay(wire[:len(wire) - 100])
     src.close()
+
+
+@pytest.fixture
+def huge_pages():
+    """Reserve 2 MiB huge pages for the test (root), as many as it asks; then give them back."""
+    path = "/proc/sys/vm/nr_hugepages"
+    with open(path) as f:
+        before = int(f.read())
+
+    def reserve(n: int) -> None:
+        with open(path, "w") as f:
+            f.write(str(before + n))
+        with open(path) as f:
+            if int(f.read()) < before + n:
+                pytest.skip(f"this host cannot reserve {n} huge pages")
+    yield reserve
+    with open(path, "w") as f:
+        f.write(str(before))
+
+
+def test_a_destination_on_huge_pages_takes_the_pages_through_its_mapping(huge_pages):
+    """A guest on huge pages (`--hugetlb`, without --mem-prealloc) arrives whole:
+    hugetlbfs has no write(), so the pages are received straight into the mapping
+    (pwritev there failed, EINVAL, before)."""
+    from vmm.memory import GuestMemory
+    from vmm.migration.pages import Applier
+    size = 16 << 20
+    huge_pages(size >> 21)
+    src = GuestMemory(size)
+    os.pwrite(src.fd, os.urandom(3 << 20), 1 << 20)
+    wire, bitmap, _, _ = _pass_stream(src)
+    dst = GuestMemory(size, hugetlb=True)
+    try:
+        applier = Applier(dst)
+        applier.prealloc(bitmap)
+        _take(applier, wire)
+        assert bytes(dst.view(0, size)) == os.pread(src.fd, size, 0)
+        assert applier.counts.normal_pages == 768
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_a_destination_that_cannot_write_its_ram_says_so():
+    """pwritev into the RAM memfd failing (here: a sealed memfd smaller than the RAM, so
+    a write past its end is refused, EPERM) is reported as what it is, with the
+    system's reason, not as a broken connection."""
+    import fcntl
+    from vmm.errors import VmmError
+    from vmm.memory import GuestMemory
+    from vmm.migration.pages import Applier
+    size = 8 << 20
+    src = GuestMemory(size)
+    os.pwrite(src.fd, os.urandom(1 << 20), 6 << 20)   # pages past the sealed end
+    wire, _, _, _ = _pass_stream(src)
+    ram = GuestMemory(size)
+    small = os.memfd_create("small-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(small, 4 << 20)
+    fcntl.fcntl(small, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
+
+    from types import SimpleNamespace   # RAM whose memfd ends early: writes past 4 MiB fail
+    early = SimpleNamespace(size=size, host_base=ram.host_base, fd=small, preallocated=False,
+                            hugetlb=False)
+    try:
+        with pytest.raises(VmmError, match=r"^cannot write the guest's RAM here: "
+                                           r"Operation not permitted$"):
+            _take(Applier(early), wire)
+    finally:
+        os.close(small)
+        ram.close()
+        src.close()
 
 
 def section(tag: bytes, payload: bytes, crc=None) -> bytes:

@@ -161,13 +161,16 @@ class Applier:
         section of another kind comes: its header (16 bytes; the payload is still to
         read, stream.recv_section(head=...)); None after about `budget` bytes (call
         again).  A stream that is corrupt, cut, stalls or fails raises StreamError.
-        Preallocated RAM (--mem-prealloc) takes the pages straight from the socket;
-        other RAM through a buffer and pwritev() (csrc/migrate.h says why)."""
+        Preallocated RAM (--mem-prealloc) and huge pages take the pages straight from
+        the socket; other RAM through a buffer and pwritev() (csrc/migrate.h says why);
+        a failed write raises VmmError."""
         from .stream import StreamError
         if self._buf is None:
             self._buf = ffi.new("uint8_t[]", lib.PYVMM_MIG_BUF)
             self._head = ffi.new("uint8_t[]", lib.PYVMM_MIG_HEAD)
-        fd = -1 if self.memory.preallocated else self.memory.fd
+        # (huge pages: hugetlbfs has no write(), and mapping a 2 MiB page costs what
+        # mapping a 4 KiB one does: they go through the mapping too)
+        fd = -1 if self.memory.preallocated or self.memory.hugetlb else self.memory.fd
         got = ffi.new("uint64_t *")
         r = lib.pyvmm_mig_recv(sock.fileno(), fd, self.ram, self.npages, self.touched,
                                self._buf, budget, timeout_ms, self._head, self.counts, got)
@@ -176,6 +179,8 @@ class Applier:
             return bytes(ffi.buffer(self._head))
         if r == 1:
             return None
+        if r == lib.PYVMM_MIG_WRITE:
+            raise VmmError(f"cannot write the guest's RAM here: {os.strerror(ffi.errno)}")
         raise StreamError({
             lib.PYVMM_MIG_END: "migration stream truncated: the peer closed the connection "
                                "in a section header",
