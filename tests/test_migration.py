@@ -216,6 +216,32 @@ def test_every_page_arrives(procs, hosts, tmp_path, rate):
     assert_source_postmigrate(src, src_qmp)
 
 
+def test_a_guest_on_huge_pages_moves_whole(procs, hosts, tmp_path, huge_pages):
+    """`--hugetlb` on both hosts, the destination without --mem-prealloc (its pages come
+    straight into the huge-page mapping): every page the pattern guest wrote arrives,
+    and it goes on counting on hostB."""
+    huge_pages(2 * 128 // 2)   # both guests' 128 MiB in 2 MiB pages
+    qmp_path = tmp_path / "src.qmp"
+    src = procs(hosts.host_a, ["run", "--kernel", PATTERN, "--memory", "128M", "--hugetlb",
+                               "--cmdline", "pattern_mb=16", "--qmp", str(qmp_path)])
+    progress = int(src.wait_for(r"pattern: progress=(0x[0-9a-f]+)").group(1), 16)
+    src.wait_for(r"^pass 2$")
+    dst, dst_qmp, uri = start_destination(procs, hosts, tmp_path,
+                                          extra=["--hugetlb", "--memory", "128M"])
+    info, events = migrate(qmp_path, uri)
+    assert info["status"] == "completed", info
+    q = qmp_connect(dst_qmp)
+    try:
+        qmp(q, "stop")
+        k, npages = check_pattern(ram_of(dst.proc.pid), progress)
+        assert npages >= 4000
+        qmp(q, "cont")
+    finally:
+        close(q)
+    dst.wait_for(rf"^pass {k + 1}$")
+    assert_source_postmigrate(src, qmp_path)
+
+
 def test_progress_during_pass_1_and_the_destination_events(procs, hosts, tmp_path):
     """query-migrate's `remaining` counts down through pass 1 (as QEMU's: the RAM bytes
     still to send), and a client of the destination sees QEMU's events there: the
