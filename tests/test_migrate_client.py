@@ -75,6 +75,7 @@ def test_migrate_moves_the_guest_and_reports_qemus_figures(pair):
     assert summary["downtime"] == f"{info['downtime']} ms"
     assert summary["passes"] == str(info["ram"]["dirty-sync-count"])
     assert summary["transferred"] == f"{info['ram']['transferred'] / (1 << 20):.1f} MiB"
+    assert summary["sent stopped"] == f"{info['ram']['downtime-bytes'] / (1 << 20):.1f} MiB"
     # the guest goes on counting on the destination, from where the source left it
     last_src = passes(src)[-1]
     n = dst.count()

@@ -149,6 +149,8 @@ def summary_rows(info: dict) -> list[tuple[str, str]]:
             ("downtime", f"{info.get('downtime', '?')} ms"),
             ("setup time", f"{info.get('setup-time', '?')} ms"),
             ("transferred", _mib(sent)),
+            # (QEMU's downtime-bytes: what went while the guest was stopped)
+            ("sent stopped", _mib(ram["downtime-bytes"]) if "downtime-bytes" in ram else "?"),
             ("passes", str(ram.get("dirty-sync-count", "?"))),
             ("mean rate", f"{rate:.0f} Mbit/s"),      # transferred / total time
             ("zero pages", str(ram.get("duplicate", "?"))),
