@@ -220,7 +220,10 @@ class Receiver(Waiting):
                 self.received = pages.received + other
                 if tag == b"PASS":
                     self.passes += 1
-                    send_section(self.sock, b"PACK", bytes(payload))
+                    try:
+                        send_section(self.sock, b"PACK", bytes(payload))
+                    except OSError as e:
+                        raise StreamError(f"migration connection lost: {e}") from None
                 elif tag == b"STAT":
                     self.state = bytes(payload)
                     return
