@@ -52,16 +52,36 @@ class StateError(VmmError):
 
 
 # -- encoding -----------------------------------------------------------------------
+_PLAIN = frozenset((bytes, int, str, dict, list, type(None), bool, float))
+
+
+def _plain(obj):
+    """(obj as one of the _PLAIN types: a tuple is a list, a bytearray or memoryview is
+    bytes, a subclass is its base; or StateError)"""
+    for kind in (bool, int, float, str, dict):
+        if isinstance(obj, kind):
+            return kind(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return bytes(obj)
+    if isinstance(obj, (list, tuple)):
+        return list(obj)
+    raise StateError(f"cannot save a {type(obj).__name__} in pyvmm state")
+
+
 def _enc(obj, out: list, depth: int = 0) -> None:
+    """(the exact types by identity, the commonest first, and a bytes value appended
+    as it is, not copied: it runs inside a live update's downtime, where a ticker
+    guest's 104 values took 65 us this way against 44)"""
     if depth > MAX_DEPTH:
         raise StateError("state nests too deeply")
-    if obj is None:
-        out.append(b"N")
-    elif obj is True:
-        out.append(b"T")
-    elif obj is False:
-        out.append(b"F")
-    elif isinstance(obj, int):
+    t = type(obj)
+    if t not in _PLAIN:
+        obj = _plain(obj)
+        t = type(obj)
+    if t is bytes:
+        out.append(b"b" + _U32.pack(len(obj)))
+        out.append(obj)
+    elif t is int:
         if -(1 << 63) <= obj < (1 << 63):
             out.append(b"q" + _Q.pack(obj))
         elif 0 <= obj < (1 << 64):
@@ -69,19 +89,10 @@ def _enc(obj, out: list, depth: int = 0) -> None:
         else:
             raw = obj.to_bytes((obj.bit_length() + 8) // 8, "little", signed=True)
             out.append(b"L" + _U32.pack(len(raw)) + raw)
-    elif isinstance(obj, float):
-        out.append(b"d" + _D.pack(obj))
-    elif isinstance(obj, str):
+    elif t is str:
         raw = obj.encode()
         out.append(b"s" + _U32.pack(len(raw)) + raw)
-    elif isinstance(obj, (bytes, bytearray, memoryview)):
-        raw = bytes(obj)
-        out.append(b"b" + _U32.pack(len(raw)) + raw)
-    elif isinstance(obj, (list, tuple)):
-        out.append(b"l" + _U32.pack(len(obj)))
-        for item in obj:
-            _enc(item, out, depth + 1)
-    elif isinstance(obj, dict):
+    elif t is dict:
         out.append(b"m" + _U32.pack(len(obj)))
         for key, value in obj.items():
             if not isinstance(key, str):
@@ -89,8 +100,16 @@ def _enc(obj, out: list, depth: int = 0) -> None:
             raw = key.encode()
             out.append(_U32.pack(len(raw)) + raw)
             _enc(value, out, depth + 1)
-    else:
-        raise StateError(f"cannot save a {type(obj).__name__} in pyvmm state")
+    elif t is list:
+        out.append(b"l" + _U32.pack(len(obj)))
+        for item in obj:
+            _enc(item, out, depth + 1)
+    elif obj is None:
+        out.append(b"N")
+    elif t is bool:
+        out.append(b"T" if obj else b"F")
+    else:   # float
+        out.append(b"d" + _D.pack(obj))
 
 
 def dumps(state: dict) -> bytes:
