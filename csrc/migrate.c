@@ -198,13 +198,12 @@ int pyvmm_mig_send(const uint8_t *ram, uint64_t npages, uint64_t *bits, uint64_t
 	while (done < budget) {
 		struct pollfd p = { .fd = fd, .events = POLLIN };
 		uint64_t n, k, ilen, blen;
+		uint32_t braw = 0, crc;
 		struct iovec iov[2];
 		int r;
 
 		if (poll(&p, 1, 0) == 1)	/* the peer spoke (a FAIL) or hung up */
 			return PYVMM_MIG_PEER;
-		uint32_t braw = 0, crc;
-
 		n = pack_pages(ram, npages, bits, cursor, max_pages, idx, bodies, &k, counts,
 			       hw ? &braw : NULL);
 		if (n == 0)
