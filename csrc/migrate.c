@@ -394,11 +394,14 @@ static int recv_page_section(int fd, int memfd, uint8_t *ram, uint64_t npages,
 	r = recv_into(fd, idx + 8, 8 * n, timeout_ms, 0, received);
 	if (r)
 		return r;
-	for (uint64_t i = 0; i < n; i++) {
+	for (uint64_t i = 0, next = 0; i < n; i++) {
 		uint64_t entry = get_u64(idx + 8 + 8 * i), pg = entry >> 12;
 
-		if (pg >= npages || (entry & 0xfff & ~(uint64_t)PYVMM_MIG_ZERO))
+		/* (ascending, as packed: a page named twice would be received twice into
+		 * one place, and checksummed as it was left, not as it came) */
+		if (pg >= npages || pg < next || (entry & 0xfff & ~(uint64_t)PYVMM_MIG_ZERO))
 			return PYVMM_MIG_CORRUPT;
+		next = pg + 1;
 		if (!(entry & PYVMM_MIG_ZERO)) {
 			iov[k].iov_base = memfd < 0 ? ram + pg * PYVMM_MIG_PAGE
 						    : bodies + k * PYVMM_MIG_PAGE;

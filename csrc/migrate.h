@@ -4,7 +4,8 @@
  * is docs/MIGRATION.md's.
  *
  * A PAGE section's payload: a little-endian u64 n (at most PYVMM_MIG_BATCH), n
- * entries (u64 each: page number << 12 | flags), then the 4096 bytes of each entry
+ * entries (u64 each: page number << 12 | flags; the page numbers strictly
+ * ascending), then the 4096 bytes of each entry
  * without PYVMM_MIG_ZERO (an all-zero page: no bytes), in the entries' order.
  * Page numbers count 4 KiB pages from the start of the RAM memfd.  The index
  * comes first so that the destination knows where every page goes before it
@@ -28,8 +29,9 @@
 #define PYVMM_MIG_PEER 2	/* send: the peer sent something or hung up */
 #define PYVMM_MIG_END 3		/* recv: the peer closed the stream between two sections */
 #define PYVMM_MIG_CUT 4		/* recv: ... inside a PAGE section */
-#define PYVMM_MIG_CORRUPT 5	/* recv: a PAGE section names a page outside RAM, has
-				 * unknown flags, or its length does not match its index */
+#define PYVMM_MIG_CORRUPT 5	/* recv: a PAGE section names a page outside RAM or out
+				 * of order, has unknown flags, or its length does not
+				 * match its index */
 #define PYVMM_MIG_BADCRC 6	/* recv: a PAGE section's CRC-32C does not match */
 #define PYVMM_MIG_WRITE 7	/* recv: pwritev() into the RAM memfd failed (errno says why) */
 
@@ -69,7 +71,8 @@ int pyvmm_mig_send(const uint8_t *ram, uint64_t npages, uint64_t *bits, uint64_t
  * section after another with no Python in between, until a section of another kind
  * comes (its PYVMM_MIG_HEAD-byte header is copied to head, its payload left unread:
  * returns 0) or about `budget` bytes came (returns 1: call again).  The index is read
- * and checked first (every page inside RAM, known flags, the length right), so no
+ * and checked first (every page inside RAM and in order, known flags, the length
+ * right), so no
  * byte from the peer lands outside RAM.  With memfd < 0 (RAM all allocated and
  * mapped beforehand: --mem-prealloc) the bodies are received straight into their
  * pages and the checksum is computed over them there: a section that fails it has

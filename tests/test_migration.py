@@ -749,8 +749,8 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
     socket pair, taken by pyvmm_mig_recv into fresh RAM (through pwritev, or straight
     from the socket into preallocated RAM): the same RAM, holes left holes, the
     destination's allocation done beforehand from the source's bitmap; then the same
-    stream with one byte of page data flipped, or of a page number, or cut short, is
-    refused with its reason, and nothing lands outside RAM."""
+    stream with one byte of page data flipped, a page number past RAM or named twice,
+    or cut short, is refused with its reason, and nothing lands outside RAM."""
     from vmm.kvm.ffi import lib
     from vmm.memory import GuestMemory
     from vmm.migration.pages import Applier
@@ -792,6 +792,10 @@ def test_a_pass_sent_in_c_arrives_whole_and_a_flipped_byte_is_refused(prealloc):
     far[16 + 8:16 + 16] = ((size // 4096 + 5) << 12).to_bytes(8, "little")
     with pytest.raises(StreamError, match="names a page outside guest RAM"):
         replay(bytes(far))
+    twice = bytearray(wire)   # its second entry names the first's page again
+    twice[16 + 16:16 + 24] = twice[16 + 8:16 + 16]
+    with pytest.raises(StreamError, match="out of order"):
+        replay(bytes(twice))
     with pytest.raises(StreamError, match="truncated.*in a PAGE section"):
         replay(wire[:len(wire) - 100])
     src.close()

@@ -187,8 +187,8 @@ class Applier:
             lib.PYVMM_MIG_CUT: "migration stream truncated: the peer closed the connection "
                                "in a PAGE section",
             lib.PYVMM_MIG_CORRUPT: "migration stream is corrupt: a PAGE section names a "
-                                   "page outside guest RAM, or its length does not match "
-                                   "its pages",
+                                   "page outside guest RAM or out of order, or its length "
+                                   "does not match its pages",
             lib.PYVMM_MIG_BADCRC: "migration stream is corrupt: the PAGE section's CRC-32C "
                                   "does not match",
             -errno.ETIMEDOUT: "migration stream stalled while reading a PAGE section",
