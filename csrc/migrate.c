@@ -100,22 +100,6 @@ static uint64_t pack_pages(const uint8_t *ram, uint64_t npages, uint64_t *bits,
 	return n;
 }
 
-uint64_t pyvmm_mig_pack(const uint8_t *ram, uint64_t npages, uint64_t *bits,
-			uint64_t *cursor, uint64_t max_pages, uint8_t *out,
-			struct pyvmm_mig_counts *counts)
-{
-	uint64_t k, n;
-
-	if (max_pages > PYVMM_MIG_BATCH)
-		max_pages = PYVMM_MIG_BATCH;
-	n = pack_pages(ram, npages, bits, cursor, max_pages, out, out + 8 + 8 * max_pages, &k,
-		       counts, NULL);
-	if (n == 0)
-		return 0;
-	memmove(out + 8 + 8 * n, out + 8 + 8 * max_pages, k * PYVMM_MIG_PAGE);
-	return 8 + 8 * n + k * PYVMM_MIG_PAGE;
-}
-
 /* Wait for one of `events` on fd, at most timeout_ms: the events that came (> 0),
  * -ETIMEDOUT, or -errno. */
 static int wait_for(int fd, short events, int timeout_ms)

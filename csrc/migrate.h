@@ -40,20 +40,12 @@ struct pyvmm_mig_counts {
 	uint64_t normal_pages;	/* pages sent whole */
 };
 
-/* Pack the pages whose bit is set in `bits` (one bit per page of the npages pages
- * of RAM at `ram`), from page *cursor on, at most max_pages of them (and at most
- * PYVMM_MIG_BATCH), into out as one PAGE payload: each page's bit is cleared as
- * it is packed, *cursor moves past it.  out holds 8 + max_pages * PYVMM_MIG_ENTRY
- * bytes.  Returns the payload's length, 0 when no page is left.  A page the guest
- * writes meanwhile may be packed half old, half new: its dirty bit (KVM's log)
- * makes the next pass send it again.  (pyvmm_mig_send packs the same way; this
- * one is for the tests and the fuzzer.) */
-uint64_t pyvmm_mig_pack(const uint8_t *ram, uint64_t npages, uint64_t *bits,
-			uint64_t *cursor, uint64_t max_pages, uint8_t *out,
-			struct pyvmm_mig_counts *counts);
-
-/* Send the pages whose bit is set as PAGE sections of at most max_pages pages (each
- * behind its section header with its CRC-32C) on the socket fd, until no page is
+/* Send the pages whose bit is set in `bits` (one bit per page of the npages pages of
+ * RAM at `ram`), from page *cursor on, as PAGE sections of at most max_pages pages
+ * (each behind its section header with its CRC-32C) on the socket fd: each page's
+ * bit is cleared as it is packed, *cursor moves past it.  A page the guest writes
+ * meanwhile may go half old, half new: its dirty bit (KVM's log) makes the next pass
+ * send it again.  Sends until no page is
  * left (returns 0) or `budget` bytes went out (returns 1: call again).  The bodies
  * are copied from RAM into buf (PYVMM_MIG_BUF bytes) first: the checksum is of what
  * is sent, even if the guest writes the page meanwhile.  One call packs, checks and

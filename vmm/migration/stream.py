@@ -68,11 +68,9 @@ def send_section(sock: socket.socket, tag: bytes, payload=b"") -> int:
     return len(head) + len(view)
 
 
-def recv_section(sock: socket.socket, buf: bytearray | None = None,
-                 head: bytes | None = None) -> tuple[bytes, memoryview]:
-    """One section: (tag, payload), its CRC checked.  With `buf`, the payload is read
-    into it (no new allocation); with `head`, its header was read already (by the C
-    loop that takes PAGE sections, pages.Applier.receive)."""
+def recv_section(sock: socket.socket, head: bytes | None = None) -> tuple[bytes, memoryview]:
+    """One section: (tag, payload), its CRC checked.  With `head`, its header was read
+    already (by the C loop that takes PAGE sections, pages.Applier.receive)."""
     if head is None:
         head = recv_exact(sock, SECTION.size, "a section header")
     tag, crc, length = SECTION.unpack(head)
@@ -81,9 +79,7 @@ def recv_section(sock: socket.socket, buf: bytearray | None = None,
     if length > MAX_PAYLOAD:
         raise StreamError(f"migration stream is corrupt: a {tag.decode()} section of "
                           f"{length} bytes")
-    if buf is None or len(buf) < length:
-        buf = bytearray(length)
-    view = memoryview(buf)[:length]
+    view = memoryview(bytearray(length))
     recv_into_exact(sock, view, f"a {tag.decode()} section")
     if crc32c(view) != crc:
         raise StreamError(f"migration stream is corrupt: the {tag.decode()} section's "
