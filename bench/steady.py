@@ -1,0 +1,91 @@
+"""Steady running: the gaps between a 1 ms ticker's heartbeats under pyvmm and QEMU 10.
+
+    python3 bench/steady.py [--seconds 10] [--rounds 3]      # as root, with /dev/kvm
+
+Issue 12's steady-running goal compares the largest gap between two ticks over ten
+seconds; `pyvmm bench downtime --baselines qemu10` reports that one number per row,
+and one maximum per VMM is mostly the host's noise.  This boots the ticker guest
+(period_us=1000) under pyvmm, then under QEMU 10.2.2 (`-M microvm`, as the downtime
+bench runs it), `--rounds` times in turn, lets each run about `--seconds` after boot,
+and prints the whole distribution of the gaps: as the lines reached the host (read
+with blocking reads, stamped CLOCK_MONOTONIC) and by the guest's own clock (t_us),
+median, p99, p99.9, max and how many exceeded 5 ms.  Without QEMU 10 built (python3
+bench/qemu10.py) only pyvmm runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import qemu10  # noqa: E402
+from bench.downtime.heartbeat import TICK_RX  # noqa: E402
+
+KERNEL = ROOT / "guest/build/ticker.elf"
+SKIP = 100   # ticks of boot left out
+
+
+def command(vmm: str, ticks: int) -> list[str]:
+    args = f"period_us=1000 count={ticks}"
+    if vmm == "pyvmm":
+        return [sys.executable, "-m", "vmm", "run", "--kernel", str(KERNEL), "--cmdline", args]
+    return [str(qemu10.binary()), "-L", qemu10.FIRMWARE_DIR,
+            "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm", "-cpu", "qemu64",
+            "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
+            "-serial", "stdio", "-monitor", "none", "-no-reboot",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-kernel", str(KERNEL), "-append", args]
+
+
+def heartbeats(vmm: str, ticks: int) -> tuple[list[float], list[int]]:
+    """Arrival times (s) and the guest's t_us of each tick line, boot left out."""
+    p = subprocess.Popen(command(vmm, ticks), stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, cwd=ROOT)
+    arrived, t_us, buf = [], [], b""
+    while chunk := os.read(p.stdout.fileno(), 65536):
+        now = time.monotonic()
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            m = TICK_RX.search(line.decode(errors="replace"))
+            if m:
+                arrived.append(now)
+                t_us.append(int(m.group(2)))
+    p.wait()
+    return arrived[SKIP:], t_us[SKIP:]
+
+
+def describe(gaps_ms: list[float]) -> str:
+    g = sorted(gaps_ms)
+    q = lambda f: g[min(len(g) - 1, int(len(g) * f))]   # noqa: E731
+    return (f"median {q(0.5):.2f}  p99 {q(0.99):.2f}  p99.9 {q(0.999):.2f}  max {g[-1]:.2f}  "
+            f">5 ms: {sum(x > 5 for x in g)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    vmms = ["pyvmm"] + (["qemu10"] if qemu10.binary() else [])
+    if len(vmms) == 1:
+        print(f"QEMU {qemu10.VERSION} is not built ({qemu10.HOW_TO_BUILD}): pyvmm only")
+    ticks = SKIP + int(args.seconds * 1000 / 2.5)   # a tick line takes ~2.5 ms here
+    print("gaps between two tick lines in ms: as the host read them | by the guest's clock")
+    for _ in range(args.rounds):
+        for vmm in vmms:
+            arrived, t_us = heartbeats(vmm, ticks)
+            host = [(b - a) * 1e3 for a, b in zip(arrived, arrived[1:])]
+            guest = [(b - a) / 1e3 for a, b in zip(t_us, t_us[1:])]
+            print(f"{vmm:6} {arrived[-1] - arrived[0]:5.1f} s | {describe(host)} | "
+                  f"{describe(guest)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
