@@ -155,6 +155,7 @@ def vcpus_section(records) -> list[str]:
 
 def qemu10_section(records) -> list[str]:
     """pyvmm beside QEMU 10 (bench/downtime/qemu10.py): the same measure for both."""
+    from bench.downtime.qemu10 import STEADY_LONG_S
     pairs: dict[tuple, dict[str, list]] = {}
     for r in records:
         if r.get("vs") == "qemu10":
@@ -186,7 +187,7 @@ def qemu10_section(records) -> list[str]:
             a, b = (summary([r.get(c) for r in by[v]]) for v in ("pyvmm", "qemu10"))
             cells.append(f"{a['median'] / 1000:.2f} / {b['median'] / 1000:.2f} = "
                          f"{a['median'] / b['median']:.2f}" if a and b else "–")
-        long = {v: [r for r in by[v] if r.get("steady_s", 0) >= 10] for v in by}
+        long = {v: [r for r in by[v] if r.get("steady_s", 0) >= STEADY_LONG_S] for v in by}
         views = []
         for c in ("steady_max_gap_us", "steady_guest_max_gap_us"):
             a, b = (max((r.get(c) or 0 for r in long[v]), default=0) for v in ("pyvmm", "qemu10"))
