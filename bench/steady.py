@@ -9,8 +9,10 @@ and one maximum per VMM is mostly the host's noise.  This boots the ticker guest
 bench runs it), `--rounds` times in turn, lets each run about `--seconds` after boot,
 and prints the whole distribution of the gaps: as the lines reached the host (read
 with blocking reads, stamped CLOCK_MONOTONIC) and by the guest's own clock (t_us),
-median, p99, p99.9, max and how many exceeded 5 ms.  Without QEMU 10 built (python3
-bench/qemu10.py) only pyvmm runs.
+median, p99, p99.9, max and how many exceeded 5 ms, and the CPU time the hypervisor
+under this machine took from it meanwhile (/proc/stat's steal, all CPUs): stalls
+no scheduler here can see.  Without QEMU 10 built (python3 bench/qemu10.py) only
+pyvmm runs.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ def heartbeats(vmm: str, ticks: int) -> tuple[list[float], list[int]]:
     return arrived[SKIP:], t_us[SKIP:]
 
 
+def steal_ms() -> float:
+    """CPU time stolen from this machine since boot, all CPUs (/proc/stat, ms)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()   # "cpu user nice system idle iowait irq softirq steal"
+    return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def describe(gaps_ms: list[float]) -> str:
     g = sorted(gaps_ms)
     q = lambda f: g[min(len(g) - 1, int(len(g) * f))]   # noqa: E731
@@ -77,14 +86,17 @@ def main() -> None:
     if len(vmms) == 1:
         print(f"QEMU {qemu10.VERSION} is not built ({qemu10.HOW_TO_BUILD}): pyvmm only")
     ticks = SKIP + int(args.seconds * 1000 / 2.5)   # a tick line takes ~2.5 ms here
-    print("gaps between two tick lines in ms: as the host read them | by the guest's clock")
+    print("gaps between two tick lines in ms: as the host read them | by the guest's clock | "
+          "CPU time stolen by the hypervisor below meanwhile")
     for _ in range(args.rounds):
         for vmm in vmms:
+            stolen = steal_ms()
             arrived, t_us = heartbeats(vmm, ticks)
+            stolen = steal_ms() - stolen
             host = [(b - a) * 1e3 for a, b in zip(arrived, arrived[1:])]
             guest = [(b - a) / 1e3 for a, b in zip(t_us, t_us[1:])]
             print(f"{vmm:6} {arrived[-1] - arrived[0]:5.1f} s | {describe(host)} | "
-                  f"{describe(guest)}", flush=True)
+                  f"{describe(guest)} | steal {stolen:.0f} ms", flush=True)
 
 
 if __name__ == "__main__":
