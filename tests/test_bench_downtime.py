@@ -178,14 +178,15 @@ def test_a_line_left_unfinished_shows_at_once():
 
 def test_steady_reports_both_views_of_the_heartbeat(guests):
     """bench/steady.py: for each VMM (QEMU 10 when built), one line with the distribution
-    of the gaps as the host read them and by the guest's clock, each at least a period."""
+    of the gaps as the host read them and by the guest's clock, each at least a period,
+    and the CPU time stolen meanwhile."""
     need_kvm()
     from bench import qemu10
     r = subprocess.run([sys.executable, "bench/steady.py", "--seconds", "1", "--rounds", "1"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    rows = re.findall(r"^(pyvmm|qemu10) +[\d.]+ s \| median ([\d.]+) .* \| median ([\d.]+) ",
-                      r.stdout, re.M)
+    rows = re.findall(r"^(pyvmm|qemu10) +[\d.]+ s \| median ([\d.]+) .* \| median ([\d.]+) "
+                      r".* \| steal \d+ ms$", r.stdout, re.M)
     assert [v for v, _, _ in rows] == ["pyvmm"] + (["qemu10"] if qemu10.binary() else []), \
         r.stdout
     for _, host, guest in rows:
