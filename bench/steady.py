@@ -5,8 +5,9 @@
 Issue 12's steady-running goal compares the largest gap between two ticks over ten
 seconds; `pyvmm bench downtime --baselines qemu10` reports that one number per row,
 and one maximum per VMM is mostly the host's noise.  This boots the ticker guest
-(period_us=1000) under pyvmm, then under QEMU 10.2.2 (`-M microvm`, as the downtime
-bench runs it), `--rounds` times in turn, lets each run about `--seconds` after boot,
+(period_us=1000) under pyvmm, then under QEMU 10.2.2 (`-M microvm` and `-cpu qemu64`
+as the downtime bench runs it, but plain RAM and no monitor: nothing here is
+updated), `--rounds` times in turn, lets each run about `--seconds` after boot,
 and prints the whole distribution of the gaps: as the lines reached the host (read
 with blocking reads, stamped CLOCK_MONOTONIC) and by the guest's own clock (t_us),
 median, p99, p99.9, max and how many exceeded 5 ms, and the CPU time the hypervisor

@@ -10,10 +10,10 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <sched.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -167,7 +167,7 @@ int pyvmm_gate_kick(struct kvm_run *run, unsigned long thread, int signo)
 
 /* How long a pause polls before it sleeps: a kicked vCPU parks within ~0.1 ms
  * here, and the futex wake-up of a sleeping waiter costs ~60 us more on this
- * host (a live update's pause in one process: 156 -> 65 us median).  It polls
+ * host (one vCPU's pause, bench/vcpu_costs.py: 156 -> 55 us median).  It polls
  * with sched_yield, not a busy loop: with more vCPU threads than CPUs, the ones
  * still to park need the CPU the waiter is on. */
 #define PARK_POLL_NS 300000LL
