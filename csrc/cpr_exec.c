@@ -317,39 +317,58 @@ static void early_release(void)
     g_early_len = 0;
 }
 
-/* Restore the early block into the VM just built and run its vCPUs. */
-static int early_start(void)
+int pyvmm_early_apply(void *block, size_t len, int vm_fd, const int *vcpu_fds, uint32_t n,
+                      int set_cpuid, char *step, size_t step_size)
 {
-    const struct pyvmm_early_header *h = g_early;
-    uint32_t n = (uint32_t)g_built.vm.nvcpus;
+    const struct pyvmm_early_header *h = block;
     struct kvm_msr_entry *tsc0, *tsc;
-    int r, created = 0;
+    int r;
 
-    if (!pyvmm_early_valid(g_early, g_early_len, n))
-        return early_fail("check the early state", EINVAL);
-    for (uint32_t i = 0; i < n; i++)
-        if (ioctl(g_built.vm.vcpu_fds[i], KVM_SET_CPUID2, early_cpuid(g_early, i)) < 0)
-            return early_fail("KVM SET_CPUID2", errno);
-    struct pyvmm_vm_state *vm = (void *)(uintptr_t)early_vm(g_early);
-    r = pyvmm_vm_restore(g_built.vm.vm_fd, vm, sizeof(*vm));
+#define APPLY_FAIL(what, err) \
+    do { snprintf(step, step_size, "%s", (what)); return -(err ? err : EINVAL); } while (0)
+    if (!pyvmm_early_valid(block, len, n))
+        APPLY_FAIL("check the early state", EINVAL);
+    if (set_cpuid)
+        for (uint32_t i = 0; i < n; i++)
+            if (ioctl(vcpu_fds[i], KVM_SET_CPUID2, early_cpuid(block, i)) < 0)
+                APPLY_FAIL("KVM SET_CPUID2", errno);
+    struct pyvmm_vm_state *vm = (void *)(uintptr_t)early_vm(block);
+    r = pyvmm_vm_restore(vm_fd, vm, sizeof(*vm));
     if (r < 0)
-        return early_fail(vm->step, -r);
+        APPLY_FAIL(vm->step, -r);
     /* One TSC value for every vCPU, vCPU 0's moved on by the pause, as
      * vmm.machine.Machine.restore_state writes it (KVM then syncs them). */
-    tsc0 = tsc_entry(early_vcpu_state(g_early, 0));
+    tsc0 = tsc_entry(early_vcpu_state(block, 0));
     if (tsc0) {
         int64_t elapsed = now_ns() - h->save_ns;
         uint64_t value = tsc0->data + (uint64_t)((unsigned __int128)(elapsed > 0 ? elapsed : 0)
                                                  * h->tsc_khz / 1000000);
         for (uint32_t i = 0; i < n; i++)
-            if ((tsc = tsc_entry(early_vcpu_state(g_early, i))))
+            if ((tsc = tsc_entry(early_vcpu_state(block, i))))
                 tsc->data = value;
     }
     for (uint32_t i = 0; i < n; i++) {
-        struct pyvmm_vcpu_state *s = early_vcpu_state(g_early, i);
-        r = pyvmm_vcpu_restore(g_built.vm.vcpu_fds[i], s, sizeof(*s));
+        struct pyvmm_vcpu_state *s = early_vcpu_state(block, i);
+        r = pyvmm_vcpu_restore(vcpu_fds[i], s, sizeof(*s));
         if (r < 0)
-            return early_fail(s->step, -r);
+            APPLY_FAIL(s->step, -r);
+    }
+    return 0;
+#undef APPLY_FAIL
+}
+
+/* Restore the early block into the VM just built and run its vCPUs. */
+static int early_start(void)
+{
+    const struct pyvmm_early_header *h = g_early;
+    uint32_t n = (uint32_t)g_built.vm.nvcpus;
+    int r, created = 0;
+
+    r = pyvmm_early_apply(g_early, g_early_len, g_built.vm.vm_fd, g_built.vm.vcpu_fds, n, 1,
+                          g_built.early_step, sizeof(g_built.early_step));
+    if (r < 0) {
+        g_built.early = r;
+        return r;
     }
     r = ioctl(g_built.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
     if (r <= 0)

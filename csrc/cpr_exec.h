@@ -62,6 +62,15 @@ struct pyvmm_early_header {
  * prebuilder may act on (csrc/fuzz/fuzz_prebuild.c checks this claim too). */
 int pyvmm_early_valid(const void *buf, size_t len, uint32_t nvcpus);
 
+/* Write an early block (checked with pyvmm_early_valid first) into a VM that has
+ * not run: its CPUID when `set_cpuid`, the VM's state, then each vCPU's, with one
+ * TSC value for all of them moved on by the time since the save (the TSC entries
+ * of `block` are rewritten).  The cpr-exec prebuilder's early start and
+ * cpr-transfer's handoff (csrc/handoff.c) both restore this way.  0, or -errno
+ * with `step` naming what failed. */
+int pyvmm_early_apply(void *block, size_t len, int vm_fd, const int *vcpu_fds, uint32_t n,
+                      int set_cpuid, char *step, size_t step_size);
+
 /* What the builder made: fds the Python side adopts, or why it gave up
  * (vm.step names the failed step). */
 struct pyvmm_prebuilt {

@@ -86,7 +86,12 @@ def check_transfer_order(out):
     assert [t for t, _ in lines] == sorted(t for t, _ in lines), out
     assert_before(lines, "setup", "stop", "quiesce", "notify", "save", "transfer",
                   "old: state memfd and device fds sent", "restore", "new: state blob loaded",
-                  "new: vCPU, VM and device state written", "new: guest claimed", "resume")
+                  "new: device state written", "new: guest claimed", "resume")
+    # the handoff thread writes the VM and vCPUs once the old VMM handed them over, and
+    # before the new VMM claims the guest (its steps shown as concurrent)
+    assert_before(lines, "old: VM and vCPU state handed over",
+                  "handoff: VM and vCPU state written", "new: guest claimed")
+    assert re.search(r"‖ handoff: VM and vCPU state written", out), out
 
 
 def check_exec_order(out):

@@ -213,17 +213,7 @@ class Machine:
         a real stop) instead of time standing still.  All vCPUs get one TSC value
         (see below), so the guest's cross-CPU clock stays monotonic.
         """
-        shape = require(state, "machine", dict)
-        if shape.get("arch") != "x86_64":
-            raise StateError(f"state is for a {shape.get('arch')!r} machine, this is x86_64")
-        vcpu_states = require(state, "vcpus", list)
-        if len(vcpu_states) != len(self.vcpus):
-            raise StateError(f"state has {len(vcpu_states)} vCPUs, this machine "
-                             f"{len(self.vcpus)}")
-        mem = require(state, "machine.memory", dict)
-        if mem.get("size") != self.memory.size:
-            raise StateError(f"state is for {mem.get('size')} bytes of RAM, this machine has "
-                             f"{self.memory.size}")
+        vcpu_states = self.check_fits(state)
         self.vm.set_state(require(state, "vm", dict))
         delta_tsc = 0
         if advance_time:
@@ -243,11 +233,28 @@ class Machine:
                 vs = dict(vs, msrs=set_msr(vs["msrs"], MSR_IA32_TSC, tsc + delta_tsc, at))
             vcpu.set_state(vs)
 
+    def check_fits(self, state: dict) -> list:
+        """StateError unless `state` is for a machine like this one (architecture,
+        vCPU count, RAM size); its vCPU states."""
+        shape = require(state, "machine", dict)
+        if shape.get("arch") != "x86_64":
+            raise StateError(f"state is for a {shape.get('arch')!r} machine, this is x86_64")
+        vcpu_states = require(state, "vcpus", list)
+        if len(vcpu_states) != len(self.vcpus):
+            raise StateError(f"state has {len(vcpu_states)} vCPUs, this machine "
+                             f"{len(self.vcpus)}")
+        mem = require(state, "machine.memory", dict)
+        if mem.get("size") != self.memory.size:
+            raise StateError(f"state is for {mem.get('size')} bytes of RAM, this machine has "
+                             f"{self.memory.size}")
+        return vcpu_states
+
     def adopt_state(self, state: dict) -> None:
-        """After the cpr-exec prebuilder restored the vCPU and VM state in C
-        (csrc/cpr_exec.c): what restore_state() would learn besides writing it."""
+        """After C restored the vCPU and VM state (the cpr-exec prebuilder,
+        csrc/cpr_exec.c, or cpr-transfer's handoff, csrc/handoff.c): what
+        restore_state() would learn besides writing it."""
         for vcpu, vs in zip(self.vcpus, state["vcpus"]):
-            vcpu.adopt_state(vs)
+            vcpu.adopt_state(vs, written_elsewhere=True)
 
     def take_over_early(self, prebuilt) -> int:
         """Stop the prebuilder's vCPU threads; each of ours completes first the exit its

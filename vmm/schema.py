@@ -314,11 +314,11 @@ def _build():
     }, rule=state_rule)
 
     hello = Map({"shape": Map({}), "config": config, "faults": faults, "pyvmm": Str(),
-                 "commit": Bool()},
-                optional=("config", "faults", "pyvmm", "commit"))
+                 "commit": Bool(), "handoff": Bool()},
+                optional=("config", "faults", "pyvmm", "commit", "handoff"))
     state_msg = Map({"fds": List(Str(), 256), "t_transfer": Nullable(i64),
-                     "steps": List(mark, 8)},
-                    optional=("t_transfer", "steps"))
+                     "steps": List(mark, 8), "handoff": Bool()},
+                    optional=("t_transfer", "steps", "handoff"))
     return {"shape": Schema("shape", shape), "state": Schema("state", state),
             "saved": Schema("state", Map(dict(state.fields), optional=("cpr",), rule=state_rule)),
             "hello": Schema("hello", hello), "state-msg": Schema("state message", state_msg)}

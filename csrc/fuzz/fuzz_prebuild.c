@@ -1,6 +1,8 @@
 /* libFuzzer target: the cpr-exec prebuilder's request check (csrc/cpr_exec.c,
  * with the VM layout check of csrc/build_vm.c that the normal boot uses too),
- * and its check of the early state that follows the request.
+ * and its check of the early state that follows the request, which
+ * cpr-transfer's handoff thread also makes (csrc/handoff.c) before it puts each
+ * vCPU's pieces in its restore order.
  *
  * The request comes from a memfd the old image wrote; a corrupt one must be
  * refused before the builder maps or registers anything.  Every request the
@@ -13,6 +15,7 @@
 #include <string.h>
 
 #include "cpr_exec.h"
+#include "handoff.h"
 #include "kvm_state.h"
 
 #define VCPU_SIZE (sizeof(struct pyvmm_vcpu_state) + sizeof(struct pyvmm_early_cpuid))
@@ -60,6 +63,34 @@ static void fuzz_early(const uint8_t *data, size_t size, uint8_t sel)
             for (uint32_t k = 0; k < s->npieces; k++)
                 if (s->order[k] >= PYVMM_VCPU_NPIECES)
                     abort();
+        }
+    }
+    /* The handoff's check: a new VMM whose vCPUs have every piece but the FPU (as
+     * with XSAVE), in restore order.  What it accepts holds exactly those pieces,
+     * each once, in that order. */
+    static const uint8_t order[] = {PYVMM_VCPU_REGS, PYVMM_VCPU_XSAVE, PYVMM_VCPU_XCRS,
+                                    PYVMM_VCPU_SREGS, PYVMM_VCPU_MP_STATE, PYVMM_VCPU_LAPIC,
+                                    PYVMM_VCPU_MSRS, PYVMM_VCPU_EVENTS, PYVMM_VCPU_DEBUGREGS};
+    struct pyvmm_handoff_waiter w;
+    memset(&w, 0, sizeof(w));
+    w.nvcpus = nv;
+    memcpy(w.order, order, sizeof(order));
+    w.norder = sizeof(order);
+    if (sel & 64) {   /* a block the old VMM saved in its own order, half of the time */
+        for (uint32_t i = 0; i < nv; i++) {
+            struct pyvmm_vcpu_state *s = (void *)(b + at[2] + i * VCPU_SIZE);
+            s->npieces = sizeof(order);
+            for (uint32_t k = 0; k < sizeof(order); k++)
+                s->order[k] = order[sizeof(order) - 1 - k];
+        }
+    }
+    if (pyvmm_handoff_check(&w, b, claimed) == 0) {
+        if (!pyvmm_early_valid(b, claimed, nv))
+            abort();
+        for (uint32_t i = 0; i < nv; i++) {
+            const struct pyvmm_vcpu_state *s = (const void *)(b + at[2] + i * VCPU_SIZE);
+            if (s->npieces != sizeof(order) || memcmp(s->order, order, sizeof(order)))
+                abort();
         }
     }
     free(b);

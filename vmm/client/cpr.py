@@ -137,8 +137,9 @@ def print_trace(info: dict) -> None:
     Each step is stamped where it happens (a message's send before sendmsg, its
     receipt after recvmsg returns), and the clock is shared by every process, so
     time order is causal order: a receipt never precedes its send.  Steps of the
-    cpr-exec prebuilder (a thread beside the new image's main thread) are caused
-    by nothing around them: they are marked `‖` and only ordered by the clock."""
+    cpr-exec prebuilder and of cpr-transfer's handoff thread (threads beside the
+    new VMM's main thread) are caused by nothing around them: they are marked `‖`
+    and only ordered by the clock."""
     from ..cpr.timeline import CONCURRENT, lane
     marks = info.get("x-timeline", [])
     if not marks:
@@ -147,7 +148,7 @@ def print_trace(info: dict) -> None:
     t0 = marks[0][1]
     print(f"{'phase':<10} {'starts at':>12} {'takes':>11}   what happens")
     steps = sorted(info.get("x-steps", []), key=lambda s: s[1])
-    concurrent = False
+    concurrent = set()
     for i, (phase, t) in enumerate(marks):
         t_next = marks[i + 1][1] if i + 1 < len(marks) else None
         took = (t_next - t) / 1e6 if t_next is not None else None
@@ -159,11 +160,17 @@ def print_trace(info: dict) -> None:
             if (t <= ts < t_next) if t_next is not None else ts >= t:
                 bullet = "·"
                 if lane(step) in CONCURRENT:
-                    bullet, concurrent = "‖", True
+                    bullet = "‖"
+                    concurrent.add(lane(step))
                 print(f"{'':<10} {(ts - t0) / 1e6:9.3f} ms {'':>11}   {bullet} {step}")
     print("(times: CLOCK_MONOTONIC, shared by both processes; each step is stamped where it "
           "happens, so a message's receipt comes after its send)")
-    if concurrent:
+    if "prebuilder" in concurrent:
         print("(‖: the prebuilder, a thread the new image starts before Python's main(); it "
               "runs beside the\n main thread, so its steps interleave with the main thread's "
               "by the clock, not by cause,\n until the main thread waits for it)")
+    if "handoff" in concurrent:
+        print("(‖: the handoff thread, which the new pyvmm starts before \"prepared\"; it "
+              "writes the VM and vCPU\n state the old one hands over beside the main thread, "
+              "so its step falls among the others by the\n clock, not by cause, until the "
+              "main thread waits for it)")

@@ -21,8 +21,9 @@ POINTS = {
     "save": "saving the machine state fails",
     "transfer": "the channel breaks before the fds are sent",
     "exec": "execve of the new pyvmm fails (cpr-exec)",
-    "early-state": "the state for the new image's early start is corrupt: its prebuilder "
-                   "refuses it and Python restores the guest as without it (cpr-exec)",
+    "early-state": "the VM and vCPU state written ahead of the blob is corrupt (cpr-exec: "
+                   "the new image's early start; cpr-transfer: the handoff): C refuses it "
+                   "and Python restores the guest from the blob as without it",
     "target-prepare": "the new pyvmm fails while preparing (before any device fd)",
     "target-crash-before-fds": "the new pyvmm dies before it receives the device fds",
     "target-crash-after-fds": "the new pyvmm dies right after receiving the device fds",
@@ -54,7 +55,7 @@ def parse(value) -> set[str]:
 
 TRANSFER_ONLY = {"prepare", "transfer", "target-prepare", "target-crash-before-fds",
                  "target-crash-after-fds", "target-slow-prepare", "target-slow-running"}
-EXEC_ONLY = {"exec", "early-state"}
+EXEC_ONLY = {"exec"}
 
 
 def check_mode(faults, mode: str) -> None:

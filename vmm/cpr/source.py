@@ -187,6 +187,8 @@ class Migration:
             raise VmmError(f"{RUNNING_TIMEOUT_ENV} must be a number of seconds") from None
         self.committed = False   # past "go": the guest is the new VMM's, whatever happens
         self.commit = None       # cpr-transfer: the shared word that decides it (.commit)
+        self.handoff = None      # cpr-transfer: the new VMM's handoff page (.handoff), if any
+        self.handed_over = False   # ... and the VM and vCPU state written into it
         self._running = None     # the new VMM's "running", if it came while we waited
         self._gone = None        # why the channel broke after the new VMM's claim
         # cpr-exec with QEMU's `file:PATH`: the new image writes the state there (off
@@ -344,14 +346,24 @@ class Migration:
         self.channel.send({"msg": "hello", "protocol": PROTOCOL, "version": PROTOCOL_VERSION,
                            "pyvmm": __version__,
                            "shape": state_format.encode_tree(m.shape()), "config": self.config,
-                           "faults": self.faults.for_target(), "commit": True},
+                           "faults": self.faults.for_target(), "commit": True,
+                           "handoff": True},
                           [m.memory.fd, self.commit.fd])
         self.timeline.step("old: hello and RAM memfd sent")
         try:
-            prepared, _ = self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
+            prepared, fds = self.channel.expect("prepared", timeout=PREPARE_TIMEOUT)
         except ChannelError as e:
             raise ChannelError(hello_refused(str(e))) from None
         self.timeline.step("old: \"prepared\" received")
+        if prepared.get("handoff") is True and len(fds) == 1:
+            from .handoff import Page
+            try:
+                self.handoff = Page(fds.pop(), len(m.vcpus))
+                self.handoff.warm_up(m)
+            except (OSError, VmmError):
+                self.handoff = None   # (a broken page: the blob alone carries the state)
+        for fd in fds:
+            os.close(fd)
         why = target_problem(prepared.get("pyvmm"))
         if why:
             self.channel.send({"msg": "error", "desc": why})
@@ -360,6 +372,10 @@ class Migration:
     def _save(self, fds: dict[str, int]) -> bytes:
         state = self.saved = self.machine.save_state()
         self.timeline.step("old: vCPU, VM and device state read")
+        if self.handoff is not None:   # the new VMM writes the VM and vCPUs meanwhile
+            t = self.handoff.post(self.machine, state, corrupt="early-state" in self.faults.armed)
+            self.handed_over = True
+            self.timeline.step("old: VM and vCPU state handed over", t)
         state["cpr"] = {"pyvmm": __version__, "protocol": PROTOCOL_VERSION,
                         "mode": self.mode, "timeline": self.timeline.marks,
                         "steps": self.timeline.steps,
@@ -381,7 +397,8 @@ class Migration:
         try:
             self.channel.send({"msg": "state", "fds": ["state"] + names,
                                "t_transfer": self.timeline.get("transfer"),
-                               "steps": self.timeline.steps[-1:]},
+                               "steps": self.timeline.steps[-1:],
+                               "handoff": self.handed_over},
                               [state_fd] + [fds[n] for n in names])
         finally:
             os.close(state_fd)
@@ -470,9 +487,15 @@ class Migration:
                           f"({e}): the guest went with it")
         self.channel.close()
         self.commit.close()
+        self._close_handoff()
         self.machine.notify_devices("done")
         self._set_status("failed" if self.error else "completed")
         return True
+
+    def _close_handoff(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
+            self.handoff = None
 
     def _failed(self, error: Exception, *, stopped: bool, was_running: bool = True) -> bool:
         """Roll back: devices re-acquired, guest resumed as if nothing happened."""
@@ -483,6 +506,7 @@ class Migration:
         if self.commit is not None:
             self.commit.close()
             self.commit = None
+        self._close_handoff()
         if getattr(self, "holder", None) is not None:
             self.holder.cancel()
             self.holder = None

@@ -31,6 +31,10 @@ from .faults import Faults
 from .timeline import Timeline
 
 
+# The handoff thread's step (its own lane in `pyvmm cpr --trace`: it runs beside ours).
+HANDOFF_STEP = "handoff: VM and vCPU state written (a thread of the new pyvmm, in C)"
+
+
 def map_ram(shape: dict, ram_fd: int, address: int = 0) -> GuestMemory:
     """The old VMM's RAM memfd, mapped here (or, with `address`, already mapped)."""
     mem = shape["memory"]
@@ -318,6 +322,7 @@ class Incoming(Waiting):
         self.console = console
         self.channel = None
         self.commit = None    # the old VMM's commit word (None from pyvmm 0.1.0: "go")
+        self.handoff = None   # our handoff page and its thread (vmm/cpr/handoff.py), if offered
         self.machine = None
         self.arrival = None   # how the guest came, once it runs here
         self.timeline = Timeline()
@@ -357,6 +362,9 @@ class Incoming(Waiting):
         if self.commit is not None:
             self.commit.close()
             self.commit = None
+        if self.handoff is not None:
+            self.handoff.close()
+            self.handoff = None
 
     def _unlink(self) -> None:
         try:
@@ -391,6 +399,12 @@ class Incoming(Waiting):
             self.config = msg.get("config", {})
             self.machine = build_machine(shape, fds[0], self.config, self.console)
             warm_up(self.machine, shape)
+            if msg.get("handoff") is True:
+                from .handoff import Waiter
+                try:
+                    self.handoff = Waiter(self.machine)
+                except OSError:   # (no handoff: the state is written from the blob)
+                    self.handoff = None
         except Exception as e:
             for fd in fds:
                 _close(fd)
@@ -398,7 +412,10 @@ class Incoming(Waiting):
             self._refuse(e)
             raise
         self.timeline.step("new: VM built on the same RAM, \"prepared\" sent")
-        self.channel.send(prepared_message())
+        if self.handoff is not None:
+            self.channel.send(dict(prepared_message(), handoff=True), [self.handoff.fd])
+        else:
+            self.channel.send(prepared_message())
 
     def complete(self):
         """Receive state and fds, restore, wait for "go", resume.  Returns the machine
@@ -441,9 +458,16 @@ class Incoming(Waiting):
             finally:
                 os.close(state_fd)
             self.timeline.step("new: state blob loaded")
+            written = self._handed_over(msg.get("handoff") is True)
             self.faults.check("target-restore")
-            restore(self.machine, state, by_name)
-            self.timeline.step("new: vCPU, VM and device state written")
+            if written is not None:   # the VM and vCPUs: by the handoff thread, meanwhile
+                self.machine.check_fits(state)
+                self.machine.adopt_state(state)
+                self.machine.restore_devices(state, by_name)
+                self.timeline.step("new: device state written")
+            else:
+                restore(self.machine, state, by_name)
+                self.timeline.step("new: vCPU, VM and device state written")
         except Exception as e:
             self._refuse(e)
             raise
@@ -477,6 +501,19 @@ class Incoming(Waiting):
         self._close_commit()
         self.arrival = Arrival("cpr-transfer", self.timeline, self.peer_threads)
         return self.machine
+
+    def _handed_over(self, posted: bool) -> int | None:
+        """When our handoff thread wrote the VM and vCPU state the old VMM handed over
+        (vmm/cpr/handoff.py), or None: then it is written from the blob."""
+        if self.handoff is None:
+            return None
+        written = self.handoff.finish(posted)
+        if written is not None:
+            self.timeline.step(HANDOFF_STEP, written)
+        elif posted:
+            self.timeline.step(f"new: handoff refused ({self.handoff.problem}); the state is "
+                               "written from the blob")
+        return written
 
     def _refuse(self, error: Exception) -> None:
         if self.channel is not None:

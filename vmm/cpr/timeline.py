@@ -24,13 +24,15 @@ PHASES = [
 
 
 # Who runs each step, from its name's prefix (the lanes of `pyvmm cpr --trace-plot`).
-# Steps of a thread that runs beside the main one (the cpr-exec prebuilder) are not
-# caused by the steps around them: `--trace` flags them as concurrent.
-CONCURRENT = ("prebuilder",)
+# Steps of a thread that runs beside the main one (the cpr-exec prebuilder, the
+# cpr-transfer handoff) are not caused by the steps around them: `--trace` flags them
+# as concurrent.
+CONCURRENT = ("prebuilder", "handoff")
 
 
 def lane(step: str) -> str:
-    """'old', 'new', 'prebuilder' (a thread of the new image) or 'holder'."""
+    """'old', 'new', 'prebuilder' (a thread of the new image), 'handoff' (a thread of
+    cpr-transfer's new VMM) or 'holder'."""
     head = step.split(" ", 1)[0].rstrip(":")
     if head in CONCURRENT or head == "holder":
         return head

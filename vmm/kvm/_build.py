@@ -172,9 +172,10 @@ CDEF += "".join(f"#define {name} ...\n" for name in IOCTLS + CONSTANTS)
 # csrc/cpr_exec.c, the cpr-exec prebuilder and holder;
 # csrc/kvm_state.c, a vCPU's and the VM's state in one call each;
 # csrc/migrate.c, live migration's RAM pages sent and received;
-# csrc/commit.c, cpr-transfer's point of no return in a shared word.
+# csrc/commit.c, cpr-transfer's point of no return in a shared word;
+# csrc/handoff.c, cpr-transfer's VM and vCPU state written in the new VMM ahead of the rest.
 for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h", "kvm_state.h", "migrate.h",
-               "commit.h"):
+               "commit.h", "handoff.h"):
     CDEF += cdef_from_header(os.path.join(ROOT, "csrc", header))
 
 ffibuilder.cdef(CDEF)
@@ -187,13 +188,14 @@ ffibuilder.set_source(
 #include <linux/kvm.h>
 #include "build_vm.h"
 #include "commit.h"
+#include "handoff.h"
 #include "cpr_exec.h"
 #include "kvm_state.h"
 #include "migrate.h"
 #include "vcpu_run.h"
 """,
     sources=["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c", "csrc/kvm_state.c",
-             "csrc/migrate.c", "csrc/commit.c"],
+             "csrc/migrate.c", "csrc/commit.c", "csrc/handoff.c"],
     include_dirs=["csrc"],
     libraries=["pthread"],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",

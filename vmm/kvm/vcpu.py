@@ -161,6 +161,11 @@ class Vcpu:
         self._msr_indices: list[int] | None = None
         self._msr_entries: bytes | None = None   # what get_state() reads (_msr_template)
         self._save_order = bytes(_PIECE[name] for name in self._pieces + ["msrs"])
+        # The same pieces in RESTORE_ORDER (cpr-transfer's handoff thread puts a state
+        # saved by get_state() in this order: csrc/handoff.c).
+        self.restore_order = bytes(_PIECE[name] for name in RESTORE_ORDER
+                                   if name in self._pieces or name == "msrs")
+        self.saved_raw = None   # the struct pyvmm_vcpu_state bytes of the last get_state()
         self._tsc_khz: int | None = None
         self._written: dict[str, bytes] = {}   # IDEMPOTENT pieces set_state() wrote
         # Where a paused thread running this vCPU waits (vmm/cpu.py); its `entered`
@@ -316,6 +321,7 @@ class Vcpu:
         s.msrs.nmsrs = len(msrs) // MSR_ENTRY_SIZE
         buf[start:start + len(msrs)] = msrs
         self._call(lib.pyvmm_vcpu_save, s, buf, self._save_order)
+        self.saved_raw = buf
         state = {}
         for name in self._pieces:
             a, b = span[name]
@@ -369,9 +375,13 @@ class Vcpu:
         buf[span["order"]:span["order"] + len(order)] = bytes(order)
         return s, buf
 
-    def adopt_state(self, state: dict) -> None:
-        """What set_state() learns from `state` besides writing it (also after the
-        cpr-exec prebuilder wrote it): the saved MSRs are the ones readable here."""
+    def adopt_state(self, state: dict, written_elsewhere: bool = False) -> None:
+        """What set_state() learns from `state` besides writing it (also after C wrote
+        it: the cpr-exec prebuilder, cpr-transfer's handoff): the saved MSRs are the
+        ones readable here.  `written_elsewhere`: not by set_state(), so what it
+        last wrote is no longer what the kernel holds (nothing may be skipped)."""
+        if written_elsewhere:
+            self._written = {}
         if "msrs" in state and self._msr_indices is None and self._msr_entries is None:
             self._msr_entries = state["msrs"]
 

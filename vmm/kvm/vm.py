@@ -73,6 +73,7 @@ class Vm:
         self.slots: dict[int, tuple[int, int, int, int]] = {}
         self.has_irqchip = False
         self.has_pit = False
+        self.saved_raw = None   # the struct pyvmm_vm_state bytes of the last get_state()
 
     def adopt(self, mem) -> None:
         """Record what pyvmm_build_vm (csrc/build_vm.c) did to this VM, for the
@@ -149,6 +150,7 @@ class Vm:
         s, buf = self._new_state("irqchip" if self.has_irqchip else None,
                                  "pit" if self.has_pit else None)
         self._call(lib.pyvmm_vm_save, s, buf)
+        self.saved_raw = buf   # (struct pyvmm_vm_state: cpr-transfer's handoff copies it)
         state = {}
         span = _spans()
         if self.has_irqchip:

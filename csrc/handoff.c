@@ -1,0 +1,199 @@
+/*
+ * cpr-transfer's handoff: the VM and vCPU state written into the new VM while
+ * the old VMM still encodes and sends the rest (vmm/cpr/handoff.py says why).
+ *
+ * The new VMM makes a memfd, maps it and starts a thread here that sleeps on
+ * the page's first word (a futex shared by both processes).  The old VMM maps
+ * the same memfd; right after it has read its paused VM's state it writes it
+ * there as an early block (struct pyvmm_early_header and what follows,
+ * csrc/cpr_exec.h) and wakes the thread, which copies the block out of the
+ * shared page (so the peer cannot change it between the check and the use),
+ * checks it and writes it into the VM with pyvmm_early_apply, the cpr-exec
+ * early start's restore.  The vCPUs do not run: the new VMM's Python still
+ * restores the devices and claims the guest (csrc/commit.c) as before, and if
+ * anything fails the old VMM takes the guest back; only the writing has moved
+ * off the path from the stop to the guest running.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cpr_exec.h"
+#include "handoff.h"
+#include "vcpu_run.h"
+#include "kvm_state.h"
+
+static long futex(uint32_t *word, int op, uint32_t val, const struct timespec *t)
+{
+    return syscall(SYS_futex, word, op, val, t, NULL, 0);
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+uint64_t pyvmm_handoff_size(uint32_t nvcpus)
+{
+    if (nvcpus < 1 || nvcpus > PYVMM_VM_MAX_VCPUS)
+        return 0;
+    return PYVMM_HANDOFF_BLOCK + sizeof(struct pyvmm_early_header) + sizeof(struct pyvmm_vm_state)
+        + (uint64_t)nvcpus * (sizeof(struct pyvmm_vcpu_state) + sizeof(struct pyvmm_early_cpuid));
+}
+
+static void finish(struct pyvmm_handoff_waiter *w, int result, const char *step)
+{
+    if (step)
+        snprintf(w->step, sizeof(w->step), "%s", step);
+    w->t_done_ns = now_ns();
+    __atomic_store_n(&w->result, result, __ATOMIC_RELEASE);
+    futex((uint32_t *)&w->result, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+}
+
+/* Each vCPU's pieces as saved, in our restore order: the same pieces or -EPROTO. */
+static int in_restore_order(const struct pyvmm_handoff_waiter *w, void *block)
+{
+    char *vcpus = (char *)block + sizeof(struct pyvmm_early_header) + sizeof(struct pyvmm_vm_state);
+    uint32_t want = 0;
+
+    for (uint32_t k = 0; k < w->norder && k < PYVMM_VCPU_NPIECES; k++)
+        want |= 1u << w->order[k];
+    for (uint32_t i = 0; i < w->nvcpus; i++) {
+        struct pyvmm_vcpu_state *s = (void *)(vcpus + (size_t)i * (sizeof(struct pyvmm_vcpu_state)
+                                                                   + sizeof(struct pyvmm_early_cpuid)));
+        uint32_t have = 0;
+        for (uint32_t k = 0; k < s->npieces; k++)   /* (checked: < PYVMM_VCPU_NPIECES) */
+            have |= 1u << s->order[k];
+        if (have != want || s->npieces != w->norder)
+            return -EPROTO;
+        memcpy(s->order, w->order, sizeof(s->order));
+    }
+    return 0;
+}
+
+int pyvmm_handoff_check(const struct pyvmm_handoff_waiter *w, void *block, size_t len)
+{
+    if (!pyvmm_early_valid(block, len, w->nvcpus))
+        return -EINVAL;
+    return in_restore_order(w, block);
+}
+
+static void *waiter_main(void *arg)
+{
+    struct pyvmm_handoff_waiter *w = arg;
+    struct pyvmm_handoff_page *page = w->page;
+    uint32_t posted;
+    uint64_t length;
+    void *copy;
+    int r;
+
+    pyvmm_set_thread_name("cpr-handoff");
+    /* A shared futex (no _PRIVATE: the old VMM wakes it), with a timeout so that a
+     * peer writing WAITING back cannot keep the thread from seeing `cancel`. */
+    const struct timespec recheck = {0, 100 * 1000000L};
+    for (;;) {
+        posted = __atomic_load_n(&page->posted, __ATOMIC_ACQUIRE);
+        if (posted != PYVMM_HANDOFF_WAITING || __atomic_load_n(&w->cancel, __ATOMIC_ACQUIRE))
+            break;
+        futex(&page->posted, FUTEX_WAIT, PYVMM_HANDOFF_WAITING, &recheck);
+    }
+    if (posted != PYVMM_HANDOFF_POSTED || __atomic_load_n(&w->cancel, __ATOMIC_ACQUIRE)) {
+        finish(w, -ECANCELED, "wait for the handed-over state");
+        return NULL;
+    }
+    length = __atomic_load_n(&page->length, __ATOMIC_ACQUIRE);
+    if (length > w->size - PYVMM_HANDOFF_BLOCK) {
+        finish(w, -EINVAL, "check the handed-over state");
+        return NULL;
+    }
+    copy = malloc(length ? length : 1);
+    if (!copy) {
+        finish(w, -ENOMEM, "copy the handed-over state");
+        return NULL;
+    }
+    memcpy(copy, (char *)w->page + PYVMM_HANDOFF_BLOCK, length);
+    r = pyvmm_handoff_check(w, copy, length);
+    if (r < 0) {
+        free(copy);
+        finish(w, r, "check the handed-over state");
+        return NULL;
+    }
+    r = pyvmm_early_apply(copy, length, w->vm_fd, w->vcpu_fds, w->nvcpus, 0,
+                          w->step, sizeof(w->step));
+    free(copy);
+    finish(w, r < 0 ? r : 1, NULL);
+    return NULL;
+}
+
+int pyvmm_handoff_start(struct pyvmm_handoff_waiter *w)
+{
+    pthread_t t;
+    int r;
+
+    if (w->started || w->nvcpus < 1 || w->nvcpus > PYVMM_VM_MAX_VCPUS ||
+        w->size < pyvmm_handoff_size(w->nvcpus) || w->norder > PYVMM_VCPU_NPIECES)
+        return -EINVAL;
+    w->result = 0;
+    w->cancel = 0;
+    r = pthread_create(&t, NULL, waiter_main, w);
+    if (r != 0)
+        return -r;
+    w->thread = (uint64_t)t;
+    w->started = 1;
+    return 0;
+}
+
+int64_t pyvmm_handoff_post(void *page, uint64_t length)
+{
+    struct pyvmm_handoff_page *p = page;
+    int64_t t = now_ns();
+
+    __atomic_store_n(&p->length, length, __ATOMIC_RELEASE);
+    __atomic_store_n(&p->posted, PYVMM_HANDOFF_POSTED, __ATOMIC_RELEASE);
+    futex(&p->posted, FUTEX_WAKE, INT_MAX, NULL);
+    return t;
+}
+
+int pyvmm_handoff_wait(struct pyvmm_handoff_waiter *w, int timeout_ms)
+{
+    int64_t end = now_ns() + (int64_t)timeout_ms * 1000000LL;
+    int32_t r;
+
+    if (!w->started)
+        return -ESRCH;
+    while ((r = __atomic_load_n(&w->result, __ATOMIC_ACQUIRE)) == 0) {
+        int64_t left = end - now_ns();
+        struct timespec t;
+        if (left <= 0)
+            return -ETIMEDOUT;
+        t.tv_sec = left / 1000000000LL;
+        t.tv_nsec = left % 1000000000LL;
+        futex((uint32_t *)&w->result, FUTEX_WAIT_PRIVATE, 0, &t);
+    }
+    return r;
+}
+
+void pyvmm_handoff_stop(struct pyvmm_handoff_waiter *w)
+{
+    struct pyvmm_handoff_page *p = w->page;
+    uint32_t waiting = PYVMM_HANDOFF_WAITING;
+
+    if (!w->started)
+        return;
+    __atomic_store_n(&w->cancel, 1, __ATOMIC_RELEASE);
+    if (__atomic_compare_exchange_n(&p->posted, &waiting, PYVMM_HANDOFF_CANCELLED, 0,
+                                    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        futex(&p->posted, FUTEX_WAKE, INT_MAX, NULL);
+    pthread_join((pthread_t)w->thread, NULL);
+    w->started = 0;
+}

@@ -1,0 +1,160 @@
+"""cpr-transfer's handoff: the VM and vCPU state written in the new VMM ahead of the rest.
+
+Inside a cpr-transfer's downtime the new VMM used to wait for the whole state
+blob, decode it, and only then write the VM's and each vCPU's kernel state
+(~0.2 ms of ioctls and Python for one vCPU here, more for each added one), all on
+the path from the stop to the guest running.  Now, before "prepared", the new VMM
+makes a small memfd and a C thread (csrc/handoff.c) sleeps on its first word.  The
+old VMM, its guest stopped and its state read, writes the VM and vCPU state there
+(the cpr-exec early start's block, csrc/cpr_exec.h, without CPUIDs: the new VM has
+them since "prepared") and wakes that thread, which copies it out, checks it and
+writes it into the new VM while the old VMM encodes the blob and sends it with the
+device fds.  The new VMM then restores only the devices and claims the guest as
+before (vmm/cpr/commit.py).
+
+Nothing runs sooner: the handed-over state only ever goes into a VM that has not
+run, the new VMM's restore can still fail and the old one take the guest back.
+When the block is refused or missing (an older pyvmm on either side, fault point
+early-state) the new VMM writes the state from the blob, as without a handoff.
+
+The new VMM seals the memfd's size before it sends it, so the old one, which
+writes into it, cannot be made to fault on a page a peer truncated.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+
+from ..errors import VmmError
+from ..kvm.ffi import SharedMapping, ffi, lib
+
+WAIT_MS = 100    # for a posted block to be written (it takes ~0.2 ms; a busy host: more)
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def size_for(nvcpus: int) -> int:
+    return lib.pyvmm_handoff_size(nvcpus)
+
+
+class _Mapped:
+    """A handoff memfd and our mapping of it (either side)."""
+
+    fd = -1
+    _map = None
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Waiter(_Mapped):
+    """The new VMM's side: the memfd to send with "prepared", and the thread."""
+
+    def __init__(self, machine):
+        n = len(machine.vcpus)
+        size = size_for(n)
+        self.fd = os.memfd_create("pyvmm-cpr-handoff", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _SEALS)
+            self._map = SharedMapping(self.fd, size)
+            w = self.waiter = ffi.new("struct pyvmm_handoff_waiter *")
+            w.page, w.size, w.vm_fd, w.nvcpus = self._map.ptr, size, machine.vm.fd, n
+            for i, vcpu in enumerate(machine.vcpus):
+                w.vcpu_fds[i] = vcpu.fd
+            order = machine.vcpus[0].restore_order
+            w.order[0:len(order)] = list(order)
+            w.norder = len(order)
+            r = lib.pyvmm_handoff_start(w)
+            if r < 0:
+                raise OSError(-r, f"cannot start the handoff thread: {os.strerror(-r)}")
+        except BaseException:
+            self.close()
+            raise
+
+    def finish(self, posted: bool) -> int | None:
+        """Once the state message came: if the old VMM says it posted the block, wait
+        for the thread to have written it; then stop the thread.  When it wrote the
+        state (CLOCK_MONOTONIC ns), or None (nothing written: restore from the blob)."""
+        w = self.waiter
+        if posted:
+            lib.pyvmm_handoff_wait(w, WAIT_MS)
+        lib.pyvmm_handoff_stop(w)
+        return w.t_done_ns if w.result == 1 else None
+
+    @property
+    def problem(self) -> str:
+        """Why the thread wrote nothing (after finish)."""
+        w = self.waiter
+        if w.result >= 0:
+            return ""
+        return f"{ffi.string(w.step).decode(errors='replace')}: {os.strerror(-w.result)}"
+
+    def close(self) -> None:
+        if getattr(self, "waiter", None) is not None:
+            lib.pyvmm_handoff_stop(self.waiter)   # (joined before the unmap)
+        super().close()
+
+
+class Page(_Mapped):
+    """The old VMM's side: the new VMM's memfd, checked and mapped."""
+
+    def __init__(self, fd: int, nvcpus: int):
+        """Take `fd` (closed here on failure): a sealed memfd of the size for nvcpus."""
+        self.fd = fd
+        try:
+            st = os.fstat(fd)
+            size = size_for(nvcpus)
+            if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+                raise VmmError("the new pyvmm's handoff page is not a memfd of the expected size")
+            if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+                raise VmmError("the new pyvmm's handoff page is not sealed")
+            self._map = SharedMapping(fd, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def warm_up(self, machine) -> None:
+        """Fault the page in and write the header's fixed part before the stop:
+        post() runs inside the downtime."""
+        self._map.populate(0, self._map.size)
+        h = self._header()
+        h.magic, h.version = lib.PYVMM_EARLY_MAGIC, lib.PYVMM_EARLY_VERSION
+        h.nvcpus = len(machine.vcpus)
+        h.header_size = ffi.sizeof("struct pyvmm_early_header")
+        h.vm_size = ffi.sizeof("struct pyvmm_vm_state")
+        h.vcpu_size = ffi.sizeof("struct pyvmm_vcpu_state")
+        h.cpuid_size = ffi.sizeof("struct pyvmm_early_cpuid")
+
+    def _header(self):
+        return ffi.cast("struct pyvmm_early_header *",
+                        ffi.cast("char *", self._map.ptr) + lib.PYVMM_HANDOFF_BLOCK)
+
+    def post(self, machine, state: dict, corrupt: bool = False) -> int:
+        """Copy the VM and vCPU state machine.save_state() just read (`state`; its
+        kernel structs as they came from C, vm.saved_raw and each vcpu.saved_raw) into
+        the page and wake the new VMM's thread; when (CLOCK_MONOTONIC ns).  ~10 us: no
+        Python per piece.  `corrupt` (fault point early-state) makes the block one C
+        refuses."""
+        h = self._header()   # (warm_up wrote its fixed part)
+        h.save_ns, h.tsc_khz = state["time"]["host_ns"], state["time"]["tsc_khz"]
+        at = lib.PYVMM_HANDOFF_BLOCK + ffi.sizeof("struct pyvmm_early_header")
+        base = ffi.cast("char *", self._map.ptr)
+        raw = machine.vm.saved_raw
+        ffi.memmove(base + at, raw, len(raw))
+        at += len(raw)
+        first = at
+        slot = ffi.sizeof("struct pyvmm_vcpu_state") + ffi.sizeof("struct pyvmm_early_cpuid")
+        for vcpu in machine.vcpus:
+            ffi.memmove(base + at, vcpu.saved_raw, len(vcpu.saved_raw))
+            at += slot
+        if corrupt:
+            ffi.cast("struct pyvmm_vcpu_state *", base + first).npieces = \
+                lib.PYVMM_VCPU_NPIECES + 1
+        return lib.pyvmm_handoff_post(self._map.ptr, at - lib.PYVMM_HANDOFF_BLOCK)
