@@ -20,6 +20,16 @@ uint32_t pyvmm_commit_claim(void *word, uint32_t who)
     return expected;
 }
 
+uint32_t pyvmm_commit_move(void *word, uint32_t from, uint32_t to)
+{
+    uint32_t expected = from;
+
+    if (__atomic_compare_exchange_n((uint32_t *)word, &expected, to, 0,
+                                    __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+        return to;
+    return expected;
+}
+
 uint32_t pyvmm_commit_read(void *word)
 {
     return __atomic_load_n((uint32_t *)word, __ATOMIC_SEQ_CST);

@@ -357,46 +357,45 @@ int pyvmm_early_apply(void *block, size_t len, int vm_fd, const int *vcpu_fds, u
 #undef APPLY_FAIL
 }
 
-/* Restore the early block into the VM just built and run its vCPUs. */
-static int early_start(void)
+int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
+                   const struct pyvmm_uart_fast *uart, char *step, size_t step_size,
+                   int64_t *t_entered)
 {
-    const struct pyvmm_early_header *h = g_early;
-    uint32_t n = (uint32_t)g_built.vm.nvcpus;
     int r, created = 0;
 
-    r = pyvmm_early_apply(g_early, g_early_len, g_built.vm.vm_fd, g_built.vm.vcpu_fds, n, 1,
-                          g_built.early_step, sizeof(g_built.early_step));
-    if (r < 0) {
-        g_built.early = r;
-        return r;
-    }
-    r = ioctl(g_built.kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+#define GO_FAIL(what, err) \
+    do { snprintf(step, step_size, "%s", (what)); return -(err ? err : EINVAL); } while (0)
+    if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n)
+        GO_FAIL("start the early vCPUs", EINVAL);
+    r = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
     if (r <= 0)
-        return early_fail("KVM GET_VCPU_MMAP_SIZE", r < 0 ? errno : EINVAL);
+        GO_FAIL("KVM GET_VCPU_MMAP_SIZE", r < 0 ? errno : EINVAL);
     g_run_size = (size_t)r;
     for (uint32_t i = 0; i < n; i++) {
-        void *run = mmap(NULL, g_run_size, PROT_READ | PROT_WRITE, MAP_SHARED,
-                         g_built.vm.vcpu_fds[i], 0);
+        void *run = mmap(NULL, g_run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fds[i], 0);
         if (run == MAP_FAILED) {
             r = errno;
             early_release();
-            return early_fail("mmap kvm_run", r);
+            GO_FAIL("mmap kvm_run", r);
         }
         g_ev[i].run = run;
-        g_ev[i].fd = g_built.vm.vcpu_fds[i];
+        g_ev[i].fd = vcpu_fds[i];
+        g_ev[i].pending = 0;
+        g_ev[i].entered_ns = 0;
     }
-    if (h->flags & PYVMM_EARLY_UART) {
-        g_uart.out_fd = h->uart_fd;
-        g_uart.base = h->uart_base;
-        g_uart.lsr = h->uart_lsr;
-        g_uart.enabled = 1;
-    }
+    memset(&g_uart, 0, sizeof(g_uart));
+    if (uart && uart->enabled)
+        g_uart = *uart;
     if ((r = pyvmm_install_kick_handler(SIGUSR1)) < 0) {
         early_release();
-        return early_fail("install the kick handler", -r);
+        GO_FAIL("install the kick handler", -r);
     }
-    /* vCPU 0 on this thread (after it hands its result over: prebuild_thread), the
-     * others on new ones, all or none: none has entered the guest before all exist. */
+    pthread_mutex_lock(&g_lock);
+    g_go = g_entered = g_early_stop = 0;
+    pthread_mutex_unlock(&g_lock);
+    /* vCPU 0 on this thread (pyvmm_early_run0, after the caller hands its result
+     * over), the others on new ones, all or none: none has entered the guest before
+     * all exist. */
     g_ev[0].thread = pthread_self();
     for (uint32_t i = 1; i < n; i++) {
         if (pthread_create(&g_ev[i].thread, NULL, early_vcpu_main, &g_ev[i]) != 0)
@@ -414,14 +413,52 @@ static int early_start(void)
         for (int i = 1; i <= created; i++)
             pthread_join(g_ev[i].thread, NULL);
         early_release();
-        return early_fail("start the early vCPU threads", EAGAIN);
+        GO_FAIL("start the early vCPU threads", EAGAIN);
     }
     g_early_n = (int)n;
     early_thread_setup(&g_ev[0]);
-    g_ev[0].entered_ns = now_ns();   /* the last to go in, just below */
+    g_ev[0].entered_ns = now_ns();   /* the last to go in: pyvmm_early_run0 */
+    *t_entered = 0;
     for (uint32_t i = 0; i < n; i++)
-        if (g_ev[i].entered_ns > g_built.t_early_ns)
-            g_built.t_early_ns = g_ev[i].entered_ns;
+        if (g_ev[i].entered_ns > *t_entered)
+            *t_entered = g_ev[i].entered_ns;
+    return 0;
+#undef GO_FAIL
+}
+
+void pyvmm_early_run0(void)
+{
+    if (g_early_n && pthread_equal(g_ev[0].thread, pthread_self()))
+        early_run(&g_ev[0]);
+}
+
+/* Restore the early block into the VM just built and run its vCPUs. */
+static int early_start(void)
+{
+    const struct pyvmm_early_header *h = g_early;
+    struct pyvmm_uart_fast uart;
+    uint32_t n = (uint32_t)g_built.vm.nvcpus;
+    int r;
+
+    r = pyvmm_early_apply(g_early, g_early_len, g_built.vm.vm_fd, g_built.vm.vcpu_fds, n, 1,
+                          g_built.early_step, sizeof(g_built.early_step));
+    if (r < 0) {
+        g_built.early = r;
+        return r;
+    }
+    memset(&uart, 0, sizeof(uart));
+    if (h->flags & PYVMM_EARLY_UART) {
+        uart.out_fd = h->uart_fd;
+        uart.base = h->uart_base;
+        uart.lsr = h->uart_lsr;
+        uart.enabled = 1;
+    }
+    r = pyvmm_early_go(g_built.kvm_fd, g_built.vm.vcpu_fds, n, &uart, g_built.early_step,
+                       sizeof(g_built.early_step), &g_built.t_early_ns);
+    if (r < 0) {
+        g_built.early = r;
+        return r;
+    }
     g_built.early = 1;
     g_built.tsc_khz = h->tsc_khz;
     return 1;
@@ -469,7 +506,7 @@ static void *prebuild_thread(void *arg)
     pthread_cond_broadcast(&g_cond);
     pthread_mutex_unlock(&g_lock);
     if (run0)   /* this thread is vCPU 0's early thread now, joined by pyvmm_early_stop */
-        early_run(&g_ev[0]);
+        pyvmm_early_run0();
     return NULL;
 }
 

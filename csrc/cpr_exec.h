@@ -7,6 +7,7 @@
 #include <linux/kvm.h>
 
 #include "build_vm.h"
+#include "vcpu_run.h"
 
 #define PYVMM_PREBUILD_MAGIC 0x42505650u   /* "PVPB" */
 #define PYVMM_PREBUILD_VERSION 2u
@@ -70,6 +71,23 @@ int pyvmm_early_valid(const void *buf, size_t len, uint32_t nvcpus);
  * with `step` naming what failed. */
 int pyvmm_early_apply(void *block, size_t len, int vm_fd, const int *vcpu_fds, uint32_t n,
                       int set_cpuid, char *step, size_t step_size);
+
+/* Run a VM's vCPUs in the C loop (csrc/vcpu_run.c), its state written: vCPUs
+ * 1..n-1 on threads of their own, all in the guest when this returns 0; then
+ * the caller runs vCPU 0 on its own thread with pyvmm_early_run0().  What the
+ * loop cannot serve ends a thread with the exit left in kvm_run;
+ * pyvmm_early_stop() stops and joins them all.  `uart`: the console the UART
+ * fast path may serve meanwhile (NULL or not enabled: none).  t_entered: when
+ * the last vCPU went in (CLOCK_MONOTONIC ns).  0, or -errno with `step` naming
+ * what failed (nothing runs then).  One early start per process at a time: the
+ * cpr-exec prebuilder's, or cpr-transfer's (csrc/handoff.c). */
+int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
+                   const struct pyvmm_uart_fast *uart, char *step, size_t step_size,
+                   int64_t *t_entered);
+
+/* vCPU 0's early run, on the thread that called pyvmm_early_go(); returns when
+ * pyvmm_early_stop() stops it (or at an exit for Python). */
+void pyvmm_early_run0(void);
 
 /* What the builder made: fds the Python side adopts, or why it gave up
  * (vm.step names the failed step). */

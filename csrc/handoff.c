@@ -19,6 +19,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "commit.h"
 #include "cpr_exec.h"
 #include "handoff.h"
 #include "vcpu_run.h"
@@ -111,6 +113,7 @@ static void *waiter_main(void *arg)
         finish(w, -ECANCELED, "wait for the handed-over state");
         return NULL;
     }
+    w->t_woke_ns = now_ns();
     length = __atomic_load_n(&page->length, __ATOMIC_ACQUIRE);
     if (length > w->size - PYVMM_HANDOFF_BLOCK) {
         finish(w, -EINVAL, "check the handed-over state");
@@ -130,8 +133,39 @@ static void *waiter_main(void *arg)
     }
     r = pyvmm_early_apply(copy, length, w->vm_fd, w->vcpu_fds, w->nvcpus, 0,
                           w->step, sizeof(w->step));
+    if (r < 0 || !w->early || !w->commit || __atomic_load_n(&w->cancel, __ATOMIC_ACQUIRE)) {
+        free(copy);
+        finish(w, r < 0 ? r : 1, NULL);
+        return NULL;
+    }
+    const struct pyvmm_early_header *h = copy;
+    struct pyvmm_uart_fast uart = w->uart;
+    int64_t entered = 0;
+    if (!(h->flags & PYVMM_EARLY_UART) || w->uart.out_fd < 0)
+        uart.enabled = 0;        /* the old VMM's fast path was off, or we have no console fd */
+    else {
+        uart.base = h->uart_base;   /* (the old VMM's UART, as saved; our own console fd) */
+        uart.lsr = h->uart_lsr;
+        uart.enabled = 1;
+    }
     free(copy);
-    finish(w, r < 0 ? r : 1, NULL);
+    /* The early start: the guest is ours from here (EARLY), unless the old VMM took it
+     * back first (a cancel, downtime-limit): then only the state is written. */
+    if (pyvmm_commit_claim(w->commit, PYVMM_COMMIT_EARLY) != PYVMM_COMMIT_EARLY) {
+        finish(w, 1, NULL);
+        return NULL;
+    }
+    r = pyvmm_early_go(w->kvm_fd, w->vcpu_fds, w->nvcpus, &uart, w->step, sizeof(w->step),
+                       &entered);
+    if (r < 0) {   /* nothing ran: the word goes back to OPEN, the state stays written */
+        pyvmm_commit_move(w->commit, PYVMM_COMMIT_EARLY, PYVMM_COMMIT_OPEN);
+        finish(w, 1, NULL);
+        return NULL;
+    }
+    w->t_done_ns = entered;
+    __atomic_store_n(&w->result, PYVMM_HANDOFF_RUNNING, __ATOMIC_RELEASE);
+    futex((uint32_t *)&w->result, FUTEX_WAKE_PRIVATE, INT_MAX, NULL);
+    pyvmm_early_run0();   /* this thread is vCPU 0's now, joined by pyvmm_early_stop */
     return NULL;
 }
 
@@ -143,9 +177,16 @@ int pyvmm_handoff_start(struct pyvmm_handoff_waiter *w)
     if (w->started || w->nvcpus < 1 || w->nvcpus > PYVMM_VM_MAX_VCPUS ||
         w->size < pyvmm_handoff_size(w->nvcpus) || w->norder > PYVMM_VCPU_NPIECES)
         return -EINVAL;
+    sigset_t all, old;
+
     w->result = 0;
     w->cancel = 0;
+    /* It never handles a signal (Python's handlers expect Python's threads); its early
+     * vCPU threads, which inherit this mask, unblock only the kick. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
     r = pthread_create(&t, NULL, waiter_main, w);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (r != 0)
         return -r;
     w->thread = (uint64_t)t;
@@ -187,6 +228,7 @@ void pyvmm_handoff_stop(struct pyvmm_handoff_waiter *w)
 {
     struct pyvmm_handoff_page *p = w->page;
     uint32_t waiting = PYVMM_HANDOFF_WAITING;
+    int32_t r;
 
     if (!w->started)
         return;
@@ -194,6 +236,17 @@ void pyvmm_handoff_stop(struct pyvmm_handoff_waiter *w)
     if (__atomic_compare_exchange_n(&p->posted, &waiting, PYVMM_HANDOFF_CANCELLED, 0,
                                     __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
         futex(&p->posted, FUTEX_WAKE, INT_MAX, NULL);
-    pthread_join((pthread_t)w->thread, NULL);
+    /* Its outcome first (it comes: the thread only checks and writes, ~0.2 ms): one
+     * that runs the guest does not return until pyvmm_early_stop stops it. */
+    while ((r = __atomic_load_n(&w->result, __ATOMIC_ACQUIRE)) == 0)
+        futex((uint32_t *)&w->result, FUTEX_WAIT_PRIVATE, 0, NULL);
+    if (r == PYVMM_HANDOFF_RUNNING) {
+        int32_t pending[PYVMM_VM_MAX_VCPUS];
+        int64_t entered[PYVMM_VM_MAX_VCPUS];
+        /* (joins this thread too; nothing to do if Python's take-over did) */
+        pyvmm_early_stop(pending, entered, PYVMM_VM_MAX_VCPUS);
+    } else {
+        pthread_join((pthread_t)w->thread, NULL);
+    }
     w->started = 0;
 }

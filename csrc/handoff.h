@@ -9,10 +9,12 @@
 
 #include "build_vm.h"
 #include "kvm_state.h"
+#include "vcpu_run.h"
 
 #define PYVMM_HANDOFF_WAITING 0u     /* posted: nothing yet */
 #define PYVMM_HANDOFF_POSTED 1u      /* posted: the old VMM wrote the block */
 #define PYVMM_HANDOFF_CANCELLED 2u   /* posted: the new VMM stopped waiting */
+#define PYVMM_HANDOFF_RUNNING 2      /* result: written, and the guest runs (early start) */
 #define PYVMM_HANDOFF_BLOCK 4096     /* where the early block starts in the memfd */
 
 /* The start of the memfd both VMMs map; the block (csrc/cpr_exec.h's early
@@ -40,9 +42,17 @@ struct pyvmm_handoff_waiter {
     uint8_t norder;
     uint8_t pad[5];
     int32_t started;
+    int32_t early;        /* run the guest once written, if the commit word lets us */
+    int32_t kvm_fd;       /* (for the early start: the size of kvm_run) */
+    int32_t pad2;
+    void *commit;         /* the commit word (csrc/commit.h), for the early start */
+    struct pyvmm_uart_fast uart;   /* our console, for the UART fast path meanwhile */
     int32_t cancel;       /* set by pyvmm_handoff_stop: whatever the shared word says */
-    int32_t result;       /* a futex word: 0 not yet, 1 written, < 0 -errno of `step` */
-    int64_t t_done_ns;    /* CLOCK_MONOTONIC when the state was written */
+    int32_t result;       /* a futex word: 0 not yet, 1 written, 2 written and running
+                           * (PYVMM_HANDOFF_RUNNING), < 0 -errno of `step` */
+    int64_t t_woke_ns;    /* CLOCK_MONOTONIC when the thread saw the block posted */
+    int64_t t_done_ns;    /* CLOCK_MONOTONIC when the state was written (running: when
+                           * the last vCPU went into the guest) */
     char step[48];
 };
 
@@ -68,7 +78,8 @@ int64_t pyvmm_handoff_post(void *page, uint64_t length);
 int pyvmm_handoff_wait(struct pyvmm_handoff_waiter *w, int timeout_ms);
 
 /* New VMM: cancel the wait if nothing was posted, then join the thread (one
- * that is writing finishes first).  Safe to call twice. */
+ * that is writing finishes first; one that runs the guest early is stopped
+ * first, as pyvmm_early_stop does).  Safe to call twice. */
 void pyvmm_handoff_stop(struct pyvmm_handoff_waiter *w);
 
 #endif

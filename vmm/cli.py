@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     cpr.add_argument("--fault", default="",
                      help="inject a fault to watch the rollback, one of: "
                           + ", ".join(sorted(POINTS)) + " (see docs/CPR.md)")
+    cpr.add_argument("--early-start", action="store_true",
+                     help="transfer: the new pyvmm runs the guest as soon as it has the vCPU "
+                          "state, before its device restore (shorter pause; if the new pyvmm "
+                          "then crashes the guest goes with it: see docs/CPR.md)")
     cpr.add_argument("--trace", action="store_true", help="print each step with its time")
     cpr.add_argument("--trace-plot", metavar="FILE",
                      help="draw this update (lanes per process, messages, downtime, fault "

@@ -38,7 +38,7 @@ class Controller:
         self.flush_events = None
         self.params = {"mode": DEFAULT_MODE, "cpr-exec-command": default_exec_command(),
                        "downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": 134217728,
-                       "x-fault": []}
+                       "x-fault": [], "x-early-start": False}
         from .qmp.migration_args import MIGRATION_CAPABILITY_NAMES   # (QEMU 10's names)
         self.capabilities = {name: False for name in MIGRATION_CAPABILITY_NAMES}
         self.migration = None
@@ -144,6 +144,8 @@ class Controller:
             if not cmd or not all(isinstance(a, str) for a in cmd):
                 raise VmmError("cpr-exec-command must be a non-empty list of strings")
             self.params["cpr-exec-command"] = list(cmd)
+        if "x-early-start" in params:   # cpr-transfer: the guest runs before the device restore
+            self.params["x-early-start"] = bool(params["x-early-start"])
         if "x-fault" in params:
             self.params["x-fault"] = sorted(parse(params["x-fault"]))
         if "downtime-limit" in params:   # the longest pause before a rollback (CPR.md)
@@ -218,7 +220,8 @@ class Controller:
                 exec_command=self.params["cpr-exec-command"],
                 faults=faults, emit=self._migration_event, main_addr=main_addr,
                 extra_fds=self.extra_fds, config=self.config,
-                downtime_limit_ms=self.params["downtime-limit"])
+                downtime_limit_ms=self.params["downtime-limit"],
+                early_start=self.params["x-early-start"])
         return threading.Thread(target=self._run_migration, name="migration", daemon=True).start
 
     def _migration_event(self, name: str, data=None) -> None:

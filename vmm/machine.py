@@ -321,14 +321,18 @@ class Machine:
         for d in self.devices:
             d.resume()
 
-    def roll_back(self, *, was_running: bool, released: bool) -> bool:
+    def roll_back(self, *, was_running: bool, released: bool, mmio_writes=()) -> bool:
         """After a live update or a migration failed with the guest stopped: the devices
         taken back (if the update had released them: the "failed" notifier) and running
         again, then the vCPUs if the guest ran before the stop (a paused guest stays
-        paused); whether they were resumed (the caller emits RESUME)."""
+        paused); whether they were resumed (the caller emits RESUME).  `mmio_writes`:
+        writes a vCPU made elsewhere that KVM retired but no device saw (a cpr-transfer
+        guest handed back after its early start), given to the devices first."""
         if released:
             self.notify_devices("failed")
         self.resume_devices()
+        for addr, data in mmio_writes:
+            self.mmio_bus.write(addr, data)
         if was_running:
             self.resume()
         return was_running

@@ -313,15 +313,22 @@ def _build():
         "cpr": cpr,
     }, rule=state_rule)
 
+    # cpr-transfer's hand-back: the guest's vCPU and VM state from a new VMM that ran it
+    # early and then failed (vmm/cpr/handoff.py), for the old VMM to take it back.
+    handback = Map({"vm": vm, "vcpus": List(vcpu, MAX_VCPUS),
+                    "time": Map({"host_ns": i64, "tsc_khz": u32}),
+                    "mmio_writes": List(List(items=(Int(), Bytes(most=8))), 64)})
+
     hello = Map({"shape": Map({}), "config": config, "faults": faults, "pyvmm": Str(),
-                 "commit": Bool(), "handoff": Bool()},
-                optional=("config", "faults", "pyvmm", "commit", "handoff"))
+                 "commit": Bool(), "handoff": Bool(), "early": Bool()},
+                optional=("config", "faults", "pyvmm", "commit", "handoff", "early"))
     state_msg = Map({"fds": List(Str(), 256), "t_transfer": Nullable(i64),
                      "steps": List(mark, 8), "handoff": Bool()},
                     optional=("t_transfer", "steps", "handoff"))
     return {"shape": Schema("shape", shape), "state": Schema("state", state),
             "saved": Schema("state", Map(dict(state.fields), optional=("cpr",), rule=state_rule)),
-            "hello": Schema("hello", hello), "state-msg": Schema("state message", state_msg)}
+            "hello": Schema("hello", hello), "state-msg": Schema("state message", state_msg),
+            "handback": Schema("hand-back state", handback)}
 
 
 _SCHEMAS: dict | None = None

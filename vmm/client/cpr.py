@@ -47,6 +47,11 @@ def cmd_cpr(args) -> int:
         from .trace_plot import check
         check(args.trace_plot)
     params = {"mode": mode}
+    if args.early_start:
+        if mode != "cpr-transfer":
+            raise VmmError("--early-start is for --mode transfer (a cpr-exec's new image "
+                           "always starts the guest early)")
+        params["x-early-start"] = True
     if args.fault:
         params["x-fault"] = args.fault.split(",")
     client = QmpClient(args.socket, timeout=args.timeout, wait=START_WAIT_S)

@@ -33,6 +33,7 @@ from ..kvm.ffi import ffi, lib
 OPEN = lib.PYVMM_COMMIT_OPEN
 NEW = lib.PYVMM_COMMIT_NEW
 OLD = lib.PYVMM_COMMIT_OLD
+EARLY = lib.PYVMM_COMMIT_EARLY
 SIZE = 4096
 
 
@@ -73,6 +74,16 @@ class CommitWord:
     def claim(self, who: int) -> bool:
         """Take the guest for `who` (NEW or OLD); True if this side holds it now."""
         return lib.pyvmm_commit_claim(self._word, who) == who
+
+    def move(self, old: int, new: int) -> bool:
+        """The new VMM, after its early start: EARLY to NEW (its restore done) or to OLD
+        (the guest handed back).  True if the word held `old` and now holds `new`."""
+        return lib.pyvmm_commit_move(self._word, old, new) == new
+
+    @property
+    def word(self):
+        """The word itself, for C (csrc/handoff.c claims EARLY there)."""
+        return self._word
 
     def holder(self) -> int:
         return lib.pyvmm_commit_read(self._word)

@@ -30,7 +30,8 @@ import stat
 from ..errors import VmmError
 from ..kvm.ffi import SharedMapping, ffi, lib
 
-WAIT_MS = 100    # for a posted block to be written (it takes ~0.2 ms; a busy host: more)
+WAIT_MS = 5000   # for a posted block to be written (it takes ~0.2 ms; a busy host: more)
+RUNNING = lib.PYVMM_HANDOFF_RUNNING
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -54,9 +55,12 @@ class _Mapped:
 
 
 class Waiter(_Mapped):
-    """The new VMM's side: the memfd to send with "prepared", and the thread."""
+    """The new VMM's side: the memfd to send with "prepared", and the thread.
 
-    def __init__(self, machine):
+    With `commit` (the old VMM's commit word, early start asked for), the thread runs
+    the guest as soon as it wrote the state (the early start, see below)."""
+
+    def __init__(self, machine, commit=None):
         n = len(machine.vcpus)
         size = size_for(n)
         self.fd = os.memfd_create("pyvmm-cpr-handoff", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -71,6 +75,12 @@ class Waiter(_Mapped):
             order = machine.vcpus[0].restore_order
             w.order[0:len(order)] = list(order)
             w.norder = len(order)
+            w.kvm_fd = machine.kvm.fd
+            if commit is not None:
+                w.early, w.commit = 1, commit.word
+                fast = machine.uart_fast
+                w.uart.out_fd, w.uart.enabled = fast.out_fd, 0   # (base, lsr: the old VMM's)
+            self.vcpu_fds = [vcpu.fd for vcpu in machine.vcpus]
             r = lib.pyvmm_handoff_start(w)
             if r < 0:
                 raise OSError(-r, f"cannot start the handoff thread: {os.strerror(-r)}")
@@ -80,13 +90,65 @@ class Waiter(_Mapped):
 
     def finish(self, posted: bool) -> int | None:
         """Once the state message came: if the old VMM says it posted the block, wait
-        for the thread to have written it; then stop the thread.  When it wrote the
-        state (CLOCK_MONOTONIC ns), or None (nothing written: restore from the blob)."""
+        for the thread to have written it; then stop the thread, unless it runs the
+        guest (self.running: stop_early() stops it).  When it wrote the state, or when
+        the last early vCPU went into the guest (CLOCK_MONOTONIC ns), or None (nothing
+        written: restore from the blob)."""
         w = self.waiter
         if posted:
             lib.pyvmm_handoff_wait(w, WAIT_MS)
-        lib.pyvmm_handoff_stop(w)
-        return w.t_done_ns if w.result == 1 else None
+        if w.result != RUNNING:
+            lib.pyvmm_handoff_stop(w)
+        return w.t_done_ns if w.result in (1, RUNNING) else None
+
+    def posted(self) -> bool:
+        """The old VMM wrote the block and woke the thread (it may run the guest)."""
+        page = ffi.cast("struct pyvmm_handoff_page *", self._map.ptr)
+        return page.posted == lib.PYVMM_HANDOFF_POSTED
+
+    @property
+    def running(self) -> bool:
+        """The early start: the thread wrote the state and runs the guest (until
+        stop_early()); the commit word says EARLY."""
+        return self.waiter is not None and self.waiter.result == RUNNING and \
+            self.waiter.started == 1 and self._early_stopped is None
+
+    _early_stopped = None
+
+    def stop_early(self) -> tuple[list[int], int]:
+        """Stop and join the early vCPU threads (Machine.take_over_early calls this, as
+        for the cpr-exec prebuilder's): the exit each left in kvm_run for Python (0:
+        none), and when the last of them went into the guest."""
+        if self._early_stopped is None:
+            n = len(self.vcpu_fds)
+            pending, entered = ffi.new("int32_t[]", n), ffi.new("int64_t[]", n)
+            lib.pyvmm_early_stop(pending, entered, n)
+            self._early_stopped = (list(pending), max(entered))
+        return self._early_stopped
+
+    def capture(self, machine, state: dict | None) -> dict:
+        """The early vCPUs stopped: the guest's vCPU and VM state as it is now, for the
+        old VMM to take the guest back (the hand-back; the guest ran here, so the state
+        the old VMM saved would turn it back in time).  `state`: the old VMM's, when it
+        came (its MSR list is the one to read).  An exit an early thread left for a
+        Python device is not completed, as in the cpr-exec fallback
+        (prebuild.Prebuilt.capture_early): the old VMM's vCPU runs a port I/O or MMIO
+        read again, and replays an MMIO write KVM already retired ("mmio_writes")."""
+        import time
+        pending, _ = self.stop_early()
+        writes = []
+        vcpus = []
+        for i, vcpu in enumerate(machine.vcpus):
+            m = vcpu.run.mmio
+            if pending[i] == lib.KVM_EXIT_MMIO and m.is_write:
+                writes.append([m.phys_addr, bytes(ffi.buffer(m.data, m.len))])
+            if state is not None:
+                vcpu.adopt_state(state["vcpus"][i])
+            vcpus.append(vcpu.get_state())
+        return {"vcpus": vcpus, "vm": machine.vm.get_state(),
+                "time": {"host_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+                         "tsc_khz": machine.vcpus[0].tsc_khz()},
+                "mmio_writes": writes}
 
     @property
     def problem(self) -> str:
@@ -99,6 +161,7 @@ class Waiter(_Mapped):
     def close(self) -> None:
         if getattr(self, "waiter", None) is not None:
             lib.pyvmm_handoff_stop(self.waiter)   # (joined before the unmap)
+            self.waiter = None
         super().close()
 
 
@@ -144,6 +207,12 @@ class Page(_Mapped):
         refuses."""
         h = self._header()   # (warm_up wrote its fixed part)
         h.save_ns, h.tsc_khz = state["time"]["host_ns"], state["time"]["tsc_khz"]
+        fast = machine.uart_fast   # (an early start serves the UART as our fast path did;
+        if fast.enabled:           # the console is the new VMM's own: uart_fd is a placeholder)
+            h.flags = lib.PYVMM_EARLY_UART
+            h.uart_fd, h.uart_base, h.uart_lsr = 1, fast.base, fast.lsr
+        else:
+            h.flags = 0
         at = lib.PYVMM_HANDOFF_BLOCK + ffi.sizeof("struct pyvmm_early_header")
         base = ffi.cast("char *", self._map.ptr)
         raw = machine.vm.saved_raw

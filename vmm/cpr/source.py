@@ -27,7 +27,7 @@ from ..errors import VmmError
 from . import (DOWNTIME_LIMIT_MS, EXEC_STATE_ENV, EXEC_T_ENV, HOLDER_ENV, resume_command,
                search_path)
 from .channel import PROTOCOL, PROTOCOL_VERSION, Channel, ChannelError, ChannelTimeout
-from .commit import NEW, OLD
+from .commit import EARLY, NEW, OLD, OPEN
 from .faults import Faults
 from .modes import check_migrate_mode
 from .timeline import Timeline, now_ns, timeline_info
@@ -159,6 +159,26 @@ class Cancelled(VmmError):
     """migrate_cancel arrived before the point of no return."""
 
 
+class HandedBack(ChannelError):
+    """The new VMM ran the guest early (cpr-transfer's x-early-start), then failed: it
+    stopped the guest and sent back its vCPU and VM state as they are now (`state`,
+    None if it could not be read: then the guest is lost)."""
+
+    def __init__(self, msg: dict, fds: list[int]):
+        desc = str(msg.get("desc", "unknown error"))[:500]
+        super().__init__(f"the other pyvmm failed after it ran the guest early, and gave it "
+                         f"back: {desc}")
+        self.state = None
+        try:
+            if len(fds) == 1:
+                self.state = state_format.loads(state_format.read_memfd(fds[0]), "handback")
+        except VmmError:
+            self.state = None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+
 class Migration:
     """One live update out of this process (what query-migrate reports on)."""
 
@@ -166,7 +186,7 @@ class Migration:
                  exec_command: list[str] | None = None, faults=(), emit=None,
                  extra_fds: dict[str, int] | None = None, config: dict | None = None,
                  main_addr: dict | None = None,
-                 downtime_limit_ms: int = DOWNTIME_LIMIT_MS):
+                 downtime_limit_ms: int = DOWNTIME_LIMIT_MS, early_start: bool = False):
         check_migrate_mode(mode)
         if mode == "cpr-transfer" and not cpr_path:
             raise VmmError("cpr-transfer needs the new pyvmm's cpr socket path")
@@ -189,6 +209,10 @@ class Migration:
         self.commit = None       # cpr-transfer: the shared word that decides it (.commit)
         self.handoff = None      # cpr-transfer: the new VMM's handoff page (.handoff), if any
         self.handed_over = False   # ... and the VM and vCPU state written into it
+        # cpr-transfer's early start (x-early-start): the new VMM runs the guest as soon
+        # as it wrote that state, before its device restore (vmm/cpr/handoff.py).
+        self.early_start = early_start and mode == "cpr-transfer"
+        self._ours = False       # our claim (OLD) landed: the guest never ran elsewhere
         self._running = None     # the new VMM's "running", if it came while we waited
         self._gone = None        # why the channel broke after the new VMM's claim
         # cpr-exec with QEMU's `file:PATH`: the new image writes the state there (off
@@ -214,7 +238,11 @@ class Migration:
         self.emit("MIGRATION", {"status": status})
 
     def _mark(self, phase: str) -> None:
-        self.timeline.mark(phase)
+        if self.timeline.get(phase) is None:   # (the early start marks "transfer" sooner)
+            self.timeline.mark(phase)
+
+    def _mark_at(self, phase: str, t: int) -> None:
+        self.timeline.mark(phase, t)
 
     def info(self) -> dict:
         info = timeline_info(self.timeline, self.mode)
@@ -347,7 +375,7 @@ class Migration:
                            "pyvmm": __version__,
                            "shape": state_format.encode_tree(m.shape()), "config": self.config,
                            "faults": self.faults.for_target(), "commit": True,
-                           "handoff": True},
+                           "handoff": True, "early": self.early_start},
                           [m.memory.fd, self.commit.fd])
         self.timeline.step("old: hello and RAM memfd sent")
         try:
@@ -376,6 +404,8 @@ class Migration:
             t = self.handoff.post(self.machine, state, corrupt="early-state" in self.faults.armed)
             self.handed_over = True
             self.timeline.step("old: VM and vCPU state handed over", t)
+            if self.early_start:   # the new VMM may run the guest from here: the transfer
+                self._mark_at("transfer", t)
         state["cpr"] = {"pyvmm": __version__, "protocol": PROTOCOL_VERSION,
                         "mode": self.mode, "timeline": self.timeline.marks,
                         "steps": self.timeline.steps,
@@ -407,31 +437,61 @@ class Migration:
 
     def _take_back(self, why: Exception) -> None:
         """Claim the guest back for a rollback and raise `why`; if the new VMM's claim
-        landed first, the guest is its own: mark the update committed and return."""
-        if self.commit.claim(OLD):
+        landed first, the guest is its own: mark the update committed and return.  A
+        new VMM that ran the guest early (EARLY) and then gave it back (OLD) sends its
+        state: raise HandedBack with it (the rollback restores it)."""
+        if self.commit.holder() == OPEN and self.commit.claim(OLD):
+            self._ours = True
             raise why
+        if self.commit.holder() == OLD:   # not our claim: the new VMM's hand-back
+            self._expect_running(self.running_timeout)   # raises HandedBack (or gone)
         self.committed = True
+
+    def _expect_running(self, timeout: float):
+        """The new VMM's "running" (and its fds); HandedBack when it sends the guest back
+        instead (after an early start), ChannelError when it failed or went away."""
+        msg, fds = self.channel.recv(timeout)
+        if msg["msg"] == "handback":
+            raise HandedBack(msg, fds)
+        for fd in fds:
+            os.close(fd)
+        if msg["msg"] != "running":
+            raise ChannelError(f"expected 'running' from the other pyvmm, got {msg['msg']!r}")
+        return msg
 
     def _wait_claimed(self) -> None:
         """Until the new VMM has claimed the guest (its "running", or the word says so),
         or we take it back: at downtime-limit after the stop, on a cancel (seen within
-        50 ms), on the new VMM's refusal or when it goes away."""
+        50 ms), on the new VMM's refusal or when it goes away.  Once it runs the guest
+        early (EARLY) neither a cancel nor downtime-limit can take it back (the guest
+        runs): we wait for its "running", or for the guest handed back."""
         deadline = self.timeline.get("stop") + self.downtime_limit_ms * 1_000_000
+        early_until = None
         while not self.committed:
-            left = (deadline - now_ns()) / 1e9
-            if left <= 0:
-                return self._take_back(VmmError(
-                    f"the new pyvmm had not restored the guest within downtime-limit "
-                    f"({self.downtime_limit_ms} ms) of the stop; rolled back (raise it with "
-                    "migrate-set-parameters downtime-limit=MS)"))
-            try:
-                self._running, _ = self.channel.expect("running", timeout=min(left, 0.05))
-                self.committed = True
-            except ChannelTimeout:
-                if self._cancel.is_set():
-                    self._take_back(Cancelled("migration cancelled"))
-                elif self.commit.holder() == NEW:
+            if self.commit.holder() == EARLY:
+                early_until = early_until or now_ns() + int(self.running_timeout * 1e9)
+                left = (early_until - now_ns()) / 1e9
+                if left <= 0:   # it runs the guest and says nothing: it is its guest now
                     self.committed = True
+                    return
+            else:
+                left = (deadline - now_ns()) / 1e9
+                if left <= 0:
+                    return self._take_back(VmmError(
+                        f"the new pyvmm had not restored the guest within downtime-limit "
+                        f"({self.downtime_limit_ms} ms) of the stop; rolled back (raise it "
+                        "with migrate-set-parameters downtime-limit=MS)"))
+            try:
+                self._running = self._expect_running(timeout=min(left, 0.05))
+                self.committed = True
+            except HandedBack:
+                raise
+            except ChannelTimeout:
+                holder = self.commit.holder()
+                if holder == NEW:
+                    self.committed = True
+                elif self._cancel.is_set() and holder != EARLY:
+                    self._take_back(Cancelled("migration cancelled"))
             except ChannelError as e:   # refused, or gone: ours again unless it claimed
                 self._gone = e
                 self._take_back(e)
@@ -475,7 +535,7 @@ class Migration:
                 raise self._gone
             msg = self._running
             if msg is None:
-                msg, _ = self.channel.expect("running", timeout=self.running_timeout)
+                msg = self._expect_running(self.running_timeout)
             self.timeline.marks = [list(x) for x in msg.get("timeline", self.timeline.marks)]
             self.timeline.steps = [list(x) for x in msg.get("steps", self.timeline.steps)]
         except ChannelTimeout:
@@ -497,8 +557,61 @@ class Migration:
             self.handoff.close()
             self.handoff = None
 
+    def _resolve_early(self, error: Exception) -> Exception:
+        """A failure here after the handoff of an early start: the new VMM may run the
+        guest already.  Take it back if it does not (OPEN: our claim lands first);
+        else tell the new VMM and wait for the guest handed back (HandedBack, the error
+        to roll back with).  If the new VMM goes away with it instead, the guest went
+        with it: self.committed."""
+        if self._ours or self.commit is None or self.channel is None or \
+                not (self.early_start and self.handed_over) or isinstance(error, HandedBack):
+            return error
+        if self.commit.holder() == OPEN and self.commit.claim(OLD):
+            self._ours = True
+            return error
+        if self.commit.holder() == EARLY:
+            try:
+                self.channel.send({"msg": "error", "desc": str(error)})
+            except VmmError:
+                pass
+        try:
+            self._expect_running(self.running_timeout)
+        except HandedBack as e:
+            return e
+        except VmmError:
+            pass
+        self.committed = True
+        return error
+
+    def _restore_handback(self, back: dict) -> None:
+        """The guest's vCPU and VM state from the new VMM that ran it early: written
+        into our (paused) vCPUs and VM, the TSC moved on by the time since it was read,
+        as a restore does."""
+        m = self.machine
+        for vcpu in m.vcpus:
+            vcpu.adopt_state({}, written_elsewhere=True)
+        m.restore_state({"machine": m.shape(), "vm": back["vm"], "vcpus": back["vcpus"],
+                         "time": back["time"]})
+        self.timeline.step("old: the guest's state handed back, written into our vCPUs")
+
     def _failed(self, error: Exception, *, stopped: bool, was_running: bool = True) -> bool:
         """Roll back: devices re-acquired, guest resumed as if nothing happened."""
+        if stopped:
+            error = self._resolve_early(error)
+        back = error.state if isinstance(error, HandedBack) else None
+        if self.committed or (isinstance(error, HandedBack) and back is None):
+            # The guest ran in the new VMM, which went away with it (or gave it back
+            # unreadable): nothing here may run it again.
+            self.committed = True
+            self.error = (f"the new pyvmm ran the guest (early start) and then failed "
+                          f"({error}): the guest went with it")
+            for closer in (self.channel, self.commit):
+                if closer is not None:
+                    closer.close()
+            self.channel = self.commit = None
+            self._close_handoff()
+            self._set_status("failed")
+            return True
         self.error = str(error)
         if self.channel is not None:
             self.channel.close()
@@ -514,7 +627,10 @@ class Migration:
             os.close(self.prebuild_fd)
             self.prebuild_fd = -1
         if stopped:
-            if self.machine.roll_back(was_running=was_running, released=True):
+            if back is not None:
+                self._restore_handback(back)
+            if self.machine.roll_back(was_running=was_running, released=True,
+                                      mmio_writes=back["mmio_writes"] if back else ()):
                 self.emit("RESUME")
             self.timeline.mark("rollback")
         self._set_status("cancelled" if isinstance(error, Cancelled) else "failed")

@@ -33,6 +33,8 @@ from .timeline import Timeline
 
 # The handoff thread's step (its own lane in `pyvmm cpr --trace`: it runs beside ours).
 HANDOFF_STEP = "handoff: VM and vCPU state written (a thread of the new pyvmm, in C)"
+EARLY_STEP = ("handoff: VM and vCPU state written, the guest runs (the early start: "
+              "a thread of the new pyvmm, in C)")
 
 
 def map_ram(shape: dict, ram_fd: int, address: int = 0) -> GuestMemory:
@@ -123,7 +125,8 @@ class Arrival:
         self.state_file = state_file
 
 
-def resume_guest(machine, state: dict, timeline, t_transfer, early=None) -> None:
+def resume_guest(machine, state: dict, timeline, t_transfer, early=None,
+                 who: str = "new image") -> None:
     """The tail both modes share, in the new VMM: the old VMM's marks and steps go
     before ours (with its transfer time), the devices and then the vCPUs run again
     (a guest paused in the old VMM stays paused), and "resume" is marked when the
@@ -131,21 +134,23 @@ def resume_guest(machine, state: dict, timeline, t_transfer, early=None) -> None
     downtime began here (a collection of the fresh state tree costs ~1 ms), runs
     again from then on.
 
-    `early`: the cpr-exec prebuilder (a vmm.cpr.prebuild.Prebuilt) runs the vCPUs
-    already; our vCPU threads take them over once the devices are back, and the
-    guest ran again ("resume") when the last early thread went into it."""
+    `early`: the cpr-exec prebuilder (a vmm.cpr.prebuild.Prebuilt) or cpr-transfer's
+    handoff thread (a vmm.cpr.handoff.Waiter) runs the vCPUs already; our vCPU
+    threads take them over once the devices are back, and the guest ran again
+    ("resume") when the last early thread went into it.  `who`: the steps' prefix."""
     cpr = state["cpr"]
-    timeline.marks = cpr["timeline"] + [["transfer", t_transfer]] + timeline.marks
+    sent = [] if any(m[0] == "transfer" for m in cpr["timeline"]) else [["transfer", t_transfer]]
+    timeline.marks = cpr["timeline"] + sent + timeline.marks   # (the early start's: marked)
     timeline.steps = cpr.get("steps", []) + timeline.steps
     machine.resume_devices()
     for addr, data in cpr.get("mmio_writes", ()):   # (prebuild.Prebuilt.capture_early)
         machine.mmio_bus.write(addr, data)
     if early is not None:
         t_early, handed = machine.take_over_early(early)
-        timeline.step(f"new image: early vCPU threads stopped ({handed} exits for Python "
+        timeline.step(f"{who}: early vCPU threads stopped ({handed} exits for Python "
                       "handed over)")
         machine.resume()
-        timeline.step("new image: Python's vCPU threads run the guest", machine.wait_entered())
+        timeline.step(f"{who}: Python's vCPU threads run the guest", machine.wait_entered())
         timeline.mark("resume", t_early)
     elif cpr.get("running", True):
         machine.resume()
@@ -401,8 +406,9 @@ class Incoming(Waiting):
             warm_up(self.machine, shape)
             if msg.get("handoff") is True:
                 from .handoff import Waiter
+                early = msg.get("early") is True and self.commit is not None
                 try:
-                    self.handoff = Waiter(self.machine)
+                    self.handoff = Waiter(self.machine, self.commit if early else None)
                 except OSError:   # (no handoff: the state is written from the blob)
                     self.handoff = None
         except Exception as e:
@@ -422,7 +428,14 @@ class Incoming(Waiting):
         (and leaves how it came in self.arrival)."""
         from .channel import ChannelError
         self.faults.crash("target-crash-before-fds")
-        msg, fds = self.channel.expect("state", timeout=None)
+        try:
+            msg, fds = self.channel.expect("state", timeout=None)
+        except ChannelError as e:   # the old VMM failed: after its handoff, the guest may run here
+            if self.handoff is not None and self.handoff.posted():
+                self.handoff.finish(True)
+                if self.handoff.running:
+                    self._hand_back(None, e)
+            raise
         gc.disable()   # the guest is stopped until resume_guest(), which enables it again
         self.settled.clear()
         try:
@@ -433,6 +446,7 @@ class Incoming(Waiting):
     def _complete(self, msg, fds):
         from .channel import ChannelError
         self.timeline.mark("restore")
+        state = None
         try:
             from ..schema import check
             names = check("state-msg", msg)["fds"]
@@ -442,7 +456,7 @@ class Incoming(Waiting):
         except VmmError as e:
             for fd in fds:
                 _close(fd)
-            self._refuse(e)
+            self._refuse_or_hand_back(None, e, msg.get("handoff") is True)
             raise
         by_name = dict(zip(names, fds))
         # What the old VMM still runs at the moment its fds reach us (the order test
@@ -459,6 +473,7 @@ class Incoming(Waiting):
                 os.close(state_fd)
             self.timeline.step("new: state blob loaded")
             written = self._handed_over(msg.get("handoff") is True)
+            early = self.handoff is not None and self.handoff.running
             self.faults.check("target-restore")
             if written is not None:   # the VM and vCPUs: by the handoff thread, meanwhile
                 self.machine.check_fits(state)
@@ -468,12 +483,16 @@ class Incoming(Waiting):
             else:
                 restore(self.machine, state, by_name)
                 self.timeline.step("new: vCPU, VM and device state written")
+            self.faults.delay("target-slow-restore")
         except Exception as e:
-            self._refuse(e)
+            self._refuse_or_hand_back(state, e, True)
             raise
-        self.faults.delay("target-slow-restore")
         self.timeline.steps += [list(s) for s in msg.get("steps", ())]
-        if self.commit is not None:
+        if early:   # the guest is ours since the early start: nobody else moves the word
+            from .commit import EARLY, NEW
+            self.commit.move(EARLY, NEW)
+            self.timeline.step("new: restore done, the early start's claim made final")
+        elif self.commit is not None:
             from .commit import NEW
             if not self.commit.claim(NEW):
                 raise ChannelError("the old pyvmm took the guest back before this one could "
@@ -485,7 +504,8 @@ class Incoming(Waiting):
             self.timeline.step("new: \"go\" received")
             self.timeline.steps += [list(s) for s in go.get("steps", [])
                                     if isinstance(s, list) and len(s) == 2]
-        resume_guest(self.machine, state, self.timeline, msg.get("t_transfer"))
+        resume_guest(self.machine, state, self.timeline, msg.get("t_transfer"),
+                     self.handoff if early else None, who="new")
         self.faults.delay("target-slow-running")
         # Past "go" this process owns the guest, whatever became of the old one (killed,
         # or gave up waiting while we were stopped): a broken channel is worth a line,
@@ -508,12 +528,43 @@ class Incoming(Waiting):
         if self.handoff is None:
             return None
         written = self.handoff.finish(posted)
-        if written is not None:
+        if self.handoff.running:   # the guest ran again there: this side's restore began then
+            self.timeline.marks = [m for m in self.timeline.marks if m[0] != "restore"]
+            self.timeline.mark("restore", self.handoff.waiter.t_woke_ns)
+            self.timeline.step(EARLY_STEP, written)
+        elif written is not None:
             self.timeline.step(HANDOFF_STEP, written)
         elif posted:
             self.timeline.step(f"new: handoff refused ({self.handoff.problem}); the state is "
                                "written from the blob")
         return written
+
+    def _refuse_or_hand_back(self, state: dict | None, error: Exception, posted: bool) -> None:
+        """A failure here: refused, as before; but when the guest runs here since the
+        early start, it goes back to the old VMM with its state as it is now."""
+        if self.handoff is not None and posted:
+            self.handoff.finish(True)
+            if self.handoff.running:
+                self._hand_back(state, error)
+                return
+        self._refuse(error)
+
+    def _hand_back(self, state: dict | None, error: Exception) -> None:
+        """The early start ran the guest here, and this side cannot finish: stop the
+        early vCPUs, send the old VMM their state (it takes the guest back with it and
+        resumes), and give up the guest (EARLY to OLD)."""
+        from .commit import EARLY, OLD
+        from ..state import dumps, to_memfd
+        back = self.handoff.capture(self.machine, state)
+        fd = to_memfd(dumps(back))
+        try:
+            self.commit.move(EARLY, OLD)
+            self.timeline.step("new: early vCPUs stopped, the guest handed back")
+            self.channel.send({"msg": "handback", "desc": str(error)}, [fd])
+        except VmmError:
+            pass
+        finally:
+            os.close(fd)
 
     def _refuse(self, error: Exception) -> None:
         if self.channel is not None:
