@@ -193,6 +193,11 @@ def start_incoming(reg: Cleanup, name: str, ns=None) -> tuple[Proc, Path, Path]:
     return p, sock, qmp_path
 
 
+#: cpr-transfer updates with x-early-start (`pyvmm bench downtime --early-start`): the new
+#: VMM runs the guest once it has the vCPU state, before its device restore.
+EARLY_START = False
+
+
 def do_update(mode: str, qmp_path: Path, sock: Path | None = None,
               new_qmp: Path | None = None,
               exec_command: list[str] | None = None) -> tuple[dict, float, float]:
@@ -204,7 +209,8 @@ def do_update(mode: str, qmp_path: Path, sock: Path | None = None,
             t0 = time.monotonic()
             q.execute("migrate", uri="exec:")
         else:
-            q.execute("migrate-set-parameters", mode="cpr-transfer")
+            early = {"x-early-start": True} if EARLY_START else {}
+            q.execute("migrate-set-parameters", mode="cpr-transfer", **early)
             addr = {"transport": "socket", "type": "unix", "path": str(sock)}
             t0 = time.monotonic()
             q.execute("migrate", channels=[{"channel-type": "main", "addr": addr},

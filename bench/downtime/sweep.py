@@ -86,6 +86,9 @@ def parse_args(argv):
                     help="naive, qemu (QEMU 7.2 x-ignore-shared), qemu10 (QEMU 10's "
                          "cpr-exec/cpr-transfer, interleaved with pyvmm; bench/qemu10.py "
                          "builds it), comma-separated, or none (default naive,qemu,qemu10)")
+    ap.add_argument("--early-start", action="store_true",
+                    help="pyvmm's cpr-transfer updates with x-early-start (the guest runs "
+                         "before the new VMM's device restore; docs/CPR.md)")
     ap.add_argument("--reps", type=int, default=5, help="updates per configuration (default 5)")
     ap.add_argument("--udp-reps", type=int, default=None,
                     help="updates per UDP-load configuration (default: --reps)")
@@ -164,6 +167,8 @@ def main(argv=None) -> int:
     except ReleaseTreeError as e:
         print(f"pyvmm bench downtime: --from {args.from_rev}: {e}", file=sys.stderr)
         return 1
+    import bench.vmms
+    bench.vmms.EARLY_START = args.early_start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs, skipped = plan(args)

@@ -78,8 +78,8 @@ class Waiter(_Mapped):
             w.kvm_fd = machine.kvm.fd
             if commit is not None:
                 w.early, w.commit = 1, commit.word
-                fast = machine.uart_fast
-                w.uart.out_fd, w.uart.enabled = fast.out_fd, 0   # (base, lsr: the old VMM's)
+                fd = getattr(machine.ctx.console, "fd", None)
+                w.uart.out_fd, w.uart.enabled = (fd if fd is not None else -1), 0
             self.vcpu_fds = [vcpu.fd for vcpu in machine.vcpus]
             r = lib.pyvmm_handoff_start(w)
             if r < 0:

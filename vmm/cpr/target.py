@@ -474,6 +474,7 @@ class Incoming(Waiting):
             self.timeline.step("new: state blob loaded")
             written = self._handed_over(msg.get("handoff") is True)
             early = self.handoff is not None and self.handoff.running
+            self.faults.delay("target-slow-restore")   # (with an early start: the guest runs)
             self.faults.check("target-restore")
             if written is not None:   # the VM and vCPUs: by the handoff thread, meanwhile
                 self.machine.check_fits(state)
@@ -483,7 +484,6 @@ class Incoming(Waiting):
             else:
                 restore(self.machine, state, by_name)
                 self.timeline.step("new: vCPU, VM and device state written")
-            self.faults.delay("target-slow-restore")
         except Exception as e:
             self._refuse_or_hand_back(state, e, True)
             raise

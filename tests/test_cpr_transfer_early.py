@@ -1,0 +1,144 @@
+"""cpr-transfer's early start (x-early-start, `pyvmm cpr --early-start`): the new VMM's
+handoff thread runs the guest the moment it has written the vCPU and VM state, before
+the blob arrives and the devices are restored; a new VMM that fails after that hands
+the guest back with its state as it is then, and the old VMM resumes it from there.
+
+Real updates between two pyvmm processes, a 1 ms ticker guest: its tick counter and
+clock must never go back, across the update and across a hand-back."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import need_kvm
+from test_cpr import (assert_ticks_go_on, new_info, qmp, qmp_connect,
+                      close, start_incoming, start_ticker, ticks, wait_migration)
+
+pytestmark = pytest.mark.usefixtures("kvm")
+
+EARLY_STEP = ("handoff: VM and vCPU state written, the guest runs (the early start: "
+              "a thread of the new pyvmm, in C)")
+
+
+@pytest.fixture(scope="module")
+def kvm():
+    need_kvm()
+
+
+def early_transfer(qmp_path, cpr_sock, faults=()):
+    q = qmp_connect(qmp_path)
+    try:
+        params = {"mode": "cpr-transfer", "x-early-start": True}
+        if faults:
+            params["x-fault"] = list(faults)
+        qmp(q, "migrate-set-parameters", **params)
+        assert qmp(q, "query-migrate-parameters")["x-early-start"] is True
+        addr = {"transport": "socket", "type": "unix", "path": str(cpr_sock)}
+        qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
+                                    {"channel-type": "cpr", "addr": addr}])
+        return wait_migration(q)
+    finally:
+        close(q)
+
+
+def assert_one_guest_history(seen):
+    """(tick, t_us) pairs from the logs of both VMMs, in order: one guest's history.
+    No tick twice, counter and clock only forward.  At a switch between the logs the
+    guest may be cut in the middle of a line (its start in one log, its end in the
+    other), so a tick may be missing there: at most one at each of the two switches."""
+    ns = [n for n, _ in seen]
+    assert len(set(ns)) == len(ns), "a tick ran twice"
+    assert ns == sorted(ns), "counter went back"
+    gaps = [b - a for a, b in zip(ns, ns[1:]) if b - a != 1]
+    assert len(gaps) <= 2 and all(g == 2 for g in gaps), f"ticks lost: gaps {gaps}"
+    ts = [t for _, t in seen]
+    assert ts == sorted(ts), "guest time went back"
+
+
+def status(qmp_path):
+    q = qmp_connect(qmp_path)
+    try:
+        return qmp(q, "query-status")["status"]
+    finally:
+        close(q)
+
+
+def test_guest_runs_before_the_device_restore(guests, vmm_procs, tmp_path):
+    """The guest runs again (resume) when the handoff thread started it, before the
+    new VMM had even loaded the blob; the device restore and Python's take-over come
+    after, and the ticker goes on without its counter or clock going back."""
+    old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
+    new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 20 ")
+    assert early_transfer(old_qmp, sock)["status"] == "completed"
+    info = new_info(new_qmp)
+    steps = dict(info["x-steps"])
+    marks = dict(info["x-timeline"])
+    assert steps[EARLY_STEP] == marks["resume"]
+    assert marks["stop"] < marks["transfer"] <= marks["restore"] < marks["resume"]
+    assert marks["resume"] < steps["new: state blob loaded"] < steps["new: device state written"]
+    take_over = next(t for s, t in steps.items() if s.startswith("new: early vCPU threads stopped"))
+    assert steps["new: device state written"] \
+        < steps["new: restore done, the early start's claim made final"] <= take_over
+    assert 0 < info["x-downtime-us"] < 1_000_000
+    last_old = ticks(old.text())[-1][0]
+    new.wait_for(rf"tick {last_old + 50} ")
+    assert_ticks_go_on(new, 5)
+    assert status(new_qmp) == "running"
+
+
+def test_failure_after_the_early_start_hands_the_guest_back(guests, vmm_procs, tmp_path):
+    """The new VMM runs the guest early for a second (target-slow-restore), then its
+    restore fails (target-restore): it stops the guest and hands it back; the old VMM
+    writes that state into its vCPUs and resumes.  The guest ticked in the new VMM
+    meanwhile, and the old VMM's ticks go on from there: nothing repeated, no clock
+    going back (resuming the state saved at the stop would repeat those ticks)."""
+    old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
+    new, sock, _ = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 20 ")
+    info = early_transfer(old_qmp, sock, faults=["target-slow-restore", "target-restore"])
+    assert info["status"] == "failed", info
+    assert "gave it back" in info["error-desc"], info
+    assert status(old_qmp) == "running"
+    new.wait(15)
+    in_new = ticks(new.text())
+    assert len(in_new) > 50, new.text()[-500:]   # it ran there for about a second
+    before = [t for t in ticks(old.text()) if t[0] < in_new[0][0]]
+    old.wait_for(rf"tick {in_new[-1][0] + 20} ")
+    after = [t for t in ticks(old.text()) if t[0] > in_new[-1][0]]
+    # the old VMM's log: up to the stop, then on from the new VMM's last tick
+    old_ns = [n for n, _ in ticks(old.text())]
+    assert not set(old_ns) & {n for n, _ in in_new[:-1]}, "ticks run twice"
+    joined = before + in_new + after
+    assert_one_guest_history(joined)
+
+
+def test_old_failing_after_the_handoff_gets_the_guest_back(guests, vmm_procs, tmp_path):
+    """The old VMM fails after it handed the state over (fault point save, after the
+    handoff): whether the new VMM's thread had started the guest or not, the old VMM
+    ends up running it, and the ticker goes on."""
+    old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
+    new, sock, _ = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 20 ")
+    info = early_transfer(old_qmp, sock, faults=["save"])
+    assert info["status"] == "failed", info
+    assert status(old_qmp) == "running"
+    new.wait(15)
+    in_new = ticks(new.text())
+    last = in_new[-1][0] if in_new else ticks(old.text())[-1][0]
+    old.wait_for(rf"tick {last + 20} ")
+    assert_one_guest_history(sorted(set(ticks(old.text())) | set(in_new)))
+
+
+def test_early_start_is_opt_in(guests, vmm_procs, tmp_path):
+    """Without x-early-start the new VMM runs the guest only once its restore is done
+    and claimed, as before (a crash of it until then rolls back)."""
+    from test_cpr import cpr_transfer
+    old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
+    new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 20 ")
+    assert cpr_transfer(old_qmp, sock)["status"] == "completed"
+    steps = dict(new_info(new_qmp)["x-steps"])
+    assert EARLY_STEP not in steps
+    assert steps["new: guest claimed (\"go\": the point of no return)"] < \
+        dict(new_info(new_qmp)["x-timeline"])["resume"]
