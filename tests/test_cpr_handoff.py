@@ -143,50 +143,34 @@ def test_page_must_be_a_sealed_memfd_of_the_right_size(guests, pair):
 
 
 # -- through real updates -------------------------------------------------------------
-def test_transfer_writes_vcpus_through_the_handoff(guests, vmm_procs, tmp_path):
+def test_transfer_without_early_start_offers_no_handoff(guests, vmm_procs, tmp_path):
+    """The handoff alone saves nothing on this host (docs/BENCHMARKS.md): only an early
+    start asks for it, and a plain cpr-transfer writes the state from the blob."""
     old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
     new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
     old.wait_for(r"tick 20 ")
     assert cpr_transfer(old_qmp, sock)["status"] == "completed"
-    info = new_info(new_qmp)
-    steps = dict(info["x-steps"])
-    assert HANDOFF_STEP in steps, steps
-    assert "new: device state written" in steps
-    # written after the old VMM handed it over, before the guest was claimed
-    assert steps["old: VM and vCPU state handed over"] < steps[HANDOFF_STEP] \
-        < steps["new: guest claimed (\"go\": the point of no return)"]
+    steps = dict(new_info(new_qmp)["x-steps"])
+    assert "old: VM and vCPU state handed over" not in steps
+    assert "new: vCPU, VM and device state written" in steps
     last_old = ticks(old.text())[-1][0]
-    new.wait_for(rf"tick {last_old + 50} ")
-    assert_ticks_go_on(new, 5)
+    new.wait_for(rf"tick {last_old + 20} ")
 
 
 def test_refused_handoff_writes_the_blob_state(guests, vmm_procs, tmp_path):
-    """Fault point early-state in cpr-transfer: the handed-over block is corrupt, the
-    thread refuses it, the new VMM writes the state from the blob and the update
-    completes; the guest runs on in the new VMM."""
+    """Fault point early-state in cpr-transfer with the early start: the handed-over
+    block is corrupt, the thread refuses it (nothing runs early), the new VMM writes
+    the state from the blob and the update completes; the guest runs on there."""
+    from test_cpr_transfer_early import EARLY_STEP, early_transfer
     old, old_qmp = start_ticker(vmm_procs, tmp_path)
     new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
     old.wait_for(r"tick 3 ")
-    assert cpr_transfer(old_qmp, sock, faults=["early-state"])["status"] == "completed"
+    assert early_transfer(old_qmp, sock, faults=["early-state"])["status"] == "completed"
     info = new_info(new_qmp)
     steps = dict(info["x-steps"])
-    assert HANDOFF_STEP not in steps
+    assert HANDOFF_STEP not in steps and EARLY_STEP not in steps
     assert ("new: handoff refused (check the handed-over state: Invalid argument); "
             "the state is written from the blob") in steps
     assert "new: vCPU, VM and device state written" in steps
     last_old = ticks(old.text())[-1][0]
     new.wait_for(rf"tick {last_old + 3} ")
-
-
-def test_rollback_after_handoff_leaves_the_guest_with_the_old_vmm(guests, vmm_procs,
-                                                                  tmp_path):
-    """The new VMM fails after its thread wrote the handed-over state (target-restore):
-    the old VMM takes the guest back and runs it on; the new VM never ran."""
-    old, old_qmp = start_ticker(vmm_procs, tmp_path)
-    new, sock, _ = start_incoming(vmm_procs, tmp_path)
-    old.wait_for(r"tick 3 ")
-    info = cpr_transfer(old_qmp, sock, faults=["target-restore"])
-    assert info["status"] == "failed", info
-    assert_keeps_running(old, old_qmp)
-    assert new.wait(15) != 0
-    assert "tick" not in new.text()

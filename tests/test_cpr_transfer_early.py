@@ -8,10 +8,12 @@ clock must never go back, across the update and across a hand-back."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from conftest import need_kvm
-from test_cpr import (assert_ticks_go_on, new_info, qmp, qmp_connect,
+from test_cpr import (TRANSFER_FAULTS, assert_ticks_go_on, new_info, qmp, qmp_connect,
                       close, start_incoming, start_ticker, ticks, wait_migration)
 
 pytestmark = pytest.mark.usefixtures("kvm")
@@ -43,16 +45,29 @@ def early_transfer(qmp_path, cpr_sock, faults=()):
 
 def assert_one_guest_history(seen):
     """(tick, t_us) pairs from the logs of both VMMs, in order: one guest's history.
-    No tick twice, counter and clock only forward.  At a switch between the logs the
-    guest may be cut in the middle of a line (its start in one log, its end in the
-    other), so a tick may be missing there: at most one at each of the two switches."""
+    No tick twice, counter and clock only forward (a hand-back that resumed the state
+    saved at the stop would run the new VMM's ticks again).  At a switch between the
+    logs the guest may be cut in the middle of a line (its start in one log, its end
+    in the other), so a tick may be missing there: at most one at each switch."""
     ns = [n for n, _ in seen]
     assert len(set(ns)) == len(ns), "a tick ran twice"
     assert ns == sorted(ns), "counter went back"
     gaps = [b - a for a, b in zip(ns, ns[1:]) if b - a != 1]
     assert len(gaps) <= 2 and all(g == 2 for g in gaps), f"ticks lost: gaps {gaps}"
+    # A line cut at a switch can also be finished by the other log's cut line (the old
+    # VMM's "t_us=40" + the new one's "8 maxgap..."): such a line reads a wrong time.
+    # At most two of those; the guest's clock must go forward through all the others.
     ts = [t for _, t in seen]
-    assert ts == sorted(ts), "guest time went back"
+    assert len(ts) - longest_nondecreasing(ts) <= 2, f"guest time went back: {ts}"
+
+
+def longest_nondecreasing(xs) -> int:
+    import bisect
+    tails: list = []
+    for x in xs:
+        i = bisect.bisect_right(tails, x)
+        tails[i:i + 1] = [x]
+    return len(tails)
 
 
 def status(qmp_path):
@@ -142,3 +157,55 @@ def test_early_start_is_opt_in(guests, vmm_procs, tmp_path):
     assert EARLY_STEP not in steps
     assert steps["new: guest claimed (\"go\": the point of no return)"] < \
         dict(new_info(new_qmp)["x-timeline"])["resume"]
+
+
+@pytest.mark.parametrize("fault", TRANSFER_FAULTS)
+def test_fault_with_early_start(guests, vmm_procs, tmp_path, fault):
+    """Every fault point of a cpr-transfer, with the early start: the update fails and
+    the old VMM runs the guest on (taken back before the new VMM's thread claimed it,
+    or handed back after), except when the new VMM dies while it runs the guest
+    (target-crash-after-fds, after the early start): then the guest went with it,
+    and the old VMM must not run it again (postmigrate), whatever the timing."""
+    old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
+    new, sock, _ = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 20 ")
+    info = early_transfer(old_qmp, sock, faults=[fault])
+    assert info["status"] == "failed", info
+    if info.get("x-after-go"):
+        assert fault == "target-crash-after-fds", info
+        assert "went with it" in info["error-desc"], info
+        assert status(old_qmp) == "postmigrate"
+        n = len(ticks(old.text()))
+        time.sleep(0.3)
+        assert len(ticks(old.text())) == n, "the old VMM runs a guest it gave away"
+        return
+    assert status(old_qmp) == "running"
+    # (a new VMM never contacted, fault point prepare, waits on: its log is empty; one
+    # that ran the guest early wrote its last byte before it handed the guest back)
+    last = ticks(old.text())[-1][0]
+    old.wait_for(rf"tick {last + 20} ")
+    assert_one_guest_history(sorted(set(ticks(old.text())) | set(ticks(new.text()))))
+
+
+def test_cancel_after_the_early_start_is_too_late(guests, vmm_procs, tmp_path):
+    """migrate_cancel while the new VMM runs the guest early and restores its devices
+    (target-slow-restore: a second): past the point of no return, so the update
+    completes in the new VMM, as a cancel after "go" does."""
+    old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
+    new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
+    old.wait_for(r"tick 20 ")
+    q = qmp_connect(old_qmp)
+    try:
+        qmp(q, "migrate-set-parameters", **{"mode": "cpr-transfer", "x-early-start": True,
+                                             "x-fault": ["target-slow-restore"]})
+        addr = {"transport": "socket", "type": "unix", "path": str(sock)}
+        qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
+                                    {"channel-type": "cpr", "addr": addr}])
+        time.sleep(0.3)
+        qmp(q, "migrate_cancel")
+        info = wait_migration(q)
+    finally:
+        close(q)
+    assert info["status"] == "completed", info
+    assert status(new_qmp) == "running"
+    assert_ticks_go_on(new, 5)

@@ -194,16 +194,24 @@ class Machine:
 
     def save_state(self) -> dict:
         """Everything about the paused machine except guest RAM (which stays in its memfd)."""
+        return self.add_device_state(self.save_kernel_state())
+
+    def save_kernel_state(self) -> dict:
+        """The paused machine's VM and vCPU state, and when it was read: what the guest
+        needs to run again (cpr-transfer's early start hands it over before the rest)."""
         if self.running:
             raise VmmError("pause the machine before saving its state")
         tsc_khz = self.vcpus[0].tsc_khz()
         return {
-            "machine": self.shape(),
             "vm": self.vm.get_state(),
             "vcpus": [v.get_state() for v in self.vcpus],
-            "devices": self.save_devices(),
             "time": {"host_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC), "tsc_khz": tsc_khz},
         }
+
+    def add_device_state(self, kernel: dict) -> dict:
+        """save_kernel_state()'s state, made whole: the machine's shape and its devices'."""
+        return {"machine": self.shape(), "vm": kernel["vm"], "vcpus": kernel["vcpus"],
+                "devices": self.save_devices(), "time": kernel["time"]}
 
     def restore_state(self, state: dict, *, advance_time: bool = True) -> None:
         """Write a saved state into this (created, not started) machine.

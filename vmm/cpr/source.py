@@ -371,11 +371,14 @@ class Migration:
         m = self.machine
         self.channel = Channel.connect(self.cpr_path)
         self.commit = CommitWord.create()
+        # (the early start's offer only when asked: a hello without it is the one every
+        # pyvmm since 0.2.0 takes, and the handoff alone, without the early start, saves
+        # nothing on this host: docs/BENCHMARKS.md, "Tried and dropped")
+        early = {"handoff": True, "early": True} if self.early_start else {}
         self.channel.send({"msg": "hello", "protocol": PROTOCOL, "version": PROTOCOL_VERSION,
                            "pyvmm": __version__,
                            "shape": state_format.encode_tree(m.shape()), "config": self.config,
-                           "faults": self.faults.for_target(), "commit": True,
-                           "handoff": True, "early": self.early_start},
+                           "faults": self.faults.for_target(), "commit": True, **early},
                           [m.memory.fd, self.commit.fd])
         self.timeline.step("old: hello and RAM memfd sent")
         try:
@@ -398,14 +401,19 @@ class Migration:
             raise VmmError(why)
 
     def _save(self, fds: dict[str, int]) -> bytes:
-        state = self.saved = self.machine.save_state()
-        self.timeline.step("old: vCPU, VM and device state read")
-        if self.handoff is not None:   # the new VMM writes the VM and vCPUs meanwhile
-            t = self.handoff.post(self.machine, state, corrupt="early-state" in self.faults.armed)
+        if self.handoff is None:
+            state = self.saved = self.machine.save_state()
+            self.timeline.step("old: vCPU, VM and device state read")
+        else:   # the new VMM writes the VM and vCPUs (and may run the guest) meanwhile
+            kernel = self.machine.save_kernel_state()
+            self.timeline.step("old: vCPU and VM state read")
+            t = self.handoff.post(self.machine, kernel, corrupt="early-state" in self.faults.armed)
             self.handed_over = True
             self.timeline.step("old: VM and vCPU state handed over", t)
             if self.early_start:   # the new VMM may run the guest from here: the transfer
                 self._mark_at("transfer", t)
+            state = self.saved = self.machine.add_device_state(kernel)
+            self.timeline.step("old: device state read")
         state["cpr"] = {"pyvmm": __version__, "protocol": PROTOCOL_VERSION,
                         "mode": self.mode, "timeline": self.timeline.marks,
                         "steps": self.timeline.steps,

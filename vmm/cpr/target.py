@@ -146,6 +146,7 @@ def resume_guest(machine, state: dict, timeline, t_transfer, early=None,
     for addr, data in cpr.get("mmio_writes", ()):   # (prebuild.Prebuilt.capture_early)
         machine.mmio_bus.write(addr, data)
     if early is not None:
+        timeline.step(f"{who}: devices running; the early vCPU threads are stopped now")
         t_early, handed = machine.take_over_early(early)
         timeline.step(f"{who}: early vCPU threads stopped ({handed} exits for Python "
                       "handed over)")
