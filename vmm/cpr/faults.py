@@ -22,8 +22,9 @@ POINTS = {
     "transfer": "the channel breaks before the fds are sent",
     "exec": "execve of the new pyvmm fails (cpr-exec)",
     "early-state": "the VM and vCPU state written ahead of the blob is corrupt (cpr-exec: "
-                   "the new image's early start; cpr-transfer: the handoff): C refuses it "
-                   "and Python restores the guest from the blob as without it",
+                   "the new image's early start; cpr-transfer: the handoff, with "
+                   "x-early-start): C refuses it and Python restores the guest from the "
+                   "blob as without it",
     "target-prepare": "the new pyvmm fails while preparing (before any device fd)",
     "target-crash-before-fds": "the new pyvmm dies before it receives the device fds",
     "target-crash-after-fds": "the new pyvmm dies right after receiving the device fds",
