@@ -86,12 +86,7 @@ def check_transfer_order(out):
     assert [t for t, _ in lines] == sorted(t for t, _ in lines), out
     assert_before(lines, "setup", "stop", "quiesce", "notify", "save", "transfer",
                   "old: state memfd and device fds sent", "restore", "new: state blob loaded",
-                  "new: device state written", "new: guest claimed", "resume")
-    # the handoff thread writes the VM and vCPUs once the old VMM handed them over, and
-    # before the new VMM claims the guest (its steps shown as concurrent)
-    assert_before(lines, "old: VM and vCPU state handed over",
-                  "handoff: VM and vCPU state written", "new: guest claimed")
-    assert re.search(r"‖ handoff: VM and vCPU state written", out), out
+                  "new: vCPU, VM and device state written", "new: guest claimed", "resume")
 
 
 def check_exec_order(out):
@@ -198,3 +193,33 @@ def test_trace_plot_bad_file_refused_before_the_update(guests, vmm_procs, tmp_pa
     with QmpClient(str(qmp_path)) as c:
         assert c.execute("query-status")["status"] == "running"
         assert c.execute("query-migrate") == {}
+
+
+def test_trace_of_an_early_start(guests, vmm_procs, tmp_path):
+    """`pyvmm cpr --mode transfer --early-start --trace --trace-plot`: the handoff
+    thread's step, marked concurrent, is where the guest runs again (resume), right
+    after the old VMM handed the state over and before the blob reaches the new VMM's
+    Python; the plot gives the thread its own lane."""
+    plot = tmp_path / "early.svg"
+    r = run_transfer(vmm_procs, tmp_path, "--early-start", "--trace", "--trace-plot", str(plot))
+    lines = trace_lines(r.stdout)
+    assert [t for t, _ in lines] == sorted(t for t, _ in lines), r.stdout
+    assert_before(lines, "stop", "save", "old: vCPU and VM state read",
+                  "old: VM and vCPU state handed over", "restore", "resume",
+                  "handoff: VM and vCPU state written, the guest runs",
+                  "new: state blob loaded", "new: device state written",
+                  "new: restore done, the early start's claim made final",
+                  "new: early vCPU threads stopped", "new: Python's vCPU threads run the guest")
+    assert re.search(r"‖ handoff: VM and vCPU state written, the guest runs", r.stdout), r.stdout
+    assert "(‖: the handoff thread (--early-start)" in r.stdout
+    text = svg_texts(plot)
+    assert "handoff thread (C)" in text, text
+    assert f"downtime {downtime_ms(r.stdout)} ms" in text, text
+
+
+def test_early_start_is_for_transfer_only(vmm_procs, tmp_path):
+    r = run_pyvmm("cpr", "--mode", "exec", "--socket", str(tmp_path / "none.qmp"),
+                  "--early-start")
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("pyvmm: error: --early-start is for --mode transfer (a cpr-exec's new "
+                                "image always starts the guest early)"), r.stderr

@@ -175,7 +175,7 @@ def print_trace(info: dict) -> None:
               "runs beside the\n main thread, so its steps interleave with the main thread's "
               "by the clock, not by cause,\n until the main thread waits for it)")
     if "handoff" in concurrent:
-        print("(‖: the handoff thread, which the new pyvmm starts before \"prepared\"; it "
-              "writes the VM and vCPU\n state the old one hands over beside the main thread, "
-              "so its step falls among the others by the\n clock, not by cause, until the "
-              "main thread waits for it)")
+        print("(‖: the handoff thread (--early-start), which the new pyvmm starts before "
+              "\"prepared\"; it writes\n the VM and vCPU state the old one hands over and runs "
+              "the guest, beside the main thread,\n so its step falls among the others by the "
+              "clock, not by cause)")

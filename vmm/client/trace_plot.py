@@ -171,9 +171,11 @@ class _Plot:
                           "prebuilder": "prebuilder\n(thread, C)",
                           "holder": "holder\n(child process)"}
         else:
-            self.y.update(new=2.3, handoff=1.5)
-            self.names = {"old": "old pyvmm", "new": "new pyvmm",
-                          "handoff": "new pyvmm's\nhandoff thread (C)"}
+            self.y["new"] = 2.3
+            self.names = {"old": "old pyvmm", "new": "new pyvmm"}
+            if any(text.startswith("handoff") for text, _ in steps):   # (the early start)
+                self.y["handoff"] = 1.5
+                self.names["handoff"] = "new pyvmm's\nhandoff thread (C)"
         self.y_ram = 0.8
         self.faults = [(f"F{i}", name, self.m[phase]) for i, (name, phase) in
                        enumerate([fp for fp in FAULT_AT.get(mode, []) if fp[1] in self.m], 1)]
