@@ -163,6 +163,7 @@ static void *g_early;              /* the block read from the spec memfd (malloc
 static size_t g_early_len;
 static struct early_vcpu g_ev[PYVMM_VM_MAX_VCPUS];
 static int g_early_n;              /* threads started */
+static int g_prepared;             /* vCPU threads 1..n-1 made ahead, waiting (handoff) */
 static size_t g_run_size;
 static struct pyvmm_uart_fast g_uart;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -357,6 +358,43 @@ int pyvmm_early_apply(void *block, size_t len, int vm_fd, const int *vcpu_fds, u
 #undef APPLY_FAIL
 }
 
+/* Let go of threads made ahead that will not run (before any go). */
+void pyvmm_early_unprepare(void)
+{
+    if (!g_prepared)
+        return;
+    pthread_mutex_lock(&g_lock);
+    g_early_stop = 1;
+    g_go = 1;
+    pthread_cond_broadcast(&g_cond);
+    pthread_mutex_unlock(&g_lock);
+    for (int i = 1; i <= g_prepared; i++)
+        pthread_join(g_ev[i].thread, NULL);
+    g_prepared = 0;
+}
+
+int pyvmm_early_prepare(uint32_t n)
+{
+    int created = 0;
+
+    if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n || g_prepared)
+        return -EINVAL;
+    pthread_mutex_lock(&g_lock);
+    g_go = g_entered = g_early_stop = 0;
+    pthread_mutex_unlock(&g_lock);
+    for (uint32_t i = 1; i < n; i++) {
+        if (pthread_create(&g_ev[i].thread, NULL, early_vcpu_main, &g_ev[i]) != 0)
+            break;
+        created++;
+    }
+    g_prepared = created;
+    if (created < (int)n - 1) {
+        pyvmm_early_unprepare();
+        return -EAGAIN;
+    }
+    return 0;
+}
+
 int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
                    const struct pyvmm_uart_fast *uart, char *step, size_t step_size,
                    int64_t *t_entered)
@@ -364,8 +402,9 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
     int r, created = 0;
 
 #define GO_FAIL(what, err) \
-    do { snprintf(step, step_size, "%s", (what)); return -(err ? err : EINVAL); } while (0)
-    if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n)
+    do { pyvmm_early_unprepare(); snprintf(step, step_size, "%s", (what)); \
+         return -(err ? err : EINVAL); } while (0)
+    if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n || (g_prepared && g_prepared != (int)n - 1))
         GO_FAIL("start the early vCPUs", EINVAL);
     r = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
     if (r <= 0)
@@ -390,17 +429,25 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
         early_release();
         GO_FAIL("install the kick handler", -r);
     }
-    pthread_mutex_lock(&g_lock);
-    g_go = g_entered = g_early_stop = 0;
-    pthread_mutex_unlock(&g_lock);
     /* vCPU 0 on this thread (pyvmm_early_run0, after the caller hands its result
-     * over), the others on new ones, all or none: none has entered the guest before
-     * all exist. */
+     * over), the others on threads of their own, all or none: none has entered the
+     * guest before all exist.  Threads made ahead (pyvmm_early_prepare, before the
+     * stop) only wait to be woken: a thread made now would wait for a CPU behind
+     * the vCPUs already running (the scheduler places a new thread last), ~3 ms
+     * per vCPU with a busy guest here. */
     g_ev[0].thread = pthread_self();
-    for (uint32_t i = 1; i < n; i++) {
-        if (pthread_create(&g_ev[i].thread, NULL, early_vcpu_main, &g_ev[i]) != 0)
-            break;
-        created++;
+    if (g_prepared) {
+        created = g_prepared;
+        g_prepared = 0;
+    } else {
+        pthread_mutex_lock(&g_lock);
+        g_go = g_entered = g_early_stop = 0;
+        pthread_mutex_unlock(&g_lock);
+        for (uint32_t i = 1; i < n; i++) {
+            if (pthread_create(&g_ev[i].thread, NULL, early_vcpu_main, &g_ev[i]) != 0)
+                break;
+            created++;
+        }
     }
     pthread_mutex_lock(&g_lock);
     g_early_stop = created < (int)n - 1;

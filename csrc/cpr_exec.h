@@ -85,6 +85,12 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
                    const struct pyvmm_uart_fast *uart, char *step, size_t step_size,
                    int64_t *t_entered);
 
+/* Make vCPU threads 1..n-1 ahead, waiting for pyvmm_early_go() (cpr-transfer's
+ * handoff does it before the stop); pyvmm_early_unprepare() lets them go unused.
+ * 0 or -errno (then none is left). */
+int pyvmm_early_prepare(uint32_t n);
+void pyvmm_early_unprepare(void);
+
 /* vCPU 0's early run, on the thread that called pyvmm_early_go(); returns when
  * pyvmm_early_stop() stops it (or at an exit for Python). */
 void pyvmm_early_run0(void);

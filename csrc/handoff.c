@@ -55,6 +55,8 @@ uint64_t pyvmm_handoff_size(uint32_t nvcpus)
 
 static void finish(struct pyvmm_handoff_waiter *w, int result, const char *step)
 {
+    if (result != PYVMM_HANDOFF_RUNNING)
+        pyvmm_early_unprepare();   /* (threads made ahead that will not run) */
     if (step)
         snprintf(w->step, sizeof(w->step), "%s", step);
     w->t_done_ns = now_ns();
@@ -100,6 +102,10 @@ static void *waiter_main(void *arg)
     int r;
 
     pyvmm_set_thread_name("cpr-handoff");
+    /* The early start's vCPU threads 1..n-1 now, before the stop (see pyvmm_early_go);
+     * if that fails they are made at the go. */
+    if (w->early && w->commit && w->nvcpus > 1)
+        pyvmm_early_prepare(w->nvcpus);
     /* A shared futex (no _PRIVATE: the old VMM wakes it), with a timeout so that a
      * peer writing WAITING back cannot keep the thread from seeing `cancel`. */
     const struct timespec recheck = {0, 100 * 1000000L};

@@ -44,30 +44,44 @@ def early_transfer(qmp_path, cpr_sock, faults=()):
 
 
 def assert_one_guest_history(seen):
-    """(tick, t_us) pairs from the logs of both VMMs, in order: one guest's history.
-    No tick twice, counter and clock only forward (a hand-back that resumed the state
-    saved at the stop would run the new VMM's ticks again).  At a switch between the
-    logs the guest may be cut in the middle of a line (its start in one log, its end
-    in the other), so a tick may be missing there: at most one at each switch."""
-    ns = [n for n, _ in seen]
-    assert len(set(ns)) == len(ns), "a tick ran twice"
-    assert ns == sorted(ns), "counter went back"
-    gaps = [b - a for a, b in zip(ns, ns[1:]) if b - a != 1]
-    assert len(gaps) <= 2 and all(g == 2 for g in gaps), f"ticks lost: gaps {gaps}"
-    # A line cut at a switch can also be finished by the other log's cut line (the old
-    # VMM's "t_us=40" + the new one's "8 maxgap..."): such a line reads a wrong time.
-    # At most two of those; the guest's clock must go forward through all the others.
-    ts = [t for _, t in seen]
-    assert len(ts) - longest_nondecreasing(ts) <= 2, f"guest time went back: {ts}"
+    """(tick, t_us) pairs from the logs of both VMMs, sorted: one guest's history.
+
+    A hand-back that resumed the state saved at the stop would run the ticks the
+    new VMM printed again (a run of repeated ticks, the clock going back).  What a
+    correct update may leave: the guest writes a line a byte at a time, so a switch
+    between the VMMs can cut one line (its start in one log, its end in the other),
+    and with a hand-back one log holds the old VMM's start of a line, then the end of
+    another (the new VMM's middle part is in its own log): such a line reads a tick
+    number or time that is not the guest's, and its own tick is missing.  At most
+    one such line at each of the two switches."""
+    # The guest's history: the longest chain of ticks whose number and time both go
+    # up.  Everything else may only be those cut lines (two per switch at most: its
+    # two reads of a wrong value), and only the two cut lines' own ticks may be missing.
+    chain = longest_chain(seen)
+    assert len(seen) - len(chain) <= 4, f"ticks ran twice or time went back: {seen}"
+    ns = [n for n, _ in chain]
+    missing = sum(b - a - 1 for a, b in zip(ns, ns[1:]))
+    assert missing <= 2, f"ticks lost: {missing} ({ns})"
 
 
-def longest_nondecreasing(xs) -> int:
+def longest_chain(seen):
+    """The longest subsequence of (tick, t_us) with both strictly increasing."""
     import bisect
-    tails: list = []
-    for x in xs:
-        i = bisect.bisect_right(tails, x)
-        tails[i:i + 1] = [x]
-    return len(tails)
+    pts = sorted(set(seen), key=lambda p: (p[0], -p[1]))
+    tails, tail_at, prev = [], [], {}
+    for p in pts:
+        i = bisect.bisect_left(tails, p[1])
+        prev[p] = tail_at[i - 1] if i else None
+        if i == len(tails):
+            tails.append(p[1])
+            tail_at.append(p)
+        else:
+            tails[i], tail_at[i] = p[1], p
+    out, p = [], tail_at[-1] if tail_at else None
+    while p is not None:
+        out.append(p)
+        p = prev[p]
+    return out[::-1]
 
 
 def status(qmp_path):
@@ -80,8 +94,9 @@ def status(qmp_path):
 
 def test_guest_runs_before_the_device_restore(guests, vmm_procs, tmp_path):
     """The guest runs again (resume) when the handoff thread started it, before the
-    new VMM had even loaded the blob; the device restore and Python's take-over come
-    after, and the ticker goes on without its counter or clock going back."""
+    new VMM's device restore is done (on an idle host: before it has even loaded the
+    blob); Python's take-over comes after, and the ticker goes on without its counter
+    or clock going back."""
     old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
     new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
     old.wait_for(r"tick 20 ")
@@ -91,7 +106,10 @@ def test_guest_runs_before_the_device_restore(guests, vmm_procs, tmp_path):
     marks = dict(info["x-timeline"])
     assert steps[EARLY_STEP] == marks["resume"]
     assert marks["stop"] < marks["transfer"] <= marks["restore"] < marks["resume"]
-    assert marks["resume"] < steps["new: state blob loaded"] < steps["new: device state written"]
+    # (on an idle host the guest runs before the blob is even loaded; under load the
+    # thread may be scheduled later, but always before the device restore's claim)
+    assert marks["resume"] < steps["new: restore done, the early start's claim made final"]
+    assert steps["new: state blob loaded"] < steps["new: device state written"]
     take_over = next(t for s, t in steps.items() if s.startswith("new: early vCPU threads stopped"))
     assert steps["new: device state written"] \
         < steps["new: restore done, the early start's claim made final"] <= take_over
@@ -164,20 +182,28 @@ def test_fault_with_early_start(guests, vmm_procs, tmp_path, fault):
     """Every fault point of a cpr-transfer, with the early start: the update fails and
     the old VMM runs the guest on (taken back before the new VMM's thread claimed it,
     or handed back after), except when the new VMM dies while it runs the guest
-    (target-crash-after-fds, after the early start): then the guest went with it,
-    and the old VMM must not run it again (postmigrate), whatever the timing."""
+    (a target-crash-* point, once its thread started the guest): then the guest went
+    with it, and the old VMM must not run it again (postmigrate), whatever the timing."""
     old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
     new, sock, _ = start_incoming(vmm_procs, tmp_path)
     old.wait_for(r"tick 20 ")
     info = early_transfer(old_qmp, sock, faults=[fault])
     assert info["status"] == "failed", info
     if info.get("x-after-go"):
-        assert fault == "target-crash-after-fds", info
+        # (a crash point is named by where the new VMM's main thread dies; its handoff
+        # thread may have started the guest by then, even before the fds came)
+        assert fault in ("target-crash-before-fds", "target-crash-after-fds"), info
         assert "went with it" in info["error-desc"], info
-        assert status(old_qmp) == "postmigrate"
         n = len(ticks(old.text()))
         time.sleep(0.3)
         assert len(ticks(old.text())) == n, "the old VMM runs a guest it gave away"
+        # (in postmigrate; with no QMP client left connected it exits, as after "go")
+        try:
+            assert status(old_qmp) == "postmigrate"
+        except (OSError, ConnectionError, Exception) as e:
+            if isinstance(e, AssertionError):
+                raise
+            assert old.wait(10) is not None   # it exited instead
         return
     assert status(old_qmp) == "running"
     # (a new VMM never contacted, fault point prepare, waits on: its log is empty; one

@@ -277,7 +277,9 @@ class Controller:
     def query_migrate(self) -> dict:
         if self.migration is not None:
             return self.migration.info()
-        arrival = self.arrival
+        # (the incoming side's own, until serve() hands it over: its status can say
+        # "completed" a moment before, and a client must then see the whole timeline)
+        arrival = self.arrival or getattr(self.incoming, "arrival", None)
         if hasattr(arrival, "info"):   # a TCP migration's (vmm/migration/receiver.py)
             return arrival.info()
         if arrival is None:
