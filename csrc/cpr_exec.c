@@ -373,12 +373,11 @@ void pyvmm_early_unprepare(void)
     g_prepared = 0;
 }
 
-int pyvmm_early_prepare(uint32_t n)
+/* Threads for vCPUs 1..n-1, waiting for the go; how many could be made. */
+static int early_make_threads(uint32_t n)
 {
     int created = 0;
 
-    if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n || g_prepared)
-        return -EINVAL;
     pthread_mutex_lock(&g_lock);
     g_go = g_entered = g_early_stop = 0;
     pthread_mutex_unlock(&g_lock);
@@ -387,6 +386,16 @@ int pyvmm_early_prepare(uint32_t n)
             break;
         created++;
     }
+    return created;
+}
+
+int pyvmm_early_prepare(uint32_t n)
+{
+    int created;
+
+    if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n || g_prepared)
+        return -EINVAL;
+    created = early_make_threads(n);
     g_prepared = created;
     if (created < (int)n - 1) {
         pyvmm_early_unprepare();
@@ -440,14 +449,7 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
         created = g_prepared;
         g_prepared = 0;
     } else {
-        pthread_mutex_lock(&g_lock);
-        g_go = g_entered = g_early_stop = 0;
-        pthread_mutex_unlock(&g_lock);
-        for (uint32_t i = 1; i < n; i++) {
-            if (pthread_create(&g_ev[i].thread, NULL, early_vcpu_main, &g_ev[i]) != 0)
-                break;
-            created++;
-        }
+        created = early_make_threads(n);
     }
     pthread_mutex_lock(&g_lock);
     g_early_stop = created < (int)n - 1;

@@ -210,14 +210,21 @@ def test_cpr_exec_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds):
     finish(p, vcpus)
 
 
-@pytest.mark.parametrize("vcpus,rounds", [(2, 10), (4, 2), (8, 2)])
-def test_cpr_transfer_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds):
+@pytest.mark.parametrize("vcpus,rounds,early", [(2, 10, False), (4, 2, False), (8, 2, False),
+                                                (2, 5, True), (4, 2, True)])
+def test_cpr_transfer_under_ipi_load(guests, vmm_procs, tmp_path, vcpus, rounds, early):
+    """`early`: with cpr-transfer's early start (the new VMM's vCPU threads, made before
+    the stop, run the guest before its device restore)."""
+    from test_cpr_transfer_early import early_transfer
     p, qmp_path = start_smp(vmm_procs, tmp_path, vcpus)
     wait_beats(p, vcpus, 1)
     text = ""
     for i in range(rounds):
         new, sock, new_qmp = start_incoming_smp(vmm_procs, tmp_path, f"new{i}")
-        cpr_transfer(qmp_path, sock)
+        if early:
+            assert early_transfer(qmp_path, sock)["status"] == "completed"
+        else:
+            cpr_transfer(qmp_path, sock)
         assert p.wait(15) == 0
         assert new_info(new_qmp)["status"] == "completed"
         text = join_output(text, p.text())
