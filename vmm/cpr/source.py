@@ -607,6 +607,12 @@ class Migration:
         if stopped:
             error = self._resolve_early(error)
         back = error.state if isinstance(error, HandedBack) else None
+        if back is not None:
+            try:
+                self._restore_handback(back)
+            except VmmError as e:   # (a state that does not fit this machine)
+                error.state = back = None
+                error = HandedBack({"desc": f"{error}; its state does not fit here: {e}"}, [])
         if self.committed or (isinstance(error, HandedBack) and back is None):
             # The guest ran in the new VMM, which went away with it (or gave it back
             # unreadable): nothing here may run it again.
@@ -635,8 +641,6 @@ class Migration:
             os.close(self.prebuild_fd)
             self.prebuild_fd = -1
         if stopped:
-            if back is not None:
-                self._restore_handback(back)
             if self.machine.roll_back(was_running=was_running, released=True,
                                       mmio_writes=back["mmio_writes"] if back else ()):
                 self.emit("RESUME")

@@ -486,7 +486,7 @@ class Incoming(Waiting):
                 restore(self.machine, state, by_name)
                 self.timeline.step("new: vCPU, VM and device state written")
         except Exception as e:
-            self._refuse_or_hand_back(state, e, True)
+            self._refuse_or_hand_back(state, e, msg.get("handoff") is True)
             raise
         self.timeline.steps += [list(s) for s in msg.get("steps", ())]
         if early:   # the guest is ours since the early start: nobody else moves the word
