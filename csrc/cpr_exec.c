@@ -156,6 +156,8 @@ struct early_vcpu {
     int fd;
     struct kvm_run *run;
     int32_t pending;       /* the exit left for Python (0: none) */
+    int32_t done;          /* early_run returned: the thread no longer touches its vCPU */
+    int32_t joined;
     int64_t entered_ns;
 };
 
@@ -163,6 +165,7 @@ static void *g_early;              /* the block read from the spec memfd (malloc
 static size_t g_early_len;
 static struct early_vcpu g_ev[PYVMM_VM_MAX_VCPUS];
 static int g_early_n;              /* threads started */
+static int g_reap;                 /* threads stopped, still to join (pyvmm_early_reap) */
 static int g_prepared;             /* vCPU threads 1..n-1 made ahead, waiting (handoff) */
 static size_t g_run_size;
 static struct pyvmm_uart_fast g_uart;
@@ -275,12 +278,13 @@ static void early_run(struct early_vcpu *e)
         r = pyvmm_vcpu_run(e->fd, e->run, g_uart.enabled ? &g_uart : NULL, NULL);
         if (r == -EINTR || r == -EAGAIN) {
             if (__atomic_load_n(&g_early_stop, __ATOMIC_ACQUIRE))
-                return;
+                break;
             continue;
         }
         e->pending = r > 0 ? r : 0;
-        return;
+        break;
     }
+    __atomic_store_n(&e->done, 1, __ATOMIC_RELEASE);
 }
 
 /* vCPUs 1..n-1 (vCPU 0 runs on the builder thread itself, already on a CPU). */
@@ -393,6 +397,7 @@ int pyvmm_early_prepare(uint32_t n)
 {
     int created;
 
+    pyvmm_early_reap();
     if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n || g_prepared)
         return -EINVAL;
     created = early_make_threads(n);
@@ -413,6 +418,7 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
 #define GO_FAIL(what, err) \
     do { pyvmm_early_unprepare(); snprintf(step, step_size, "%s", (what)); \
          return -(err ? err : EINVAL); } while (0)
+    pyvmm_early_reap();
     if (n < 1 || n > PYVMM_VM_MAX_VCPUS || g_early_n || (g_prepared && g_prepared != (int)n - 1))
         GO_FAIL("start the early vCPUs", EINVAL);
     r = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
@@ -429,6 +435,7 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
         g_ev[i].run = run;
         g_ev[i].fd = vcpu_fds[i];
         g_ev[i].pending = 0;
+        g_ev[i].done = g_ev[i].joined = 0;
         g_ev[i].entered_ns = 0;
     }
     memset(&g_uart, 0, sizeof(g_uart));
@@ -516,6 +523,7 @@ static int early_start(void)
 int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n)
 {
     int count = g_early_n;
+    int64_t until;
 
     if (!count)
         return 0;
@@ -524,8 +532,21 @@ int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n)
         g_ev[i].run->immediate_exit = 1;
     for (int i = 0; i < count; i++)
         pthread_kill(g_ev[i].thread, SIGUSR1);   /* (ESRCH: it ended on an exit for Python) */
+    /* This is a pause of the guest (the take-over): wait for each thread to have left
+     * its vCPU (`done`, ~15-40 us after the kick here) by polling, with sched_yield,
+     * not in pthread_join, which returns ~60-100 us later (the thread's exit, then a
+     * sleeping waiter's wake-up).  pyvmm_early_reap() joins them, after the guest
+     * runs again. */
+    until = now_ns() + 20000000LL;
     for (int i = 0; i < count; i++)
-        pthread_join(g_ev[i].thread, NULL);
+        while (!__atomic_load_n(&g_ev[i].done, __ATOMIC_ACQUIRE)) {
+            if (now_ns() > until) {   /* (a starved thread: sleep for it after all) */
+                pthread_join(g_ev[i].thread, NULL);
+                g_ev[i].joined = 1;
+                break;
+            }
+            sched_yield();
+        }
     for (int i = 0; i < count; i++)
         g_ev[i].run->immediate_exit = 0;   /* as Python's threads expect to find it */
     for (int i = 0; i < count && i < n; i++) {
@@ -533,8 +554,19 @@ int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n)
         entered_ns[i] = g_ev[i].entered_ns;
     }
     g_early_n = 0;
-    early_release();
+    g_reap = count;
     return count;
+}
+
+void pyvmm_early_reap(void)
+{
+    if (!g_reap)
+        return;
+    for (int i = 0; i < g_reap; i++)
+        if (!g_ev[i].joined)
+            pthread_join(g_ev[i].thread, NULL);
+    g_reap = 0;
+    early_release();
 }
 
 static void *prebuild_thread(void *arg)

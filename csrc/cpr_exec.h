@@ -116,11 +116,17 @@ int pyvmm_prebuild_spec_valid(const struct pyvmm_prebuild_spec *spec);
 int pyvmm_prebuilt_wait(struct pyvmm_prebuilt *out);
 int pyvmm_prebuild_run(const struct pyvmm_prebuild_spec *spec, struct pyvmm_prebuilt *out);
 
-/* Stop the early vCPU threads (immediate_exit and a kick), join them.  For
+/* Stop the early vCPU threads (immediate_exit and a kick), wait until each has
+ * left its vCPU (pyvmm_early_reap() joins them later).  For
  * each vCPU, pending[i] is the exit reason its thread left in kvm_run for
  * Python to complete (0: none) and entered_ns[i] when it went into the guest.
  * Returns how many threads there were (0: no early start). */
 int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n);
+
+/* Join the threads pyvmm_early_stop() stopped and release what they used (it
+ * leaves that for after the guest runs again: it is not part of the pause).
+ * Safe to call any time, and twice. */
+void pyvmm_early_reap(void);
 
 /* The holder: a child that shares our address space (CLONE_VM) and holds the
  * old VM's fds, so that neither the old page tables nor the old KVM VM are

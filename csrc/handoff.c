@@ -249,8 +249,9 @@ void pyvmm_handoff_stop(struct pyvmm_handoff_waiter *w)
     if (r == PYVMM_HANDOFF_RUNNING) {
         int32_t pending[PYVMM_VM_MAX_VCPUS];
         int64_t entered[PYVMM_VM_MAX_VCPUS];
-        /* (joins this thread too; nothing to do if Python's take-over did) */
+        /* (this thread too; nothing to do if Python's take-over did) */
         pyvmm_early_stop(pending, entered, PYVMM_VM_MAX_VCPUS);
+        pyvmm_early_reap();
     } else {
         pthread_join((pthread_t)w->thread, NULL);
     }

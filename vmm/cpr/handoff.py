@@ -136,6 +136,7 @@ class Waiter(_Mapped):
         read again, and replays an MMIO write KVM already retired ("mmio_writes")."""
         import time
         pending, _ = self.stop_early()
+        lib.pyvmm_early_reap()
         writes = []
         vcpus = []
         for i, vcpu in enumerate(machine.vcpus):

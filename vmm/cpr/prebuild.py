@@ -135,6 +135,7 @@ class Prebuilt:
         from ..kvm.vcpu import Vcpu
         from ..kvm.vm import Vm
         pending, _ = self.stop_early()
+        lib.pyvmm_early_reap()
         vm = Vm(Kvm(fd=self.kvm_fd), self.vm_fd)
         vm.has_irqchip = vm.has_pit = True   # pyvmm_build_vm makes both
         writes = []
@@ -158,6 +159,7 @@ class Prebuilt:
         from ..kvm.ffi import ffi, lib
         if self.early == 1:
             self.stop_early()
+            lib.pyvmm_early_reap()
         for fd in self.vcpu_fds + [self.vm_fd, self.kvm_fd]:
             if fd >= 0:
                 os.close(fd)

@@ -152,6 +152,8 @@ def resume_guest(machine, state: dict, timeline, t_transfer, early=None,
                       "handed over)")
         machine.resume()
         timeline.step(f"{who}: Python's vCPU threads run the guest", machine.wait_entered())
+        from ..kvm.ffi import lib
+        lib.pyvmm_early_reap()   # (the early threads, stopped: joined now, off the pause)
         timeline.mark("resume", t_early)
     elif cpr.get("running", True):
         machine.resume()
