@@ -1,18 +1,20 @@
 /*
- * cpr-transfer's handoff: the VM and vCPU state written into the new VM while
- * the old VMM still encodes and sends the rest (vmm/cpr/handoff.py says why).
+ * cpr-transfer's early start: the new VMM runs the guest as soon as it has the
+ * VM and vCPU state, before its device restore (vmm/cpr/handoff.py says why and
+ * what it changes about failures).
  *
  * The new VMM makes a memfd, maps it and starts a thread here that sleeps on
- * the page's first word (a futex shared by both processes).  The old VMM maps
- * the same memfd; right after it has read its paused VM's state it writes it
- * there as an early block (struct pyvmm_early_header and what follows,
- * csrc/cpr_exec.h) and wakes the thread, which copies the block out of the
- * shared page (so the peer cannot change it between the check and the use),
- * checks it and writes it into the VM with pyvmm_early_apply, the cpr-exec
- * early start's restore.  The vCPUs do not run: the new VMM's Python still
- * restores the devices and claims the guest (csrc/commit.c) as before, and if
- * anything fails the old VMM takes the guest back; only the writing has moved
- * off the path from the stop to the guest running.
+ * the page's first word (a futex shared by both processes), having made the
+ * early vCPU threads 1..n-1 it will need.  The old VMM maps the same memfd;
+ * right after it has read its paused VM's state it writes it there as an early
+ * block (struct pyvmm_early_header and what follows, csrc/cpr_exec.h) and wakes
+ * the thread, which copies the block out of the shared page (so the peer cannot
+ * change it between the check and the use), checks it, writes it into the VM
+ * with pyvmm_early_apply (the cpr-exec early start's restore), claims the guest
+ * in the commit page (EARLY, csrc/commit.h: only if the old VMM has not taken it
+ * back) and runs the vCPUs with pyvmm_early_go, vCPU 0 on this thread.  The new
+ * VMM's Python restores the devices meanwhile, then makes the claim final (NEW)
+ * and takes the vCPUs over, or hands the guest back (OLD) if it fails.
  */
 #define _GNU_SOURCE
 #include <errno.h>

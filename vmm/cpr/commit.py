@@ -16,7 +16,13 @@ exits without running the guest, the old one knows the guest has left even if
 the new VMM's "running" never comes.  "go" is still the name of the moment the
 new VMM's claim lands.
 
-The peer can write the page too; a value other than these three is treated as
+With cpr-transfer's early start (vmm/cpr/handoff.py) the new VMM's handoff thread
+claims it earlier, as EARLY, before it runs the guest and before the new VMM has
+restored its devices; only the new VMM moves it on from there: to NEW when its
+restore is done, to OLD when it hands the guest back.  The old VMM's claim fails
+against EARLY as against NEW (a cancel is too late), and it waits for one of them.
+
+The peer can write the page too; a value other than these four is treated as
 "not mine" by both sides, so a broken peer can make an update fail, never make
 two VMMs run one guest.
 """

@@ -1,21 +1,26 @@
-"""cpr-transfer's handoff: the VM and vCPU state written in the new VMM ahead of the rest.
+"""cpr-transfer's early start: the new VMM runs the guest before its device restore.
 
-Inside a cpr-transfer's downtime the new VMM used to wait for the whole state
-blob, decode it, and only then write the VM's and each vCPU's kernel state
-(~0.2 ms of ioctls and Python for one vCPU here, more for each added one), all on
-the path from the stop to the guest running.  Now, before "prepared", the new VMM
-makes a small memfd and a C thread (csrc/handoff.c) sleeps on its first word.  The
-old VMM, its guest stopped and its state read, writes the VM and vCPU state there
-(the cpr-exec early start's block, csrc/cpr_exec.h, without CPUIDs: the new VM has
-them since "prepared") and wakes that thread, which copies it out, checks it and
-writes it into the new VM while the old VMM encodes the blob and sends it with the
-device fds.  The new VMM then restores only the devices and claims the guest as
-before (vmm/cpr/commit.py).
+Without it, a cpr-transfer's downtime holds everything the new VMM does after the
+state arrives: wake up, decode the blob, write the VM's and each vCPU's kernel
+state, restore the devices, claim the guest (~1.3 ms here).  With it (`x-early-start`,
+`pyvmm cpr --early-start`), before "prepared" the new VMM makes a small memfd, the
+*handoff page*, and a C thread (csrc/handoff.c) sleeps on its first word.  The old
+VMM, its guest stopped and its kernel state read, writes the VM and vCPU state
+there (the cpr-exec early start's block, csrc/cpr_exec.h, without CPUIDs: the new
+VM has them since "prepared") and wakes that thread *before* it reads its devices'
+state, encodes the blob and sends it.  The thread checks the block, writes it, claims
+the guest (EARLY in the commit page, vmm/cpr/commit.py) and runs it (Waiter).  The
+new VMM's Python restores only the devices meanwhile, makes its claim final and
+takes the vCPUs over (Machine.take_over_early); if it fails instead, it stops the
+early vCPUs and hands the guest back with their state as it is then (capture), for
+the old VMM to resume from (vmm/cpr/source.py).
 
-Nothing runs sooner: the handed-over state only ever goes into a VM that has not
-run, the new VMM's restore can still fail and the old one take the guest back.
-When the block is refused or missing (an older pyvmm on either side, fault point
-early-state) the new VMM writes the state from the blob, as without a handoff.
+What that moves: the point of no return, from the end of the new VMM's restore to
+the thread's claim.  A crash of the new VMM after it loses the guest; hence opt-in.
+When the block is refused or missing (fault point early-state, another build's
+struct sizes) nothing runs early and the new VMM writes the state from the blob.
+Without the early start no handoff is offered: alone, writing the state on a
+thread beside the old VMM's encoding saved nothing on this host (docs/BENCHMARKS.md).
 
 The new VMM seals the memfd's size before it sends it, so the old one, which
 writes into it, cannot be made to fault on a page a peer truncated.

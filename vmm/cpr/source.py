@@ -588,6 +588,11 @@ class Migration:
             return e
         except VmmError:
             pass
+        # (a thread that claimed the guest but could not start it gives the word back,
+        # OPEN, before its VMM says anything: then the guest never ran there)
+        if self.commit.holder() == OPEN and self.commit.claim(OLD):
+            self._ours = True
+            return error
         self.committed = True
         return error
 
