@@ -110,13 +110,19 @@ def cpr_exec(qmp_path, faults=()):
         close(q)
 
 
-def cpr_transfer(qmp_path, cpr_sock, faults=()):
+def cpr_transfer(qmp_path, cpr_sock, faults=(), early=False):
+    """One cpr-transfer over QMP; its outcome (query-migrate).  `early`: with the early
+    start (x-early-start)."""
     q = qmp_connect(qmp_path)
     try:
         params = {"mode": "cpr-transfer"}
         if faults:
             params["x-fault"] = list(faults)
+        if early:
+            params["x-early-start"] = True
         qmp(q, "migrate-set-parameters", **params)
+        if early:
+            assert qmp(q, "query-migrate-parameters")["x-early-start"] is True
         addr = {"transport": "socket", "type": "unix", "path": str(cpr_sock)}
         qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
                                     {"channel-type": "cpr", "addr": addr}])

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from conftest import need_kvm
-from test_cpr import (TRANSFER_FAULTS, assert_ticks_go_on, new_info, qmp, qmp_connect,
-                      close, start_incoming, start_ticker, ticks, wait_migration)
+from test_cpr import (TRANSFER_FAULTS, assert_ticks_go_on, close, cpr_transfer, new_info, qmp,
+                      qmp_connect, start_incoming, start_ticker, ticks, wait_migration)
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -28,19 +28,7 @@ def kvm():
 
 
 def early_transfer(qmp_path, cpr_sock, faults=()):
-    q = qmp_connect(qmp_path)
-    try:
-        params = {"mode": "cpr-transfer", "x-early-start": True}
-        if faults:
-            params["x-fault"] = list(faults)
-        qmp(q, "migrate-set-parameters", **params)
-        assert qmp(q, "query-migrate-parameters")["x-early-start"] is True
-        addr = {"transport": "socket", "type": "unix", "path": str(cpr_sock)}
-        qmp(q, "migrate", channels=[{"channel-type": "main", "addr": addr},
-                                    {"channel-type": "cpr", "addr": addr}])
-        return wait_migration(q)
-    finally:
-        close(q)
+    return cpr_transfer(qmp_path, cpr_sock, faults, early=True)
 
 
 def assert_one_guest_history(seen):
@@ -166,7 +154,6 @@ def test_old_failing_after_the_handoff_gets_the_guest_back(guests, vmm_procs, tm
 def test_early_start_is_opt_in(guests, vmm_procs, tmp_path):
     """Without x-early-start the new VMM runs the guest only once its restore is done
     and claimed, as before (a crash of it until then rolls back)."""
-    from test_cpr import cpr_transfer
     old, old_qmp = start_ticker(vmm_procs, tmp_path, period=1000)
     new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
     old.wait_for(r"tick 20 ")
