@@ -142,15 +142,9 @@ class Waiter(_Mapped):
         import time
         pending, _ = self.stop_early()
         lib.pyvmm_early_reap()
-        writes = []
-        vcpus = []
-        for i, vcpu in enumerate(machine.vcpus):
-            m = vcpu.run.mmio
-            if pending[i] == lib.KVM_EXIT_MMIO and m.is_write:
-                writes.append([m.phys_addr, bytes(ffi.buffer(m.data, m.len))])
-            if state is not None:
-                vcpu.adopt_state(state["vcpus"][i])
-            vcpus.append(vcpu.get_state())
+        from .prebuild import read_stopped
+        vcpus, writes = read_stopped(machine.vcpus, pending,
+                                     state["vcpus"] if state is not None else None)
         return {"vcpus": vcpus, "vm": machine.vm.get_state(),
                 "time": {"host_ns": time.clock_gettime_ns(time.CLOCK_MONOTONIC),
                          "tsc_khz": machine.vcpus[0].tsc_khz()},

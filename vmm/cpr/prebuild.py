@@ -130,7 +130,7 @@ class Prebuilt:
         KVM has retired already, so the next image replays it to its device before
         the vCPUs run (state["cpr"]["mmio_writes"], target.resume_guest)."""
         import time
-        from ..kvm.ffi import ffi, lib
+        from ..kvm.ffi import lib
         from ..kvm.system import Kvm
         from ..kvm.vcpu import Vcpu
         from ..kvm.vm import Vm
@@ -138,14 +138,8 @@ class Prebuilt:
         lib.pyvmm_early_reap()
         vm = Vm(Kvm(fd=self.kvm_fd), self.vm_fd)
         vm.has_irqchip = vm.has_pit = True   # pyvmm_build_vm makes both
-        writes = []
-        for i, fd in enumerate(self.vcpu_fds):
-            vcpu = Vcpu(vm, i, fd)
-            m = vcpu.run.mmio
-            if pending[i] == lib.KVM_EXIT_MMIO and m.is_write:
-                writes.append([m.phys_addr, bytes(ffi.buffer(m.data, m.len))])
-            vcpu.adopt_state(state["vcpus"][i])   # the saved MSR list: read the same
-            state["vcpus"][i] = vcpu.get_state()
+        vcpus = [Vcpu(vm, i, fd) for i, fd in enumerate(self.vcpu_fds)]
+        state["vcpus"], writes = read_stopped(vcpus, pending, state["vcpus"])
         state["vm"] = vm.get_state()
         state["time"] = dict(state["time"], host_ns=time.clock_gettime_ns(time.CLOCK_MONOTONIC))
         state["cpr"]["mmio_writes"] = writes
@@ -166,6 +160,24 @@ class Prebuilt:
         if self.ram_addr:
             lib.munmap(ffi.cast("void *", self.ram_addr), self.ram_size)
         self.status = 0
+
+
+def read_stopped(vcpus, pending, saved=None) -> tuple[list, list]:
+    """The state of vCPUs whose early threads were stopped (pyvmm_early_stop's
+    `pending`: the exit each left for Python), and the MMIO writes among those exits:
+    KVM retired them already, so whoever runs the guest next replays them to its
+    devices.  `saved`: the vCPU states written at the start (their MSR list is the one
+    to read).  The cpr-exec fallback and cpr-transfer's hand-back both read so."""
+    from ..kvm.ffi import ffi, lib
+    states, writes = [], []
+    for i, vcpu in enumerate(vcpus):
+        m = vcpu.run.mmio
+        if pending[i] == lib.KVM_EXIT_MMIO and m.is_write:
+            writes.append([m.phys_addr, bytes(ffi.buffer(m.data, m.len))])
+        if saved is not None:
+            vcpu.adopt_state(saved[i])
+        states.append(vcpu.get_state())
+    return states, writes
 
 
 def take() -> Prebuilt | None:
