@@ -146,7 +146,6 @@ _Static_assert(sizeof(struct pyvmm_vcpu_state) % 8 == 0, "vCPU state alignment")
 _Static_assert(sizeof(struct pyvmm_early_cpuid) % 8 == 0, "CPUID alignment");
 
 #define MSR_IA32_TSC 0x10
-#define EARLY_NICE (-5)
 #define EARLY_VCPU_SIZE (sizeof(struct pyvmm_vcpu_state) + sizeof(struct pyvmm_early_cpuid))
 #define EARLY_MAX_SIZE (sizeof(struct pyvmm_early_header) + sizeof(struct pyvmm_vm_state) \
                         + PYVMM_VM_MAX_VCPUS * EARLY_VCPU_SIZE)
@@ -265,7 +264,7 @@ static void early_thread_setup(struct early_vcpu *e)
     pyvmm_set_thread_name(name);
     /* The guest's vCPUs before Python's start-up, which runs beside them: ahead of it
      * where we may (CAP_SYS_NICE); the thread ends at the take-over. */
-    setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), EARLY_NICE);
+    pyvmm_vcpu_thread_nice();
 }
 
 /* Run the vCPU until the stop, or until an exit only Python serves: that one is
@@ -441,6 +440,8 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
     memset(&g_uart, 0, sizeof(g_uart));
     if (uart && uart->enabled)
         g_uart = *uart;
+    /* (uart->ring: cpr-transfer's handoff passes the new machine's coalesced ring, which
+     * its Python vCPU threads drain on after the take-over; the prebuilder has none) */
     if ((r = pyvmm_install_kick_handler(SIGUSR1)) < 0) {
         early_release();
         GO_FAIL("install the kick handler", -r);

@@ -18,6 +18,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -47,10 +48,19 @@ int pyvmm_install_kick_handler(int signo)
     return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
 }
 
+#define VCPU_NICE (-5)   /* (vcpu_run.h, pyvmm_vcpu_thread_nice) */
+
+int pyvmm_vcpu_thread_nice(void)
+{
+    return setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), VCPU_NICE) < 0 ? -errno : 0;
+}
+
 int pyvmm_set_thread_name(const char *name)
 {
     return prctl(PR_SET_NAME, (unsigned long)name, 0, 0, 0) < 0 ? -errno : 0;
 }
+
+static void coalesce(struct pyvmm_uart_fast *u);
 
 /* 1 if the fast path took this port-IO exit, 0 to hand it to Python. */
 static int uart_exit(struct kvm_run *run, struct pyvmm_uart_fast *u)
@@ -67,6 +77,8 @@ static int uart_exit(struct kvm_run *run, struct pyvmm_uart_fast *u)
         while (w < 0 && errno == EINTR);
         if (w != 1)
             return 0;
+        if (u->ring && !u->ring->registered)
+            coalesce(u);
     } else if (run->io.port == u->base + 5 && run->io.direction == KVM_EXIT_IO_IN) {
         *data = u->lsr;
     } else {
@@ -74,6 +86,129 @@ static int uart_exit(struct kvm_run *run, struct pyvmm_uart_fast *u)
     }
     u->handled++;
     return 1;
+}
+
+/* -- coalesced THR writes (vcpu_run.h) ------------------------------------------------ */
+int pyvmm_uart_ring_init(struct pyvmm_uart_ring *r, int vm_fd, void *run,
+                         unsigned long map_size, int page_offset)
+{
+    long page = sysconf(_SC_PAGESIZE);
+
+    memset(r, 0, sizeof(*r));
+    r->vm_fd = -1;
+    if (page <= 0 || page_offset <= 0 || (unsigned long)(page_offset + 1) * page > map_size)
+        return -EINVAL;
+    r->page = (char *)run + (unsigned long)page_offset * page;
+    r->max = (unsigned int)((page - sizeof(struct kvm_coalesced_mmio_ring)) /
+                            sizeof(struct kvm_coalesced_mmio));
+    r->vm_fd = vm_fd;
+    return 0;
+}
+
+static void ring_lock(struct pyvmm_uart_ring *r)
+{
+    while (__atomic_exchange_n(&r->lock, 1, __ATOMIC_ACQUIRE))
+        sched_yield();
+}
+
+static void ring_unlock(struct pyvmm_uart_ring *r)
+{
+    __atomic_store_n(&r->lock, 0, __ATOMIC_RELEASE);
+}
+
+static int zone_ioctl(struct pyvmm_uart_fast *u, unsigned long request)
+{
+    struct kvm_coalesced_mmio_zone zone;
+
+    memset(&zone, 0, sizeof(zone));
+    zone.addr = u->base;
+    zone.size = 1;
+    zone.pio = 1;
+    return ioctl(u->ring->vm_fd, request, &zone) < 0 ? -errno : 0;
+}
+
+/* The vCPU loop, serving a THR write while enabled: from now on KVM queues them.
+ * (Under the lock, so Python's uncoalesce, which clears `enabled` first, wins.) */
+static void coalesce(struct pyvmm_uart_fast *u)
+{
+    struct pyvmm_uart_ring *r = u->ring;
+
+    ring_lock(r);
+    if (u->enabled && !r->registered && r->vm_fd >= 0)
+        r->registered = zone_ioctl(u, KVM_REGISTER_COALESCED_MMIO) == 0 ? 1 : -1;
+    ring_unlock(r);   /* (-1: KVM refused it; not asked again) */
+}
+
+int pyvmm_uart_uncoalesce(struct pyvmm_uart_fast *u)
+{
+    struct pyvmm_uart_ring *r = u ? u->ring : NULL;
+    int err = 0;
+
+    if (!r)
+        return 0;
+    ring_lock(r);
+    if (r->registered == 1) {
+        err = zone_ioctl(u, KVM_UNREGISTER_COALESCED_MMIO);
+        if (!err)
+            r->registered = 0;
+    }
+    ring_unlock(r);
+    return err;
+}
+
+int pyvmm_uart_drain(struct pyvmm_uart_fast *u)
+{
+    struct pyvmm_uart_ring *r = u ? u->ring : NULL;
+    struct kvm_coalesced_mmio_ring *ring;
+    unsigned char buf[512];
+    int total = 0, err = 0;
+
+    if (!r || !r->page)
+        return 0;
+    ring = r->page;
+    if (__atomic_load_n(&ring->first, __ATOMIC_ACQUIRE) ==
+        __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE))
+        return 0;
+    /* One drainer at a time: bytes leave in the order KVM queued them. */
+    ring_lock(r);
+    for (;;) {
+        unsigned int first = __atomic_load_n(&ring->first, __ATOMIC_ACQUIRE);
+        unsigned int last = __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE);
+        unsigned int i = first, taken = 0;
+        size_t n = 0, done = 0;
+
+        if (first == last || first >= r->max || last >= r->max)
+            break;
+        while (i != last && n + 8 <= sizeof(buf)) {
+            struct kvm_coalesced_mmio *e = &ring->coalesced_mmio[i];
+            /* (only the THR is registered: one byte each; anything else is skipped) */
+            if (e->pio == 1 && e->phys_addr == u->base && e->len == 1)
+                buf[n++] = e->data[0];
+            i = (i + 1) % r->max;
+            taken++;
+        }
+        while (done < n) {
+            ssize_t w = write(u->out_fd, buf + done, n - done);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0) {
+                err = w < 0 ? -errno : -EIO;
+                break;
+            }
+            done += (size_t)w;
+        }
+        if (err) {   /* keep what did not leave (one entry per byte) */
+            taken = (unsigned int)done;
+            i = (first + taken) % r->max;
+        }
+        __atomic_store_n(&ring->first, i, __ATOMIC_RELEASE);
+        r->drained += done;
+        total += (int)done;
+        if (err)
+            break;
+    }
+    ring_unlock(r);
+    return err ? err : total;
 }
 
 /* -- the gate (vcpu_run.h) ------------------------------------------------------------ */
@@ -195,6 +330,8 @@ int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart,
     for (;;) {
         if (ioctl(fd, KVM_RUN, 0) < 0) {
             int e = errno;
+            if (uart && uart->ring)
+                pyvmm_uart_drain(uart);
             /* A kick for a pause: KVM completes pending IO before it looks at
              * signals, so nothing is half done; park, and run on when released. */
             if (gate && (e == EINTR || e == EAGAIN) &&
@@ -203,6 +340,8 @@ int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart,
                 continue;
             return -e;
         }
+        if (uart && uart->ring)
+            pyvmm_uart_drain(uart);   /* (a failure: the bytes wait; Python's next drain reports it) */
         if (run->exit_reason != KVM_EXIT_IO || !uart_exit(run, uart))
             return (int)run->exit_reason;
     }

@@ -20,7 +20,46 @@ struct pyvmm_uart_fast {
     unsigned short base;
     volatile unsigned char lsr;
     unsigned long long handled;   /* exits taken here (tests count them) */
+    struct pyvmm_uart_ring *ring; /* THR writes KVM queued without an exit, or NULL */
 };
+
+/* Coalesced PIO for the THR (KVM_CAP_COALESCED_PIO): while the fast path is on,
+ * KVM appends each byte the guest writes to THR to the VM's coalesced ring (a
+ * page of every vCPU's kvm_run mapping) and goes back into the guest at once,
+ * with no exit to this process; the bytes are written out, in order, the next
+ * time any vCPU loop returns from KVM_RUN (the guest's next LSR poll, at the
+ * latest when its console write waits for the transmitter to empty) or before
+ * Python touches the UART.  The zone is registered by the vCPU loop itself, at
+ * the first THR write it serves while `enabled` (~15 us), and only once
+ * vmm/devices/serial.py has given the machine's ring to `uart` (when the
+ * machine's own vCPU threads run; cpr-transfer's early-start threads get the new
+ * machine's ring from the handoff and drain it too, the cpr-exec prebuilder's
+ * threads, which run before there is a machine, write each byte);
+ * Python unregisters it when `enabled` goes off (DLAB, loopback, THR
+ * interrupts: KVM then waits for an SRCU grace period, ~8 ms here, so a guest
+ * that sets its UART up before it prints never pays it). */
+struct pyvmm_uart_ring {
+    void *page;                   /* struct kvm_coalesced_mmio_ring, in a vCPU's mmap */
+    unsigned int max;             /* its entries (KVM_COALESCED_MMIO_MAX) */
+    int lock;                     /* held while bytes leave the ring, or the zone changes */
+    int registered;               /* the THR port is a coalesced zone now */
+    int vm_fd;                    /* the VM the zone is registered with */
+    unsigned long long drained;   /* bytes written from the ring (tests count them) */
+};
+
+/* Point `ring` at VM `vm_fd`'s coalesced ring: page `page_offset` (what
+ * KVM_CHECK_EXTENSION(KVM_CAP_COALESCED_MMIO) returns) of a vCPU's kvm_run
+ * mapping `run`, `map_size` bytes long.  0, or -EINVAL if it lies outside. */
+int pyvmm_uart_ring_init(struct pyvmm_uart_ring *ring, int vm_fd, void *run,
+                         unsigned long map_size, int page_offset);
+
+/* Unregister the THR's coalesced zone if it is registered (Python, as `enabled`
+ * goes off, after clearing it): 0, or -errno. */
+int pyvmm_uart_uncoalesce(struct pyvmm_uart_fast *uart);
+
+/* Write out what the ring holds, in order, to uart->out_fd: the bytes written, or
+ * -errno (what was not written stays queued). */
+int pyvmm_uart_drain(struct pyvmm_uart_fast *uart);
 
 /* The gate a vCPU thread parks at while its machine is paused, in C and without
  * the GIL: a kicked thread parks the moment KVM_RUN returns (no Python between
@@ -85,6 +124,14 @@ int pyvmm_ioctl_int(int fd, unsigned long request, unsigned long arg);
  * -EINTR and Python's own signal machinery is never involved on a vCPU thread
  * (the kick itself is pyvmm_gate_kick, above). */
 int pyvmm_install_kick_handler(int signo);
+
+/* Run the calling vCPU thread ahead of the VMM's other threads (nice -5, where
+ * allowed: CAP_SYS_NICE; 0 or -errno).  On two CPUs the VMMs' own Python work
+ * around a live update (the new VMM's restore and take-over, the old one's
+ * wind-down, a QMP client) otherwise takes the CPU from a vCPU that wants it:
+ * 2.5-4.7 ms stalls of a 1 ms heartbeat right after cpr-transfers, gone at -5.
+ * The early-start threads (csrc/cpr_exec.c) run at the same level. */
+int pyvmm_vcpu_thread_nice(void);
 
 /* Name the calling OS thread (visible in ps, top and /proc/PID/task/TID/comm). */
 int pyvmm_set_thread_name(const char *name);

@@ -149,6 +149,7 @@ class Machine:
         self.mmio_bus = Bus()
         # The vCPU loop's UART fast path, off until the serial device turns it on.
         self.uart_fast = ffi.new("struct pyvmm_uart_fast *", {"out_fd": -1})
+        self.uart_ring = self._uart_ring()
         self.ctx = DeviceContext(self.vm, self.memory, self.pio_bus, self.mmio_bus,
                                  cfg.console or stdout_console, self.request_exit,
                                  self.uart_fast)
@@ -367,6 +368,26 @@ class Machine:
             fds.update((f"{d.id}.{name}", fd) for name, fd in d.fds().items())
         return fds
 
+    def _uart_ring(self):
+        """The VM's coalesced-PIO ring for the UART's THR writes (a `struct
+        pyvmm_uart_ring`, csrc/vcpu_run.h), or None where KVM has none."""
+        from .kvm.ffi import ffi, lib
+        kvm = self.kvm
+        if not self.vcpus or kvm.check_extension(lib.KVM_CAP_COALESCED_PIO) <= 0:
+            return None
+        ring = ffi.new("struct pyvmm_uart_ring *")
+        if lib.pyvmm_uart_ring_init(ring, self.vm.fd, self.vcpus[0].run, kvm.vcpu_mmap_size,
+                                    kvm.check_extension(lib.KVM_CAP_COALESCED_MMIO)) < 0:
+            return None
+        return ring
+
+    def _coalesce_console(self) -> None:
+        """Our vCPU threads run the guest: THR writes may go to the coalesced ring."""
+        if self.uart_ring is not None and not self.uart_fast.ring:
+            for d in self.devices:
+                if d.KIND == "serial":
+                    d.uart.coalesce(self.uart_ring)
+
     # -- running -----------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
         """Start the vCPU threads, once: running, or parked (paused=True: a new VMM's
@@ -374,6 +395,8 @@ class Machine:
         from .cpu import VcpuThread
         self.threads = [VcpuThread(v, self.pio_bus, self.mmio_bus, self._vcpu_failed,
                                    self.uart_fast) for v in self.vcpus]
+        if not paused:
+            self._coalesce_console()
         for t in self.threads:
             t.start(paused=paused)
         self.running = not paused
@@ -388,6 +411,7 @@ class Machine:
         self.running = False
 
     def resume(self) -> None:
+        self._coalesce_console()
         for t in self.threads:
             t.resume()
         self.running = True

@@ -85,6 +85,8 @@ class Waiter(_Mapped):
                 w.early, w.commit = 1, commit.word
                 fd = getattr(machine.ctx.console, "fd", None)
                 w.uart.out_fd, w.uart.enabled = (fd if fd is not None else -1), 0
+                if fd is not None and machine.uart_ring is not None:
+                    w.uart.ring = machine.uart_ring   # (THR writes coalesced early too)
             self.vcpu_fds = [vcpu.fd for vcpu in machine.vcpus]
             r = lib.pyvmm_handoff_start(w)
             if r < 0:

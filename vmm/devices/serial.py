@@ -17,6 +17,10 @@ whatever the FCR trigger level.
 With an fd console the vCPU loop's C fast path handles LSR reads and THR writes
 itself while they have no other effect (attach_fast_path), so a console byte
 costs no Python; the model republishes what the fast path may do on every change.
+Where KVM offers coalesced PIO, THR writes in those same states do not even exit:
+KVM queues them in a ring the vCPU loop writes out (coalesce(); csrc/vcpu_run.h,
+`struct pyvmm_uart_ring`), and every access that reaches this model first writes
+out what is queued, so the console sees the bytes in the order the guest wrote them.
 
 The interrupt line is level-triggered: `irq(True)` / `irq(False)` is called
 whenever "some enabled interrupt is pending" changes.  (OUT2 does not gate the
@@ -26,6 +30,8 @@ under it too, which keeps output bytes and line changes in order.
 """
 
 from __future__ import annotations
+
+import os
 
 from .. import sync
 from ..schema import U8, Bytes, Int
@@ -98,19 +104,64 @@ class Serial16550:
             self.fast = fast
             self._publish()
 
+    def coalesce(self, ring) -> None:
+        """Let KVM queue THR writes in `ring` (a `struct pyvmm_uart_ring`) while the
+        fast path is on, instead of exiting for each byte (the vCPU loop registers the
+        port with KVM at the next THR write it serves).  Only once the machine's own
+        vCPU threads run the guest: they write the ring out each time KVM_RUN returns
+        (the cpr-exec prebuilder's early threads do not know the ring)."""
+        with self._lock:
+            if self.fast is not None and not self.fast.ring:
+                self.fast.ring = ring
+
+    def uncoalesce(self) -> None:
+        """The VM goes away (its vCPUs stopped): what is queued is written, and the vCPU
+        loop forgets the ring."""
+        with self._lock:
+            f = self.fast
+            if f is None or not f.ring:
+                return
+            from ..kvm.ffi import ffi
+            try:
+                self.drain()
+            finally:
+                f.ring = ffi.NULL
+
+    def drain(self) -> None:
+        """Write out the THR bytes KVM queued (coalesce()), before anything else the
+        guest does with the UART takes effect; a console that fails raises here, as
+        it would for a byte written through the model."""
+        f = self.fast
+        if f is not None and f.ring:
+            from ..kvm.ffi import lib
+            r = lib.pyvmm_uart_drain(f)
+            if r < 0:
+                raise OSError(-r, f"the console: {os.strerror(-r)}")
+
     def _publish(self) -> None:
         f = self.fast
         if f is None:
             return
         f.enabled = 0
         f.lsr = self.lsr
-        f.enabled = int(not self.lcr & LCR_DLAB and not self.mcr & MCR_LOOP
-                        and not self.ier & IER_THRI and not self.lsr & LSR_ERRORS)
+        on = int(not self.lcr & LCR_DLAB and not self.mcr & MCR_LOOP
+                 and not self.ier & IER_THRI and not self.lsr & LSR_ERRORS)
+        if not on and f.ring and f.ring.registered == 1:
+            # THR writes must reach the model again (DLL, loopback, THR interrupts): the
+            # zone goes (~8 ms of KVM's SRCU grace period; rare: a guest sets its UART
+            # up before it prints), then what KVM queued before leaves first.
+            from ..kvm.ffi import lib
+            r = lib.pyvmm_uart_uncoalesce(f)
+            if r < 0:
+                raise OSError(-r, f"KVM_UNREGISTER_COALESCED_MMIO: {os.strerror(-r)}")
+            self.drain()
+        f.enabled = on
 
     # -- bus protocol ----------------------------------------------------------------
     def read(self, offset: int, size: int) -> bytes:
         """Byte registers; a wider access reads consecutive registers (as QEMU splits it)."""
         with self._lock:
+            self.drain()
             data = bytes(self._read(offset + i) if offset + i < 8 else 0xFF
                          for i in range(size))
             self._publish()
@@ -118,6 +169,7 @@ class Serial16550:
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
+            self.drain()
             for i, value in enumerate(data):
                 if offset + i < 8:
                     self._write(offset + i, value)
@@ -374,6 +426,15 @@ class SerialDevice(Device):
 
     def save(self) -> SerialState:
         return SerialState(**self.uart.state())
+
+    def quiesce(self) -> None:
+        self.uart.drain()    # (the vCPUs are paused: what they queued leaves with this VMM)
+
+    def close(self) -> None:
+        try:
+            self.uart.uncoalesce()
+        except OSError:
+            pass     # (a console that went away: nothing more can be written to it)
 
     def summary(self) -> dict:
         return {"name": self.id, "type": "16550A", "port": f"{COM1_PORT:#x}", "irq": COM1_IRQ}
