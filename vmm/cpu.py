@@ -138,6 +138,7 @@ class VcpuThread:
     def _main(self) -> None:
         self._tid = sync.get_ident()
         set_os_thread_name(f"vcpu{self.vcpu.index}")
+        lib.pyvmm_vcpu_thread_nice()   # (ahead of the VMM's own threads, where allowed)
         try:
             self._loop()
         except GuestError as e:
