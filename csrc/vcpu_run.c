@@ -330,6 +330,8 @@ int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart,
     for (;;) {
         if (ioctl(fd, KVM_RUN, 0) < 0) {
             int e = errno;
+            /* (before a pause parks this thread: what the guest queued leaves now, so a
+             * live update's stop finds the ring empty and needs no drain of its own) */
             if (uart && uart->ring)
                 pyvmm_uart_drain(uart);
             /* A kick for a pause: KVM completes pending IO before it looks at

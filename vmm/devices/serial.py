@@ -427,9 +427,6 @@ class SerialDevice(Device):
     def save(self) -> SerialState:
         return SerialState(**self.uart.state())
 
-    def quiesce(self) -> None:
-        self.uart.drain()    # (the vCPUs are paused: what they queued leaves with this VMM)
-
     def close(self) -> None:
         try:
             self.uart.uncoalesce()
