@@ -1,6 +1,7 @@
 """Steady running: the gaps between a 1 ms ticker's heartbeats under pyvmm and QEMU 10.
 
     python3 bench/steady.py [--seconds 10] [--rounds 3]      # as root, with /dev/kvm
+    python3 bench/steady.py --period-us 1 --seconds 3        # what a heartbeat line costs
 
 Issue 12's steady-running goal compares the largest gap between two ticks over ten
 seconds; `pyvmm bench downtime --baselines qemu10` reports that one number per row,
@@ -13,7 +14,11 @@ with blocking reads, stamped CLOCK_MONOTONIC) and by the guest's own clock (t_us
 median, p99, p99.9, max and how many exceeded 5 ms, and the CPU time the hypervisor
 under this machine took from it meanwhile (/proc/stat's steal, all CPUs): stalls
 no scheduler here can see.  Without QEMU 10 built (python3 bench/qemu10.py) only
-pyvmm runs.
+pyvmm runs.  With `--period-us 1` the ticker prints as fast as it can, so the
+median gap by the guest's clock is what one 45-byte heartbeat line costs the guest
+under each VMM (its port I/O): a line longer than the period makes every pause
+that lands in it cost a whole tick more (docs/BENCHMARKS.md, "The heartbeat's
+own cost").
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ KERNEL = ROOT / "guest/build/ticker.elf"
 SKIP = 100   # ticks of boot left out
 
 
-def command(vmm: str, ticks: int) -> list[str]:
-    args = f"period_us=1000 count={ticks}"
+def command(vmm: str, ticks: int, period_us: int = 1000) -> list[str]:
+    args = f"period_us={period_us} count={ticks}"
     if vmm == "pyvmm":
         return [sys.executable, "-m", "vmm", "run", "--kernel", str(KERNEL), "--cmdline", args]
     return [str(qemu10.binary()), "-L", qemu10.FIRMWARE_DIR,
@@ -46,9 +51,9 @@ def command(vmm: str, ticks: int) -> list[str]:
             "-kernel", str(KERNEL), "-append", args]
 
 
-def heartbeats(vmm: str, ticks: int) -> tuple[list[float], list[int]]:
+def heartbeats(vmm: str, ticks: int, period_us: int = 1000) -> tuple[list[float], list[int]]:
     """Arrival times (s) and the guest's t_us of each tick line, boot left out."""
-    p = subprocess.Popen(command(vmm, ticks), stdout=subprocess.PIPE,
+    p = subprocess.Popen(command(vmm, ticks, period_us), stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, cwd=ROOT)
     arrived, t_us, buf = [], [], b""
     while chunk := os.read(p.stdout.fileno(), 65536):
@@ -82,17 +87,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--period-us", type=int, default=1000,
+                    help="the ticker's period (1: as fast as it prints)")
     args = ap.parse_args()
     vmms = ["pyvmm"] + (["qemu10"] if qemu10.binary() else [])
     if len(vmms) == 1:
         print(f"QEMU {qemu10.VERSION} is not built ({qemu10.HOW_TO_BUILD}): pyvmm only")
-    ticks = SKIP + int(args.seconds * 1000 / 2.5)   # a tick line takes ~2.5 ms here
+    # (a tick at most every period, and a line takes 0.4-1.2 ms of port I/O here)
+    ticks = SKIP + int(args.seconds * 1e6 / max(args.period_us, 400))
     print("gaps between two tick lines in ms: as the host read them | by the guest's clock | "
           "CPU time stolen by the hypervisor below meanwhile")
     for _ in range(args.rounds):
         for vmm in vmms:
             stolen = steal_ms()
-            arrived, t_us = heartbeats(vmm, ticks)
+            arrived, t_us = heartbeats(vmm, ticks, args.period_us)
             stolen = steal_ms() - stolen
             host = [(b - a) * 1e3 for a, b in zip(arrived, arrived[1:])]
             guest = [(b - a) / 1e3 for a, b in zip(t_us, t_us[1:])]
