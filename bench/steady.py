@@ -39,21 +39,22 @@ KERNEL = ROOT / "guest/build/ticker.elf"
 SKIP = 100   # ticks of boot left out
 
 
-def command(vmm: str, ticks: int, period_us: int = 1000) -> list[str]:
+def command(vmm: str, ticks: int, period_us: int = 1000, kernel: Path = KERNEL) -> list[str]:
     args = f"period_us={period_us} count={ticks}"
     if vmm == "pyvmm":
-        return [sys.executable, "-m", "vmm", "run", "--kernel", str(KERNEL), "--cmdline", args]
+        return [sys.executable, "-m", "vmm", "run", "--kernel", str(kernel), "--cmdline", args]
     return [str(qemu10.binary()), "-L", qemu10.FIRMWARE_DIR,
             "-M", "microvm,x-option-roms=off,rtc=off", "-accel", "kvm", "-cpu", "qemu64",
             "-m", "256M", "-nodefaults", "-no-user-config", "-display", "none",
             "-serial", "stdio", "-monitor", "none", "-no-reboot",
             "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
-            "-kernel", str(KERNEL), "-append", args]
+            "-kernel", str(kernel), "-append", args]
 
 
-def heartbeats(vmm: str, ticks: int, period_us: int = 1000) -> tuple[list[float], list[int]]:
+def heartbeats(vmm: str, ticks: int, period_us: int = 1000,
+               kernel: Path = KERNEL) -> tuple[list[float], list[int]]:
     """Arrival times (s) and the guest's t_us of each tick line, boot left out."""
-    p = subprocess.Popen(command(vmm, ticks, period_us), stdout=subprocess.PIPE,
+    p = subprocess.Popen(command(vmm, ticks, period_us, kernel), stdout=subprocess.PIPE,
                          stderr=subprocess.DEVNULL, cwd=ROOT)
     arrived, t_us, buf = [], [], b""
     while chunk := os.read(p.stdout.fileno(), 65536):
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--period-us", type=int, default=1000,
                     help="the ticker's period (1: as fast as it prints)")
+    ap.add_argument("--kernel", type=Path, default=KERNEL,
+                    help="another build of the ticker guest (e.g. an older commit's)")
     args = ap.parse_args()
     vmms = ["pyvmm"] + (["qemu10"] if qemu10.binary() else [])
     if len(vmms) == 1:
@@ -100,7 +103,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for vmm in vmms:
             stolen = steal_ms()
-            arrived, t_us = heartbeats(vmm, ticks, args.period_us)
+            arrived, t_us = heartbeats(vmm, ticks, args.period_us, args.kernel.resolve())
             stolen = steal_ms() - stolen
             host = [(b - a) * 1e3 for a, b in zip(arrived, arrived[1:])]
             guest = [(b - a) / 1e3 for a, b in zip(t_us, t_us[1:])]
