@@ -373,6 +373,69 @@ def test_uart_fast_path_writes_the_same_bytes_in_order(guests, tmp_path):
     assert strip(outputs[False]) == strip(outputs[True])
 
 
+def test_coalesced_uart_output_stays_in_order_when_the_fast_path_goes_off(guests, tmp_path):
+    """THR writes KVM queued in the coalesced ring leave before anything the model does
+    once the fast path goes off (here DLAB set and cleared under a printing guest, as a
+    driver setting its baud rate would): the zone is unregistered, the ring written
+    out, and every line that reached the console is whole and in order."""
+    from vmm.devices.serial import LCR
+    from vmm.machine import FdConsole
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    m = Machine(MachineConfig(kernel=str(guests / "ticker.elf"), memory=64 << 20,
+                              cmdline="period_us=500", console=FdConsole(fd)))
+    try:
+        m.create()
+        m.boot()
+        m.start()
+        if m.uart_ring is None:
+            pytest.skip("KVM has no coalesced PIO here (KVM_CAP_COALESCED_PIO)")
+        uart = next(d for d in m.devices if d.KIND == "serial").uart
+        deadline = time.monotonic() + 10
+        while m.uart_ring.registered != 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert m.uart_ring.registered == 1   # (the vCPU loop registered the THR's zone)
+        for _ in range(3):
+            time.sleep(0.05)
+            uart.write(LCR, bytes([0x83]))   # DLAB: THR writes are divisor writes now
+            assert m.uart_ring.registered == 0 and m.uart_fast.enabled == 0
+            time.sleep(0.02)
+            uart.write(LCR, bytes([0x03]))   # 8N1 again: the loop registers it anew
+        time.sleep(0.05)
+        drained = m.uart_ring.drained
+    finally:
+        m.close()
+        os.close(fd)
+    text = path.read_text()
+    assert drained > 0
+    lines = [line for line in text.split("\r\n") if line.startswith("tick")]
+    # Bytes written while DLAB was set went to the divisor latch, so a line may be cut
+    # there; every other line is whole, and the ticks only go forward.
+    whole = [n for n in ticks(text)]
+    assert whole == sorted(whole) and len(set(whole)) == len(whole), whole
+    assert sum(bool(re.fullmatch(r"tick \d+ t_us=\d+ maxgap_us=\d+", x)) for x in lines) \
+        >= len(lines) - 6, lines
+
+
+def test_vcpu_threads_run_ahead_of_the_vmm_threads(guests):
+    """vCPU threads at nice -5 (csrc/vcpu_run.h, pyvmm_vcpu_thread_nice): as root here."""
+    if os.geteuid() != 0:
+        pytest.skip("setting a negative nice needs CAP_SYS_NICE")
+    m, console = boot(guests, "ticker", "period_us=20000")
+    try:
+        console.wait_for(r"tick 1 ")
+        nice = {}
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            nice["main" if int(tid) == os.getpid() else comm] = int(
+                stat[stat.rindex(")") + 2:].split()[16])
+        assert nice["vcpu0"] == -5 and nice["main"] == 0, nice
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("prealloc", [False, True])
 def test_mem_prealloc_allocates_all_ram_before_the_guest_runs(guests, prealloc):
     """--mem-prealloc (QEMU's -mem-prealloc): every page of RAM is allocated before the
