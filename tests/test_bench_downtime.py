@@ -178,8 +178,9 @@ def test_a_line_left_unfinished_shows_at_once():
 
 def test_steady_reports_both_views_of_the_heartbeat(guests):
     """bench/steady.py: for each VMM (QEMU 10 when built), one line with the distribution
-    of the gaps as the host read them and by the guest's clock, each at least a period,
-    and the CPU time stolen meanwhile."""
+    of the gaps as the host read them and by the guest's clock, each about a period or
+    more (a line shorter than the period arrives a period after the last, give or take
+    the host's jitter), and the CPU time stolen meanwhile."""
     need_kvm()
     from bench import qemu10
     r = subprocess.run([sys.executable, "bench/steady.py", "--seconds", "1", "--rounds", "1"],
@@ -190,4 +191,4 @@ def test_steady_reports_both_views_of_the_heartbeat(guests):
     assert [v for v, _, _ in rows] == ["pyvmm"] + (["qemu10"] if qemu10.binary() else []), \
         r.stdout
     for _, host, guest in rows:
-        assert float(host) >= 1.0 and float(guest) >= 1.0, r.stdout
+        assert float(host) >= 0.9 and float(guest) >= 0.9, r.stdout
