@@ -107,8 +107,16 @@ int pyvmm_uart_ring_init(struct pyvmm_uart_ring *r, int vm_fd, void *run,
 
 static void ring_lock(struct pyvmm_uart_ring *r)
 {
-    while (__atomic_exchange_n(&r->lock, 1, __ATOMIC_ACQUIRE))
-        sched_yield();
+    /* Held for a write() to the console, which blocks while nobody reads it (a
+     * paused terminal, a full pipe): yield a while, then sleep between looks. */
+    for (int spins = 0; __atomic_exchange_n(&r->lock, 1, __ATOMIC_ACQUIRE); spins++) {
+        if (spins < 100) {
+            sched_yield();
+        } else {
+            struct timespec t = {0, 100000};
+            nanosleep(&t, NULL);
+        }
+    }
 }
 
 static void ring_unlock(struct pyvmm_uart_ring *r)
