@@ -1,6 +1,6 @@
 """Before against after: a live update's downtime in two pyvmm trees, alternated.
 
-    python3 bench/ab_downtime.py 84ce776 [--rounds 12] [--reps 2] [--sizes 256M,1G]
+    python3 bench/ab_downtime.py 84ce776 [--rounds 12] [--reps 2] [--sizes 256M,1G] [--early-start]
 
 On a shared 2-core host the downtime of a cpr-transfer drifts by milliseconds
 from one minute to the next, so two trees measured one after the other cannot be
@@ -33,10 +33,12 @@ def bench_module(tree: Path) -> str:
     return "bench.downtime" if (tree / "bench/downtime").is_dir() else "vmm.bench.downtime"
 
 
-def run(tree: Path, sizes: str, reps: int, out: Path) -> dict[int, list[float]]:
+def run(tree: Path, sizes: str, reps: int, out: Path,
+        extra: tuple[str, ...] = ()) -> dict[int, list[float]]:
     """One `bench downtime` run in `tree`: {RAM bytes: [host view ms, ...]}."""
     args = ["--sizes", sizes, "--modes", "transfer", "--ram", "untouched", "--loads", "idle",
-            "--baselines", "none", "--reps", str(reps), "--no-progress", "--out", str(out)]
+            "--baselines", "none", "--reps", str(reps), "--no-progress", "--out", str(out),
+            *extra]
     subprocess.run([str(tree / ".venv/bin/python"), "-m", bench_module(tree), *args],
                    cwd=tree, check=True, capture_output=True)
     by_size: dict[int, list[float]] = {}
@@ -63,14 +65,17 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--sizes", default="256M,1G")
+    ap.add_argument("--early-start", action="store_true",
+                    help="cpr-transfer's early start on both sides (both trees must have it)")
     args = ap.parse_args(argv)
+    extra = ("--early-start",) if args.early_start else ()
     trees = {"before": release_tree(args.before), "after": ROOT}
     runs: dict[str, list[dict[int, list[float]]]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for side in ("before", "after") if r % 2 == 0 else ("after", "before"):
                 runs[side].append(run(trees[side], args.sizes, args.reps,
-                                      Path(tmp) / f"{side}{r}"))
+                                      Path(tmp) / f"{side}{r}", extra))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     for size in sorted(runs["after"][0]):
         a = [x for one in runs["before"] for x in one[size]]
