@@ -182,7 +182,7 @@ int pyvmm_uart_drain(struct pyvmm_uart_fast *u)
     for (;;) {
         unsigned int first = __atomic_load_n(&ring->first, __ATOMIC_ACQUIRE);
         unsigned int last = __atomic_load_n(&ring->last, __ATOMIC_ACQUIRE);
-        unsigned int i = first, taken = 0;
+        unsigned int i = first;
         size_t n = 0, done = 0;
 
         if (first == last || first >= r->max || last >= r->max)
@@ -193,7 +193,6 @@ int pyvmm_uart_drain(struct pyvmm_uart_fast *u)
             if (e->pio == 1 && e->phys_addr == u->base && e->len == 1)
                 buf[n++] = e->data[0];
             i = (i + 1) % r->max;
-            taken++;
         }
         while (done < n) {
             ssize_t w = write(u->out_fd, buf + done, n - done);
@@ -205,10 +204,8 @@ int pyvmm_uart_drain(struct pyvmm_uart_fast *u)
             }
             done += (size_t)w;
         }
-        if (err) {   /* keep what did not leave (one entry per byte) */
-            taken = (unsigned int)done;
-            i = (first + taken) % r->max;
-        }
+        if (err)     /* keep what did not leave (one entry per byte) */
+            i = (unsigned int)((first + done) % r->max);
         __atomic_store_n(&ring->first, i, __ATOMIC_RELEASE);
         r->drained += done;
         total += (int)done;
@@ -336,12 +333,15 @@ int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart,
                    struct pyvmm_vcpu_gate *gate)
 {
     for (;;) {
-        if (ioctl(fd, KVM_RUN, 0) < 0) {
-            int e = errno;
-            /* (before a pause parks this thread: what the guest queued leaves now, so a
-             * live update's stop finds the ring empty and needs no drain of its own) */
-            if (uart && uart->ring)
-                pyvmm_uart_drain(uart);
+        int r = ioctl(fd, KVM_RUN, 0), e = errno;
+
+        /* What the guest queued in the coalesced ring leaves first, before this exit is
+         * served and before a pause parks the thread (so a live update's stop finds the
+         * ring empty).  A failed write leaves the bytes queued: Python's next drain
+         * reports it. */
+        if (uart && uart->ring)
+            pyvmm_uart_drain(uart);
+        if (r < 0) {
             /* A kick for a pause: KVM completes pending IO before it looks at
              * signals, so nothing is half done; park, and run on when released. */
             if (gate && (e == EINTR || e == EAGAIN) &&
@@ -350,8 +350,6 @@ int pyvmm_vcpu_run(int fd, struct kvm_run *run, struct pyvmm_uart_fast *uart,
                 continue;
             return -e;
         }
-        if (uart && uart->ring)
-            pyvmm_uart_drain(uart);   /* (a failure: the bytes wait; Python's next drain reports it) */
         if (run->exit_reason != KVM_EXIT_IO || !uart_exit(run, uart))
             return (int)run->exit_reason;
     }

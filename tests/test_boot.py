@@ -390,7 +390,7 @@ def test_coalesced_uart_output_stays_in_order_when_the_fast_path_goes_off(guests
         m.start()
         if m.uart_ring is None:
             pytest.skip("KVM has no coalesced PIO here (KVM_CAP_COALESCED_PIO)")
-        uart = next(d for d in m.devices if d.KIND == "serial").uart
+        uart = m.device("serial").uart
         deadline = time.monotonic() + 10
         while m.uart_ring.registered != 1 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -411,7 +411,7 @@ def test_coalesced_uart_output_stays_in_order_when_the_fast_path_goes_off(guests
     lines = [line for line in text.split("\r\n") if line.startswith("tick")]
     # Bytes written while DLAB was set went to the divisor latch, so a line may be cut
     # there; every other line is whole, and the ticks only go forward.
-    whole = [n for n in ticks(text)]
+    whole = ticks(text)
     assert whole == sorted(whole) and len(set(whole)) == len(whole), whole
     assert sum(bool(re.fullmatch(r"tick \d+ t_us=\d+ maxgap_us=\d+", x)) for x in lines) \
         >= len(lines) - 6, lines

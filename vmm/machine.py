@@ -383,10 +383,9 @@ class Machine:
 
     def _coalesce_console(self) -> None:
         """Our vCPU threads run the guest: THR writes may go to the coalesced ring."""
-        if self.uart_ring is not None and not self.uart_fast.ring:
-            for d in self.devices:
-                if d.KIND == "serial":
-                    d.uart.coalesce(self.uart_ring)
+        serial = self.device("serial")
+        if self.uart_ring is not None and serial is not None:
+            serial.uart.coalesce(self.uart_ring)   # (once: it keeps a ring it has)
 
     # -- running -----------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
