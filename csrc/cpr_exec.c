@@ -592,9 +592,60 @@ static void *prebuild_thread(void *arg)
     return NULL;
 }
 
+/* With an early block, Python's start waits until the builder has the guest
+ * running (or gave up): the build waits on kernel threads (kthreadd for the PIT's
+ * worker, workqueues for SRCU), and a kernel thread woken onto the CPU where
+ * Python's start runs at the same priority waited there for a scheduler tick
+ * (~4 ms, HZ=250) in a quarter of the updates traced here, the other CPU idle.
+ * Python's start is not downtime once the guest runs; the build is.  Bounded, so
+ * a stuck build only delays Python, which then joins the builder as before. */
+static void wait_for_the_guest(void)
+{
+    struct timespec until;
+
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_nsec += 200 * 1000000L;   /* the build and restore take ~1 ms */
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    pthread_mutex_lock(&g_lock);
+    while (!g_done)
+        if (pthread_cond_timedwait(&g_cond, &g_lock, &until) != 0)
+            break;
+    pthread_mutex_unlock(&g_lock);
+}
+
+static void prebuild_start(void);
+
 /* Runs when the dynamic loader maps this module: before Python's main() when it
- * is in LD_PRELOAD, at import time otherwise (then the variable is not set). */
+ * is in LD_PRELOAD, at import time otherwise (then the variables are not set).
+ * The old image raised the exec'ing thread to the vCPU threads' nice for the exec
+ * (vmm/cpr/source.py) and names the nice it had before: this thread and the builder
+ * it starts run ahead of whatever the exec wakes (the QMP client whose connection
+ * the exec closed took the CPU from the new image for ~2 ms in traced updates, the
+ * other CPU idle).  Python's main thread gets its old nice back here, once the
+ * guest runs (or the build gave up); the builder keeps the vCPU threads' nice. */
 __attribute__((constructor)) static void pyvmm_prebuild_start(void)
+{
+    const char *v = getenv("PYVMM_CPR_NICE_WAS");
+    char *end;
+    long was;
+
+    if (!v) {
+        prebuild_start();
+        return;
+    }
+    errno = 0;
+    was = strtol(v, &end, 10);
+    int ok = !errno && !*end && end != v && was >= -20 && was <= 19;
+    unsetenv("PYVMM_CPR_NICE_WAS");
+    prebuild_start();
+    if (ok)
+        setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), (int)was);
+}
+
+static void prebuild_start(void)
 {
     char buf[32], was[4096];
     const char *v = getenv("PYVMM_CPR_PREBUILD");
@@ -656,6 +707,8 @@ __attribute__((constructor)) static void pyvmm_prebuild_start(void)
     else
         fail(&g_built, "start the builder thread", EAGAIN);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (g_running && g_early)
+        wait_for_the_guest();
 }
 
 /* Wait for the builder and take its result (once: later calls return 0). */

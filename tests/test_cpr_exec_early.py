@@ -10,6 +10,7 @@ prints through the UART fast path meanwhile; a guest that touches a Python devic
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -141,3 +142,35 @@ def test_many_updates_in_a_row(guests, vmm_procs, tmp_path):
     values = scratch_values(p.text())
     assert values == list(range(values[0], values[0] + len(values))), values
     assert_ticks_continuous(p.text())
+
+
+def thread_nices(pid: int) -> dict[str, list[int]]:
+    """Each thread's nice in process `pid`, by name ("main" for the main thread)."""
+    out: dict[str, list[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            stat = f.read()
+        name = "main" if int(tid) == pid else stat[stat.index("(") + 1:stat.rindex(")")]
+        out.setdefault(name, []).append(int(stat[stat.rindex(")") + 2:].split()[16]))
+    return out
+
+
+def test_the_exec_runs_at_the_vcpus_nice_and_python_gets_its_own_back(guests, vmm_procs,
+                                                                      tmp_path):
+    """The old image execs at the vCPU threads' nice (-5) so nothing the exec wakes takes
+    the CPU from the new image's start and build; once the guest runs, Python's main
+    thread has the nice it had before (0 here, 4 after a renice) and the vCPU thread -5."""
+    if os.geteuid() != 0:
+        pytest.skip("setting a negative nice needs CAP_SYS_NICE")
+    p, qmp_path = start_ticker(vmm_procs, tmp_path, period=5000)
+    p.wait_for(r"tick 3 ")
+    pid = p.proc.pid
+    for main_nice in (0, 4):
+        os.setpriority(os.PRIO_PROCESS, pid, main_nice)   # (the main thread only)
+        assert cpr_exec(qmp_path) is None
+        info = new_info(qmp_path)
+        assert info["status"] == "completed"
+        assert dict(info["x-steps"])[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
+        assert_ticks_go_on(p, 3)
+        nices = thread_nices(pid)
+        assert nices["main"] == [main_nice] and nices["vcpu0"] == [-5], nices

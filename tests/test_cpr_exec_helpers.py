@@ -28,7 +28,9 @@ CHILD = textwrap.dedent("""
     from vmm.cpr import prebuild
     built = prebuild.take()
     out = {{"env": sorted(k for k in os.environ if k in ("LD_PRELOAD", "PYVMM_CPR_PREBUILD",
-                                                           "PYVMM_CPR_PRELOAD_WAS")),
+                                                           "PYVMM_CPR_PRELOAD_WAS",
+                                                           "PYVMM_CPR_NICE_WAS")),
+           "nice": os.getpriority(os.PRIO_PROCESS, 0),
            "ld_preload": os.environ.get("LD_PRELOAD"),
            "grandchild_env": subprocess.run(["env"], capture_output=True, text=True).stdout}}
     if built is None:
@@ -63,14 +65,15 @@ def kvm():
     need_kvm()
 
 
-def run_child(spec_fd, ram_fd, cpuid_path, env_extra=None):
+def run_child(spec_fd, ram_fd, cpuid_path, env_extra=None, nice=None):
     env = dict(os.environ)
     env.update(prebuild.exec_env(spec_fd) if spec_fd is not None else {})
     env.update(env_extra or {})
     code = CHILD.format(root=str(ROOT), ram_fd=ram_fd, cpuid=str(cpuid_path))
     fds = [f for f in (spec_fd, ram_fd) if f is not None]
+    renice = None if nice is None else (lambda: os.setpriority(os.PRIO_PROCESS, 0, nice))
     r = subprocess.run([sys.executable, "-c", code], env=env, pass_fds=fds,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, preexec_fn=renice)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -128,6 +131,23 @@ def test_prebuilder_puts_back_an_ld_preload_it_found(ram_and_cpuid, tmp_path):
             os.environ["LD_PRELOAD"] = saved
     assert out["built"]["ok"]
     assert out["ld_preload"] == libc and out["env"] == ["LD_PRELOAD"]
+
+
+@pytest.mark.parametrize("was, expect", [("3", 3), ("0", 0), ("-20x", -5), ("99", -5)])
+def test_prebuilder_puts_back_the_nice_the_exec_raised(ram_and_cpuid, was, expect):
+    """The old image execs at the vCPU threads' nice and names the one it had; the
+    constructor gives it back to the main thread (a malformed value: left as it is)
+    and the variable is gone for the image and what it starts."""
+    if os.geteuid() != 0:
+        pytest.skip("setting a negative nice needs CAP_SYS_NICE")
+    mem, cpuid = ram_and_cpuid
+    spec = prebuild.request(mem, 2)
+    try:
+        out = run_child(spec, mem.fd, cpuid, {prebuild.NICE_WAS_ENV: was}, nice=-5)
+    finally:
+        os.close(spec)
+    assert out["built"]["ok"] and out["nice"] == expect
+    assert out["env"] == [] and "PYVMM_CPR" not in out["grandchild_env"]
 
 
 @pytest.mark.parametrize("spec_bytes", [b"", b"garbage" * 40, None])

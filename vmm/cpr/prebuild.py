@@ -20,6 +20,7 @@ import os
 
 PREBUILD_ENV = "PYVMM_CPR_PREBUILD"          # the spec memfd's number (read by C)
 PRELOAD_WAS_ENV = "PYVMM_CPR_PRELOAD_WAS"    # LD_PRELOAD before ours, put back by C
+NICE_WAS_ENV = "PYVMM_CPR_NICE_WAS"          # the exec'ing thread's nice before ours, put back by C
 
 
 def request(memory, vcpus: int) -> int:
@@ -80,6 +81,16 @@ def exec_env(spec_fd: int) -> dict[str, str]:
         env[PRELOAD_WAS_ENV] = os.environ["LD_PRELOAD"]
         env["LD_PRELOAD"] += ":" + os.environ["LD_PRELOAD"]
     return env
+
+
+def raise_for_exec() -> int | None:
+    """Run the calling thread, about to exec, at the vCPU threads' nice, so the exec,
+    the new image's start and its builder are not put behind what the exec wakes.
+    Returns the main thread's nice (a `renice` of the PID), which csrc/cpr_exec.c gives
+    the new image's main thread once the guest runs; None where raising is not allowed."""
+    from ..kvm.ffi import lib
+    was = os.getpriority(os.PRIO_PROCESS, os.getpid())
+    return was if lib.pyvmm_vcpu_thread_nice() == 0 else None
 
 
 class Prebuilt:

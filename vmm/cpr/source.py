@@ -519,16 +519,25 @@ class Migration:
                 if prebuild.write_early(self.prebuild_fd, self.machine, self.saved, uart=uart,
                                         corrupt="early-state" in self.faults.armed):
                     self.timeline.step("old: vCPU and VM state written for the early start")
+        tid = threading.get_native_id()
+        own_nice, nice_was = os.getpriority(os.PRIO_PROCESS, tid), None
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)
             self.faults.check("exec")
             sys.stdout.flush()
             sys.stderr.flush()
+            if self.prebuild_fd >= 0:
+                from . import prebuild
+                nice_was = prebuild.raise_for_exec()
+                if nice_was is not None:
+                    env[prebuild.NICE_WAS_ENV] = str(nice_was)
             os.execve(self.exec_command[0], self.exec_command, env)
         except OSError as e:
             raise VmmError(f"cannot exec {self.exec_command[0]}: {e.strerror}") from None
-        finally:  # only reached when exec failed: take the fds back
+        finally:  # only reached when exec failed: take the fds and the nice back
+            if nice_was is not None:
+                os.setpriority(os.PRIO_PROCESS, tid, own_nice)
             for fd in passed:
                 if fd not in (state_fd, self.prebuild_fd):
                     os.set_inheritable(fd, False)
