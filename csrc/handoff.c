@@ -104,6 +104,7 @@ static void *waiter_main(void *arg)
     int r;
 
     pyvmm_set_thread_name("cpr-handoff");
+    pyvmm_vcpu_thread_nice();   /* it will be vCPU 0's thread; its wake-up is downtime */
     /* The early start's vCPU threads 1..n-1 now, before the stop (see pyvmm_early_go);
      * if that fails they are made at the go. */
     if (w->early && w->commit && w->nvcpus > 1)

@@ -282,13 +282,29 @@ TRANSFER_FAULTS = ["prepare", "after-stop", "notify", "save", "transfer", "targe
                    "target-crash-before-fds", "target-crash-after-fds", "target-restore"]
 
 
+def thread_nices(pid: int) -> dict[str, list[int]]:
+    """Each thread's nice in process `pid`, by name ("main" for the main thread)."""
+    out: dict[str, list[int]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            stat = f.read()
+        name = "main" if int(tid) == pid else stat[stat.index("(") + 1:stat.rindex(")")]
+        out.setdefault(name, []).append(int(stat[stat.rindex(")") + 2:].split()[16]))
+    return out
+
+
 def assert_keeps_running(p, qmp_path):
+    """The guest runs on, and no thread but the vCPUs' kept the nice that the update's
+    thread runs at from the stop until the state has left (vmm/cpr/source.py)."""
     q = qmp_connect(qmp_path)
     try:
         assert qmp(q, "query-status")["status"] == "running"
     finally:
         close(q)
     assert_ticks_go_on(p)
+    nices = thread_nices(p.proc.pid)
+    assert {n for name, ns in nices.items() if not name.startswith(("vcpu", "kvm-"))
+            for n in ns} == {0}, nices
 
 
 @pytest.mark.parametrize("fault", EXEC_FAULTS)

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, need_kvm
 from test_cpr import (EARLY_RUNNING, assert_ticks_continuous, assert_ticks_go_on, cpr_exec,
-                      new_info, start_ticker, ticks)
+                      new_info, start_ticker, thread_nices, ticks)
 
 pytestmark = pytest.mark.usefixtures("kvm")
 
@@ -142,17 +142,6 @@ def test_many_updates_in_a_row(guests, vmm_procs, tmp_path):
     values = scratch_values(p.text())
     assert values == list(range(values[0], values[0] + len(values))), values
     assert_ticks_continuous(p.text())
-
-
-def thread_nices(pid: int) -> dict[str, list[int]]:
-    """Each thread's nice in process `pid`, by name ("main" for the main thread)."""
-    out: dict[str, list[int]] = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            stat = f.read()
-        name = "main" if int(tid) == pid else stat[stat.index("(") + 1:stat.rindex(")")]
-        out.setdefault(name, []).append(int(stat[stat.rindex(")") + 2:].split()[16]))
-    return out
 
 
 def test_the_exec_runs_at_the_vcpus_nice_and_python_gets_its_own_back(guests, vmm_procs,

@@ -83,16 +83,6 @@ def exec_env(spec_fd: int) -> dict[str, str]:
     return env
 
 
-def raise_for_exec() -> int | None:
-    """Run the calling thread, about to exec, at the vCPU threads' nice, so the exec,
-    the new image's start and its builder are not put behind what the exec wakes.
-    Returns the main thread's nice (a `renice` of the PID), which csrc/cpr_exec.c gives
-    the new image's main thread once the guest runs; None where raising is not allowed."""
-    from ..kvm.ffi import lib
-    was = os.getpriority(os.PRIO_PROCESS, os.getpid())
-    return was if lib.pyvmm_vcpu_thread_nice() == 0 else None
-
-
 class Prebuilt:
     """What the prebuilder made: fds to adopt, or why it made nothing."""
 

@@ -271,12 +271,33 @@ class Migration:
         stall the guest's exits by milliseconds before the stop even starts."""
         interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, 0.0002))
+        self.raised, self.own_nice = False, os.getpriority(os.PRIO_PROCESS, 0)
         try:
             return self._run()
         finally:
             sys.setswitchinterval(interval)
+            self._lower()
             self.settled.set()
             self.done.set()
+
+    def _raise(self) -> None:
+        """From the stop until the state has left, run this thread at the vCPU threads'
+        nice (where allowed): the guest waits for it.  On two CPUs whatever the update
+        wakes (the QMP client, a kernel thread, the new VMM's threads) otherwise lands
+        on this CPU and, at equal priority, waited there for a scheduler tick (4 ms) in
+        traced updates, or took the CPU from this thread.  A cpr-exec's new image
+        inherits it for its start; its C constructor gives the main thread the nice it
+        had (`main_nice`).  (PRIO_PROCESS 0 is the calling thread on Linux.)"""
+        from ..kvm.ffi import lib
+        self.main_nice = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        self.raised = lib.pyvmm_vcpu_thread_nice() == 0
+
+    def _lower(self) -> None:
+        """Back to this thread's own nice: the state has left (or the update is over),
+        and the guest's vCPU, wherever it runs now, must not share its level with us."""
+        if self.raised:
+            os.setpriority(os.PRIO_PROCESS, 0, self.own_nice)
+            self.raised = False
 
     def _run(self) -> bool:
         m = self.machine
@@ -302,6 +323,7 @@ class Migration:
         was_running = self.was_running = m.running   # a paused guest stays paused (QEMU)
         self.settled.clear()   # (first: "active" is then queued, not sent: see emit)
         self._set_status("active")
+        self._raise()
         self._mark("stop")
         m.pause()
         if was_running:
@@ -440,6 +462,7 @@ class Migration:
                               [state_fd] + [fds[n] for n in names])
         finally:
             os.close(state_fd)
+        self._lower()
         self._wait_claimed()
         # (the monitor's clients wait on until the new VMM says it runs the guest)
 
@@ -519,25 +542,19 @@ class Migration:
                 if prebuild.write_early(self.prebuild_fd, self.machine, self.saved, uart=uart,
                                         corrupt="early-state" in self.faults.armed):
                     self.timeline.step("old: vCPU and VM state written for the early start")
-        tid = threading.get_native_id()
-        own_nice, nice_was = os.getpriority(os.PRIO_PROCESS, tid), None
+        if self.prebuild_fd >= 0 and self.raised:   # (see _raise)
+            from .prebuild import NICE_WAS_ENV
+            env[NICE_WAS_ENV] = str(self.main_nice)
         try:
             for fd in passed:
                 os.set_inheritable(fd, True)
             self.faults.check("exec")
             sys.stdout.flush()
             sys.stderr.flush()
-            if self.prebuild_fd >= 0:
-                from . import prebuild
-                nice_was = prebuild.raise_for_exec()
-                if nice_was is not None:
-                    env[prebuild.NICE_WAS_ENV] = str(nice_was)
             os.execve(self.exec_command[0], self.exec_command, env)
         except OSError as e:
             raise VmmError(f"cannot exec {self.exec_command[0]}: {e.strerror}") from None
-        finally:  # only reached when exec failed: take the fds and the nice back
-            if nice_was is not None:
-                os.setpriority(os.PRIO_PROCESS, tid, own_nice)
+        finally:  # only reached when exec failed: take the fds back
             for fd in passed:
                 if fd not in (state_fd, self.prebuild_fd):
                     os.set_inheritable(fd, False)
