@@ -74,6 +74,7 @@ class Monitor:
         self.path = path
         self._lock = threading.RLock()
         self._clients: list[_Client] = []
+        self._held: list[dict] = []   # events stamped, not yet sent (emit, wake=False)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
@@ -200,11 +201,12 @@ class Monitor:
         """Send an event to every negotiated client.  Any thread may call this.
 
         Like QEMU, an event without data has no "data" member.  With wake=False the
-        event is only queued: it goes out, in order, at the next wake (flush()).  A
-        live update's events inside its downtime are queued so: sending them there
-        wakes the client's process, and waking this thread takes the GIL from the
-        update (~0.1-0.2 ms per event in a cpr-transfer's stop phase, measured with
-        `pyvmm cpr --trace`).
+        event is only held, stamped: it is encoded and goes out, in order, at the
+        next flush().  A live update's events inside its downtime are held so:
+        sending them there wakes the client's process, and waking this thread takes
+        the GIL from the update (~0.1-0.2 ms per event in a cpr-transfer's stop
+        phase, measured with `pyvmm cpr --trace`); encoding one took another
+        30-60 us of the stop.
         """
         now = time.time()
         seconds = int(now)
@@ -212,18 +214,22 @@ class Monitor:
         if data is not None:
             msg["data"] = data
         msg["timestamp"] = {"seconds": seconds, "microseconds": int((now - seconds) * 1e6)}
-        line = self._encode(msg)
         with self._lock:
-            for client in self._clients:
-                if client.negotiated and not (client.closing or client.eof):
-                    self._queue(client, line, send=wake)
+            self._held.append(msg)
         if wake:
             self.flush()
 
     def flush(self) -> None:
-        """Send what emit(wake=False) queued."""
+        """Send what emit() holds: to each client that has negotiated by now."""
+        with self._lock:
+            held, self._held = self._held, []
+            for msg in held:
+                line = self._encode(msg)
+                for client in self._clients:
+                    if client.negotiated and not (client.closing or client.eof):
+                        self._queue(client, line)
         if threading.current_thread() is not self._thread:
-            self._wake()
+            self._wake()   # (the loop sends what a socket did not take at once)
 
     # -- the loop ------------------------------------------------------------
 
