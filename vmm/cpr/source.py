@@ -281,8 +281,9 @@ class Migration:
             self.done.set()
 
     def _raise(self) -> None:
-        """From the stop until the state has left, run this thread at the vCPU threads'
-        nice (where allowed): the guest waits for it.  On two CPUs whatever the update
+        """From the stop until the state has left (with the early start: until the new
+        VMM has the vCPU state), run this thread at the vCPU threads' nice (where
+        allowed): the guest waits for it.  On two CPUs whatever the update
         wakes (the QMP client, a kernel thread, the new VMM's threads) otherwise lands
         on this CPU and, at equal priority, waited there for a scheduler tick (4 ms) in
         traced updates, or took the CPU from this thread.  A cpr-exec's new image
@@ -434,6 +435,7 @@ class Migration:
             self.timeline.step("old: VM and vCPU state handed over", t)
             if self.early_start:   # the new VMM may run the guest from here: the transfer
                 self._mark_at("transfer", t)
+                self._lower()   # (the guest's vCPU is the new VMM's now: not beside it)
             state = self.saved = self.machine.add_device_state(kernel)
             self.timeline.step("old: device state read")
         state["cpr"] = {"pyvmm": __version__, "protocol": PROTOCOL_VERSION,
