@@ -168,6 +168,11 @@ static int g_reap;                 /* threads stopped, still to join (pyvmm_earl
 static int g_prepared;             /* vCPU threads 1..n-1 made ahead, waiting (handoff) */
 static size_t g_run_size;
 static struct pyvmm_uart_fast g_uart;
+static struct pyvmm_uart_ring g_early_ring;   /* the prebuilder's (no machine yet) */
+static void *g_ring_map;                      /* the vCPU 0 mapping it lies in */
+static size_t g_ring_map_size;
+static int g_early_zone;                      /* pyvmm_early_uart_zone(), from the stop */
+static uint64_t g_early_drained;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cond = PTHREAD_COND_INITIALIZER;
 static int g_go, g_entered, g_early_stop, g_done;
@@ -316,6 +321,10 @@ static void early_release(void)
             munmap(g_ev[i].run, g_run_size);
         g_ev[i].run = NULL;
     }
+    if (g_ring_map)
+        munmap(g_ring_map, g_ring_map_size);
+    g_ring_map = NULL;
+    memset(&g_early_ring, 0, sizeof(g_early_ring));
     free(g_early);
     g_early = NULL;
     g_early_len = 0;
@@ -438,10 +447,13 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
         g_ev[i].entered_ns = 0;
     }
     memset(&g_uart, 0, sizeof(g_uart));
+    g_early_zone = 0;
+    g_early_drained = 0;
     if (uart && uart->enabled)
         g_uart = *uart;
     /* (uart->ring: cpr-transfer's handoff passes the new machine's coalesced ring, which
-     * its Python vCPU threads drain on after the take-over; the prebuilder has none) */
+     * its Python vCPU threads drain on after the take-over; the prebuilder has no
+     * machine and passes none: its threads use a ring of their own, early_ring) */
     if ((r = pyvmm_install_kick_handler(SIGUSR1)) < 0) {
         early_release();
         GO_FAIL("install the kick handler", -r);
@@ -489,6 +501,32 @@ void pyvmm_early_run0(void)
         early_run(&g_ev[0]);
 }
 
+/* The prebuilder's coalesced ring for the console's THR writes, as the machine's
+ * (vmm/machine.py, _uart_ring): in vCPU 0's kvm_run mapping (one more of it,
+ * unmapped by early_release), or NULL where KVM has none (each byte then exits).
+ * Registered at the guest's first THR write, as the machine's; the take-over
+ * hands the registration to the machine's ring (pyvmm_early_uart_zone). */
+static struct pyvmm_uart_ring *early_ring(int kvm_fd, int vm_fd, int vcpu_fd)
+{
+    int offset = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_MMIO);
+    int size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
+    void *map;
+
+    if (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_PIO) <= 0 || offset <= 0 ||
+        size <= 0)
+        return NULL;
+    map = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd, 0);
+    if (map == MAP_FAILED)
+        return NULL;
+    if (pyvmm_uart_ring_init(&g_early_ring, vm_fd, map, (unsigned long)size, offset) < 0) {
+        munmap(map, (size_t)size);
+        return NULL;
+    }
+    g_ring_map = map;
+    g_ring_map_size = (size_t)size;
+    return &g_early_ring;
+}
+
 /* Restore the early block into the VM just built and run its vCPUs. */
 static int early_start(void)
 {
@@ -509,6 +547,7 @@ static int early_start(void)
         uart.base = h->uart_base;
         uart.lsr = h->uart_lsr;
         uart.enabled = 1;
+        uart.ring = early_ring(g_built.kvm_fd, g_built.vm.vm_fd, g_built.vm.vcpu_fds[0]);
     }
     r = pyvmm_early_go(g_built.kvm_fd, g_built.vm.vcpu_fds, n, &uart, g_built.early_step,
                        sizeof(g_built.early_step), &g_built.t_early_ns);
@@ -550,6 +589,10 @@ int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n)
         }
     for (int i = 0; i < count; i++)
         g_ev[i].run->immediate_exit = 0;   /* as Python's threads expect to find it */
+    if (g_uart.ring == &g_early_ring) {   /* (each thread drained it as it left) */
+        g_early_zone = g_early_ring.registered == 1;
+        g_early_drained = g_early_ring.drained;
+    }
     for (int i = 0; i < count && i < n; i++) {
         pending[i] = g_ev[i].pending;
         entered_ns[i] = g_ev[i].entered_ns;
@@ -557,6 +600,12 @@ int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n)
     g_early_n = 0;
     g_reap = count;
     return count;
+}
+
+int pyvmm_early_uart_zone(uint64_t *drained)
+{
+    *drained = g_early_drained;
+    return g_early_zone;
 }
 
 void pyvmm_early_reap(void)

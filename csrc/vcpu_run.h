@@ -33,8 +33,9 @@ struct pyvmm_uart_fast {
  * the first THR write it serves while `enabled` (~15 us), and only once
  * vmm/devices/serial.py has given the machine's ring to `uart` (when the
  * machine's own vCPU threads run; cpr-transfer's early-start threads get the new
- * machine's ring from the handoff and drain it too, the cpr-exec prebuilder's
- * threads, which run before there is a machine, write each byte);
+ * machine's ring from the handoff and drain it too; the cpr-exec prebuilder's
+ * threads, which run before there is a machine, use a ring of their own on the
+ * same page and hand their registration over, csrc/cpr_exec.c);
  * Python unregisters it when `enabled` goes off (DLAB, loopback, THR
  * interrupts: KVM then waits for an SRCU grace period, ~8 ms here, so a guest
  * that sets its UART up before it prints never pays it). */

@@ -147,9 +147,10 @@ def resume_guest(machine, state: dict, timeline, t_transfer, early=None,
         machine.mmio_bus.write(addr, data)
     if early is not None:
         timeline.step(f"{who}: devices running; the early vCPU threads are stopped now")
-        t_early, handed = machine.take_over_early(early)
+        t_early, handed, ring = machine.take_over_early(early)
+        through = f", {ring} console bytes through their coalesced ring" if ring else ""
         timeline.step(f"{who}: early vCPU threads stopped ({handed} exits for Python "
-                      "handed over)")
+                      f"handed over{through})")
         machine.resume()
         timeline.step(f"{who}: Python's vCPU threads run the guest", machine.wait_entered())
         from ..kvm.ffi import lib

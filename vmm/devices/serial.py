@@ -109,7 +109,8 @@ class Serial16550:
         fast path is on, instead of exiting for each byte (the vCPU loop registers the
         port with KVM at the next THR write it serves).  Only once the machine's own
         vCPU threads run the guest: they write the ring out each time KVM_RUN returns
-        (the cpr-exec prebuilder's early threads do not know the ring)."""
+        (the cpr-exec prebuilder's early threads use a ring of their own: the machine
+        takes over the zone they registered, Machine.take_over_early)."""
         with self._lock:
             if self.fast is not None and not self.fast.ring:
                 self.fast.ring = ring
