@@ -172,6 +172,7 @@ static struct pyvmm_uart_ring g_early_ring;   /* the prebuilder's (no machine ye
 static void *g_ring_map;                      /* the vCPU 0 mapping it lies in */
 static size_t g_ring_map_size;
 static int g_early_zone;                      /* pyvmm_early_uart_zone(), from the stop */
+static volatile int g_vcpu0_cpu = -1;         /* the CPU vCPU 0's early thread went in on */
 static uint64_t g_early_drained;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_cond = PTHREAD_COND_INITIALIZER;
@@ -486,6 +487,7 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
     }
     g_early_n = (int)n;
     early_thread_setup(&g_ev[0]);
+    g_vcpu0_cpu = sched_getcpu();
     g_ev[0].entered_ns = now_ns();   /* the last to go in: pyvmm_early_run0 */
     *t_entered = 0;
     for (uint32_t i = 0; i < n; i++)
@@ -667,6 +669,27 @@ static void wait_for_the_guest(void)
 
 static void prebuild_start(void);
 
+/* Python's start, woken by the builder (now vCPU 0's early thread), would land on
+ * that thread's CPU (this kernel wakes a thread onto the waker's CPU) and share it
+ * with the guest until the next load balance, a tick later: in traced cpr-execs
+ * the guest's tick after the switch then took ~5 ms more than the downtime, the
+ * other CPU idle.  A moment's affinity without that CPU moves it off (the
+ * kernel migrates a thread whose CPU leaves its mask); the old mask goes back
+ * at once and leaves it where it is. */
+static void move_off_vcpu0(void)
+{
+    cpu_set_t all, other;
+    int cpu = g_vcpu0_cpu;
+
+    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof(all), &all) < 0 ||
+        !CPU_ISSET(cpu, &all) || CPU_COUNT(&all) < 2)
+        return;
+    other = all;
+    CPU_CLR(cpu, &other);
+    if (sched_setaffinity(0, sizeof(other), &other) == 0)
+        sched_setaffinity(0, sizeof(all), &all);
+}
+
 /* Runs when the dynamic loader maps this module: before Python's main() when it
  * is in LD_PRELOAD, at import time otherwise (then the variables are not set).
  * The old image raised the exec'ing thread to the vCPU threads' nice for the exec
@@ -756,8 +779,10 @@ static void prebuild_start(void)
     else
         fail(&g_built, "start the builder thread", EAGAIN);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (g_running && g_early)
+    if (g_running && g_early) {
         wait_for_the_guest();
+        move_off_vcpu0();
+    }
 }
 
 /* Wait for the builder and take its result (once: later calls return 0). */

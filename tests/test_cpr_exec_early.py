@@ -153,7 +153,8 @@ def test_the_exec_runs_at_the_vcpus_nice_and_python_gets_its_own_back(guests, vm
                                                                       tmp_path):
     """The old image execs at the vCPU threads' nice (-5) so nothing the exec wakes takes
     the CPU from the new image's start and build; once the guest runs, Python's main
-    thread has the nice it had before (0 here, 4 after a renice) and the vCPU thread -5."""
+    thread has the nice it had before (0 here, 4 after a renice) and the vCPU thread -5,
+    and its CPU affinity is what it was."""
     if os.geteuid() != 0:
         pytest.skip("setting a negative nice needs CAP_SYS_NICE")
     p, qmp_path = start_ticker(vmm_procs, tmp_path, period=5000)
@@ -168,3 +169,6 @@ def test_the_exec_runs_at_the_vcpus_nice_and_python_gets_its_own_back(guests, vm
         assert_ticks_go_on(p, 3)
         nices = thread_nices(pid)
         assert nices["main"] == [main_nice] and nices["vcpu0"] == [-5], nices
+        # (the constructor moved the main thread off vCPU 0's CPU with a moment's
+        # affinity: the mask it had is back)
+        assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
