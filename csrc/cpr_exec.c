@@ -171,7 +171,7 @@ static struct pyvmm_uart_fast g_uart;
 static struct pyvmm_uart_ring g_early_ring;   /* the prebuilder's (no machine yet) */
 static void *g_ring_map;                      /* the vCPU 0 mapping it lies in */
 static size_t g_ring_map_size;
-static int g_early_zone;                      /* pyvmm_early_uart_zone(), from the stop */
+static int g_early_zone = -1;                 /* pyvmm_early_uart_zone(), from the stop */
 static volatile int g_vcpu0_cpu = -1;         /* the CPU vCPU 0's early thread went in on */
 static uint64_t g_early_drained;
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -448,7 +448,7 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
         g_ev[i].entered_ns = 0;
     }
     memset(&g_uart, 0, sizeof(g_uart));
-    g_early_zone = 0;
+    g_early_zone = -1;
     g_early_drained = 0;
     if (uart && uart->enabled)
         g_uart = *uart;
@@ -594,6 +594,8 @@ int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n)
     if (g_uart.ring == &g_early_ring) {   /* (each thread drained it as it left) */
         g_early_zone = g_early_ring.registered == 1;
         g_early_drained = g_early_ring.drained;
+    } else {
+        g_early_zone = -1;
     }
     for (int i = 0; i < count && i < n; i++) {
         pending[i] = g_ev[i].pending;

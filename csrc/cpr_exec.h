@@ -129,9 +129,10 @@ int pyvmm_early_stop(int32_t *pending, int64_t *entered_ns, int n);
 void pyvmm_early_reap(void);
 
 /* After pyvmm_early_stop(): whether the cpr-exec prebuilder's threads left the
- * UART's THR registered as a coalesced zone on their own ring (1, else 0: the
- * machine's ring then registers it when its vCPU threads first need it), and
- * how many console bytes left through that ring. */
+ * UART's THR registered as a coalesced zone on their own ring (1; 0: they had
+ * the ring but registered nothing, the machine's ring then registers it when its
+ * vCPU threads first need it; -1: they had no ring of their own), and how many
+ * console bytes left through that ring. */
 int pyvmm_early_uart_zone(uint64_t *drained);
 
 /* The holder: a child that shares our address space (CLONE_VM) and holds the

@@ -265,21 +265,24 @@ class Machine:
         for vcpu, vs in zip(self.vcpus, state["vcpus"]):
             vcpu.adopt_state(vs, written_elsewhere=True)
 
-    def take_over_early(self, prebuilt) -> tuple[int, int, int]:
+    def take_over_early(self, prebuilt) -> tuple[int, int, int | None]:
         """Stop the prebuilder's vCPU threads; each of ours completes first the exit its
         early thread left for Python, if any (so none is lost or run twice).  Returns
         when the last early thread went into the guest (CLOCK_MONOTONIC ns), how many
         exits were handed over, and how many console bytes the cpr-exec prebuilder's
-        threads wrote from their own coalesced ring: the THR's zone they registered
-        is ours now (csrc/cpr_exec.c, pyvmm_early_uart_zone), not registered twice."""
+        threads wrote from their own coalesced ring (None: they had none): the THR's
+        zone they registered is ours now (csrc/cpr_exec.c, pyvmm_early_uart_zone),
+        not registered twice."""
         from .kvm.ffi import ffi, lib
         pending, entered = prebuilt.stop_early()
         for thread, reason in zip(self.threads, pending):
             thread.pending_exit = reason
         drained = ffi.new("uint64_t *")
-        if lib.pyvmm_early_uart_zone(drained) == 1 and self.uart_ring is not None:
+        zone = lib.pyvmm_early_uart_zone(drained)
+        if zone == 1 and self.uart_ring is not None:
             self.uart_ring.registered = 1
-        return entered, sum(1 for reason in pending if reason), drained[0]
+        return entered, sum(1 for reason in pending if reason), \
+            (drained[0] if zone >= 0 else None)
 
     # -- devices: one list, walked for every step of a live update --------------------------
     def save_devices(self) -> dict:

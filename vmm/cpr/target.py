@@ -148,7 +148,7 @@ def resume_guest(machine, state: dict, timeline, t_transfer, early=None,
     if early is not None:
         timeline.step(f"{who}: devices running; the early vCPU threads are stopped now")
         t_early, handed, ring = machine.take_over_early(early)
-        through = f", {ring} console bytes through their coalesced ring" if ring else ""
+        through = "" if ring is None else f", {ring} console bytes through their coalesced ring"
         timeline.step(f"{who}: early vCPU threads stopped ({handed} exits for Python "
                       f"handed over{through})")
         machine.resume()
