@@ -200,14 +200,7 @@ def test_pause_resume_keeps_counter_going(guests):
     m, console = boot(guests, "ticker", "period_us=20000")
     try:
         console.wait_for(r"tick 3 ")
-        # Pause in the guest's user-mode loop: a pause inside its write syscall is time
-        # the ticker excludes from its gaps (a busy host makes that likelier).
-        for _ in range(200):
-            time.sleep(0.005)
-            m.pause()
-            if m.vcpus[0].get_sregs().cs.dpl == 3:
-                break
-            m.resume()
+        m.pause()
         assert all(t.paused for t in m.threads)
         frozen = len(console.data)
         time.sleep(0.3)
@@ -217,9 +210,12 @@ def test_pause_resume_keeps_counter_going(guests):
         console.wait_for(rf"tick {last + 3} ")
         seen = ticks(console.text())
         assert seen == list(range(1, len(seen) + 1))
-        # The guest saw the pause as a gap in time.
-        gap = int(re.findall(r"maxgap_us=(\d+)", console.text())[-1])
-        assert gap >= 250_000
+        # The guest saw the pause as a gap in time: its clock went on meanwhile, so
+        # the tick after it came a pause later.  (Not `maxgap_us`: the ticker leaves
+        # its tick path out of that, and a pause can land there even in ring 3, e.g.
+        # on the `ud2` of its write call, the exception not yet delivered: seen once.)
+        t_us = [int(x) for x in re.findall(r"t_us=(\d+)", console.text())]
+        assert max(b - a for a, b in zip(t_us, t_us[1:])) >= 250_000
     finally:
         m.close()
 
