@@ -20,7 +20,7 @@ import os
 
 PREBUILD_ENV = "PYVMM_CPR_PREBUILD"          # the spec memfd's number (read by C)
 PRELOAD_WAS_ENV = "PYVMM_CPR_PRELOAD_WAS"    # LD_PRELOAD before ours, put back by C
-NICE_WAS_ENV = "PYVMM_CPR_NICE_WAS"          # the exec'ing thread's nice before ours, put back by C
+NICE_WAS_ENV = "PYVMM_CPR_NICE_WAS"          # the main thread's nice, given back to it by C
 
 
 def request(memory, vcpus: int) -> int:
