@@ -169,8 +169,7 @@ static int g_prepared;             /* vCPU threads 1..n-1 made ahead, waiting (h
 static size_t g_run_size;
 static struct pyvmm_uart_fast g_uart;
 static struct pyvmm_uart_ring g_early_ring;   /* the prebuilder's (no machine yet) */
-static void *g_ring_map;                      /* the vCPU 0 mapping it lies in */
-static size_t g_ring_map_size;
+static int g_early_ring_vm = -1, g_early_ring_offset;   /* early_ring(): for pyvmm_early_go */
 static int g_early_zone = -1;                 /* pyvmm_early_uart_zone(), from the stop */
 static volatile int g_vcpu0_cpu = -1;         /* the CPU vCPU 0's early thread went in on */
 static uint64_t g_early_drained;
@@ -322,10 +321,7 @@ static void early_release(void)
             munmap(g_ev[i].run, g_run_size);
         g_ev[i].run = NULL;
     }
-    if (g_ring_map)
-        munmap(g_ring_map, g_ring_map_size);
-    g_ring_map = NULL;
-    memset(&g_early_ring, 0, sizeof(g_early_ring));
+    memset(&g_early_ring, 0, sizeof(g_early_ring));   /* (its page was vCPU 0's run) */
     free(g_early);
     g_early = NULL;
     g_early_len = 0;
@@ -452,6 +448,10 @@ int pyvmm_early_go(int kvm_fd, const int *vcpu_fds, uint32_t n,
     g_early_drained = 0;
     if (uart && uart->enabled)
         g_uart = *uart;
+    if (g_uart.ring == &g_early_ring &&   /* (the prebuilder's: on vCPU 0's run page) */
+        pyvmm_uart_ring_init(&g_early_ring, g_early_ring_vm, g_ev[0].run, g_run_size,
+                             g_early_ring_offset) < 0)
+        g_uart.ring = NULL;
     /* (uart->ring: cpr-transfer's handoff passes the new machine's coalesced ring, which
      * its Python vCPU threads drain on after the take-over; the prebuilder has no
      * machine and passes none: its threads use a ring of their own, early_ring) */
@@ -504,28 +504,18 @@ void pyvmm_early_run0(void)
 }
 
 /* The prebuilder's coalesced ring for the console's THR writes, as the machine's
- * (vmm/machine.py, _uart_ring): in vCPU 0's kvm_run mapping (one more of it,
- * unmapped by early_release), or NULL where KVM has none (each byte then exits).
- * Registered at the guest's first THR write, as the machine's; the take-over
- * hands the registration to the machine's ring (pyvmm_early_uart_zone). */
-static struct pyvmm_uart_ring *early_ring(int kvm_fd, int vm_fd, int vcpu_fd)
+ * (vmm/machine.py, _uart_ring), or NULL where KVM has none (each byte then exits).
+ * pyvmm_early_go points it at the ring page of vCPU 0's kvm_run, which it maps
+ * anyway.  Registered at the guest's first THR write, as the machine's; the
+ * take-over hands the registration to the machine's ring (pyvmm_early_uart_zone). */
+static struct pyvmm_uart_ring *early_ring(int kvm_fd, int vm_fd)
 {
     int offset = ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_MMIO);
-    int size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
-    void *map;
 
-    if (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_PIO) <= 0 || offset <= 0 ||
-        size <= 0)
+    if (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_PIO) <= 0 || offset <= 0)
         return NULL;
-    map = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu_fd, 0);
-    if (map == MAP_FAILED)
-        return NULL;
-    if (pyvmm_uart_ring_init(&g_early_ring, vm_fd, map, (unsigned long)size, offset) < 0) {
-        munmap(map, (size_t)size);
-        return NULL;
-    }
-    g_ring_map = map;
-    g_ring_map_size = (size_t)size;
+    g_early_ring_vm = vm_fd;
+    g_early_ring_offset = offset;
     return &g_early_ring;
 }
 
@@ -549,7 +539,7 @@ static int early_start(void)
         uart.base = h->uart_base;
         uart.lsr = h->uart_lsr;
         uart.enabled = 1;
-        uart.ring = early_ring(g_built.kvm_fd, g_built.vm.vm_fd, g_built.vm.vcpu_fds[0]);
+        uart.ring = early_ring(g_built.kvm_fd, g_built.vm.vm_fd);
     }
     r = pyvmm_early_go(g_built.kvm_fd, g_built.vm.vcpu_fds, n, &uart, g_built.early_step,
                        sizeof(g_built.early_step), &g_built.t_early_ns);
