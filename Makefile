@@ -48,4 +48,4 @@ demo: build
 	$(PY) -m vmm demo
 
 clean:
-	rm -rf $(VENV) build *.egg-info guest/build vmm/*.so vmm/*/*.so vmm/*/*/*.so
+	rm -rf $(VENV) build *.egg-info guest/build vmm/*.so vmm/*/*.so vmm/*/*/*.so vmm/kvm/pyvmm-cpr-exec

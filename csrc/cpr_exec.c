@@ -1,20 +1,23 @@
 /*
- * cpr-exec helpers, compiled into vmm.kvm._kvm.
+ * cpr-exec helpers, compiled into libpyvmm_kvm.so (which vmm.kvm._kvm links).
  *
  * 1. The prebuilder.  After a cpr-exec the new image must create a KVM VM
  *    and its memory slots before the guest can run (a VM fd works only in the
  *    address space that made it).  Python needs ~10 ms to start; the slots
- *    cost ~0.35 ms per GiB here.  So the old image execs Python with this
- *    module in LD_PRELOAD and PYVMM_CPR_PREBUILD naming a memfd that holds a
- *    struct pyvmm_prebuild_spec.  The constructor below runs before Python's
- *    main(), starts a thread that opens /dev/kvm, maps RAM and builds the VM
- *    (pyvmm_build_vm, csrc/build_vm.c: the slots, the irqchip, the PIT and the
- *    vCPUs, as the normal boot builds them), while the main thread starts
- *    Python.  When pyvmm's resume path imports this module, the dynamic
- *    loader hands back the object already loaded, and pyvmm_prebuilt_wait()
- *    joins the thread and gives the fds to Python.  The constructor removes
- *    both variables from the environment, so nothing the new image starts
- *    inherits them.
+ *    cost ~0.35 ms per GiB here.  So the old image execs pyvmm-cpr-exec
+ *    (csrc/cpr_launch.c: a small program that needs this library, and loads
+ *    libpython only in its main()) or, for a Python without a shared
+ *    libpython, Python with this library in LD_PRELOAD; with
+ *    PYVMM_CPR_PREBUILD naming a memfd that holds a struct
+ *    pyvmm_prebuild_spec.  The constructor below runs before main(), starts a
+ *    thread that opens /dev/kvm, maps RAM and builds the VM (pyvmm_build_vm,
+ *    csrc/build_vm.c: the slots, the irqchip, the PIT and the vCPUs, as the
+ *    normal boot builds them), while the main thread goes on to Python.  When
+ *    pyvmm's resume path imports vmm.kvm._kvm, the dynamic loader hands it
+ *    this library already loaded, and pyvmm_prebuilt_wait() joins the thread
+ *    and gives the fds to Python.  The constructor removes its variables (and
+ *    LD_PRELOAD, if it was ours) from the environment, so nothing the new
+ *    image starts inherits them.
  *
  * 1b. The early start.  When the old image stopped a running guest, it also
  *    writes the saved vCPU, VM and irqchip state after the spec in that memfd
@@ -682,8 +685,8 @@ static void move_off_vcpu0(void)
         sched_setaffinity(0, sizeof(all), &all);
 }
 
-/* Runs when the dynamic loader maps this module: before Python's main() when it
- * is in LD_PRELOAD, at import time otherwise (then the variables are not set).
+/* Runs when the dynamic loader maps this library: before main() in the launcher
+ * or in LD_PRELOAD, at import time otherwise (then the variables are not set).
  * The old image raised the exec'ing thread to the vCPU threads' nice for the exec
  * (vmm/cpr/source.py) and names the nice it had before: this thread and the builder
  * it starts run ahead of whatever the exec wakes (the QMP client whose connection
@@ -722,14 +725,16 @@ static void prebuild_start(void)
         return;
     g_built.kvm_fd = g_built.vm.vm_fd = -1;   /* a failure below must not name fd 0 */
     snprintf(buf, sizeof(buf), "%s", v);
+    /* Set (empty if there was none) when the old image put us in LD_PRELOAD; not
+     * set when it exec'd the launcher (csrc/cpr_launch.c), which leaves LD_PRELOAD be. */
     w = getenv("PYVMM_CPR_PRELOAD_WAS");
     if (w)
         snprintf(was, sizeof(was), "%s", w);
     unsetenv("PYVMM_CPR_PREBUILD");
     unsetenv("PYVMM_CPR_PRELOAD_WAS");
-    if (w)
+    if (w && *was)
         setenv("LD_PRELOAD", was, 1);
-    else
+    else if (w)
         unsetenv("LD_PRELOAD");
 
     errno = 0;

@@ -1,7 +1,8 @@
 """The cpr-exec helpers in csrc/cpr_exec.c, each on its own, in real processes.
 
-The prebuilder: a Python started with pyvmm's KVM module in LD_PRELOAD and a
-spec memfd builds the VM before its main(); the resume path adopts it.  The
+The prebuilder: a Python started through pyvmm-cpr-exec (the launcher that loads
+libpython itself) or with libpyvmm_kvm.so in LD_PRELOAD, and a spec memfd, builds
+the VM before its main(); the resume path adopts it.  The
 holder: a CLONE_VM child that keeps only the fds it is given and goes when its
 pipe closes.  (The whole cpr-exec path with both: tests/test_cpr.py.)
 """
@@ -29,7 +30,9 @@ CHILD = textwrap.dedent("""
     built = prebuild.take()
     out = {{"env": sorted(k for k in os.environ if k in ("LD_PRELOAD", "PYVMM_CPR_PREBUILD",
                                                            "PYVMM_CPR_PRELOAD_WAS",
-                                                           "PYVMM_CPR_NICE_WAS")),
+                                                           "PYVMM_CPR_NICE_WAS",
+                                                           "PYVMM_CPR_LIBPYTHON")),
+           "exe": os.readlink("/proc/self/exe"), "prefix": sys.prefix,
            "nice": os.getpriority(os.PRIO_PROCESS, 0),
            "ld_preload": os.environ.get("LD_PRELOAD"),
            "grandchild_env": subprocess.run(["env"], capture_output=True, text=True).stdout}}
@@ -65,17 +68,33 @@ def kvm():
     need_kvm()
 
 
-def run_child(spec_fd, ram_fd, cpuid_path, env_extra=None, nice=None):
+@pytest.fixture(params=["launcher", "preload"])
+def how(request):
+    """The two ways a cpr-exec starts the prebuilder (vmm/cpr/prebuild.py)."""
+    if request.param == "launcher" and prebuild.launcher() is None:
+        pytest.skip("this Python has no shared libpython (or pyvmm-cpr-exec is not "
+                    "built): cpr-exec uses LD_PRELOAD here")
+    return request.param
+
+
+def run_child(spec_fd, ram_fd, cpuid_path, env_extra=None, nice=None, how="preload"):
     env = dict(os.environ)
-    env.update(prebuild.exec_env(spec_fd) if spec_fd is not None else {})
+    launch = prebuild.launcher() if how == "launcher" else None
+    if spec_fd is not None:
+        env.update(prebuild.exec_env(spec_fd, launch[1] if launch else None))
     env.update(env_extra or {})
     code = CHILD.format(root=str(ROOT), ram_fd=ram_fd, cpuid=str(cpuid_path))
     fds = [f for f in (spec_fd, ram_fd) if f is not None]
     renice = None if nice is None else (lambda: os.setpriority(os.PRIO_PROCESS, 0, nice))
     r = subprocess.run([sys.executable, "-c", code], env=env, pass_fds=fds,
+                       executable=launch[0] if launch else None,
                        capture_output=True, text=True, timeout=60, preexec_fn=renice)
     assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
+    out = json.loads(r.stdout)
+    # What ran: the launcher, which found this venv from argv[0] as python would have.
+    assert out["exe"] == (launch[0] if launch else os.path.realpath(sys.executable))
+    assert out["prefix"] == sys.prefix
+    return out
 
 
 @pytest.fixture
@@ -94,11 +113,11 @@ def ram_and_cpuid(tmp_path):
     mem.close()
 
 
-def test_prebuilder_builds_the_vm_before_main_and_cleans_the_environment(ram_and_cpuid):
+def test_prebuilder_builds_the_vm_before_main_and_cleans_the_environment(ram_and_cpuid, how):
     mem, cpuid = ram_and_cpuid
     spec = prebuild.request(mem, 2)
     try:
-        out = run_child(spec, mem.fd, cpuid)
+        out = run_child(spec, mem.fd, cpuid, how=how)
     finally:
         os.close(spec)
     assert out["built"] == {"ok": True, "error": "", "vcpus": 2, "ram_size": 64 * MiB}
@@ -113,7 +132,9 @@ def test_prebuilder_builds_the_vm_before_main_and_cleans_the_environment(ram_and
     assert not [t for t in out["fds"] if "pyvmm-prebuild" in t or "kvm" in t], out["fds"]
 
 
-def test_prebuilder_puts_back_an_ld_preload_it_found(ram_and_cpuid, tmp_path):
+def test_prebuilder_puts_back_an_ld_preload_it_found(ram_and_cpuid, how):
+    """LD_PRELOAD as the old image had it: put back after ours, or not touched by
+    the launcher."""
     mem, cpuid = ram_and_cpuid
     spec = prebuild.request(mem, 1)
     # A harmless library that is surely there: the C library itself.
@@ -122,7 +143,7 @@ def test_prebuilder_puts_back_an_ld_preload_it_found(ram_and_cpuid, tmp_path):
     saved = os.environ.get("LD_PRELOAD")
     os.environ["LD_PRELOAD"] = libc
     try:
-        out = run_child(spec, mem.fd, cpuid)
+        out = run_child(spec, mem.fd, cpuid, how=how)
     finally:
         os.close(spec)
         if saved is None:
@@ -134,7 +155,7 @@ def test_prebuilder_puts_back_an_ld_preload_it_found(ram_and_cpuid, tmp_path):
 
 
 @pytest.mark.parametrize("was, expect", [("3", 3), ("0", 0), ("-20x", -5), ("99", -5)])
-def test_prebuilder_puts_back_the_nice_the_exec_raised(ram_and_cpuid, was, expect):
+def test_prebuilder_puts_back_the_nice_the_exec_raised(ram_and_cpuid, was, expect, how):
     """The old image execs at the vCPU threads' nice and names the one it had; the
     constructor gives it back to the main thread (a malformed value: left as it is)
     and the variable is gone for the image and what it starts."""
@@ -143,7 +164,7 @@ def test_prebuilder_puts_back_the_nice_the_exec_raised(ram_and_cpuid, was, expec
     mem, cpuid = ram_and_cpuid
     spec = prebuild.request(mem, 2)
     try:
-        out = run_child(spec, mem.fd, cpuid, {prebuild.NICE_WAS_ENV: was}, nice=-5)
+        out = run_child(spec, mem.fd, cpuid, {prebuild.NICE_WAS_ENV: was}, nice=-5, how=how)
     finally:
         os.close(spec)
     assert out["built"]["ok"] and out["nice"] == expect
@@ -151,7 +172,7 @@ def test_prebuilder_puts_back_the_nice_the_exec_raised(ram_and_cpuid, was, expec
 
 
 @pytest.mark.parametrize("spec_bytes", [b"", b"garbage" * 40, None])
-def test_prebuilder_refuses_a_bad_request_and_builds_nothing(ram_and_cpuid, spec_bytes):
+def test_prebuilder_refuses_a_bad_request_and_builds_nothing(ram_and_cpuid, spec_bytes, how):
     mem, cpuid = ram_and_cpuid
     if spec_bytes is None:   # a well-formed spec that lies about the RAM size
         from vmm.kvm.ffi import ffi
@@ -168,7 +189,7 @@ def test_prebuilder_refuses_a_bad_request_and_builds_nothing(ram_and_cpuid, spec
     spec = os.memfd_create("bad-spec", 0)
     os.write(spec, spec_bytes)
     try:
-        out = run_child(spec, mem.fd, cpuid)
+        out = run_child(spec, mem.fd, cpuid, how=how)
     finally:
         os.close(spec)
     assert out["built"]["ok"] is False and out["built"]["error"].startswith(want)
@@ -232,3 +253,22 @@ def test_stale_pyc_is_compiled_before_an_exec():
     finally:
         os.utime(src, (st.st_atime, st.st_mtime))
         _byte_compile()
+
+
+@pytest.mark.parametrize("libpython, want", [(None, "run by a cpr-exec only"),
+                                             ("/nonexistent/libpython3.so", "cannot load"),
+                                             ("/lib/x86_64-linux-gnu/libc.so.6", "no Py_BytesMain")])
+def test_launcher_run_wrongly_says_why_in_one_line(libpython, want):
+    launch = prebuild.launcher()
+    if launch is None:
+        pytest.skip("this Python has no shared libpython: no launcher to run")
+    if libpython and not os.path.exists(os.path.dirname(libpython)) and want != "cannot load":
+        pytest.skip(f"{libpython} is not here")
+    env = {k: v for k, v in os.environ.items() if k != prebuild.LIBPYTHON_ENV}
+    if libpython:
+        env[prebuild.LIBPYTHON_ENV] = libpython
+    r = subprocess.run([sys.executable, "-c", "print('python ran')"], executable=launch[0],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 127 and r.stdout == ""
+    assert r.stderr.startswith("pyvmm-cpr-exec: ") and want in r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr

@@ -1,9 +1,12 @@
 """The cpr-exec prebuilder, Python side (the C side and the why: csrc/cpr_exec.c).
 
 The old image writes what to build (RAM layout, vCPU count) into a small memfd
-and execs Python with pyvmm's KVM module in LD_PRELOAD; that module's
-constructor builds the VM on a thread while Python starts.  The new image
-takes the result here, or builds the VM itself if there is none.
+and execs pyvmm-cpr-exec, a small C launcher (csrc/cpr_launch.c) that loads
+libpython itself, or, for a Python without a shared libpython, Python with
+libpyvmm_kvm.so in LD_PRELOAD.  Either way that library's constructor builds
+the VM on a thread, before libpython is loaded (launcher) or while Python
+starts (LD_PRELOAD).  The new image takes the result here, or builds the VM
+itself if there is none.
 
 The early start: after its save, the old image also writes the saved vCPU, VM
 and irqchip state into that memfd (write_early); the prebuilder restores it and
@@ -20,6 +23,7 @@ import os
 
 PREBUILD_ENV = "PYVMM_CPR_PREBUILD"          # the spec memfd's number (read by C)
 PRELOAD_WAS_ENV = "PYVMM_CPR_PRELOAD_WAS"    # LD_PRELOAD before ours, put back by C
+LIBPYTHON_ENV = "PYVMM_CPR_LIBPYTHON"        # what the launcher loads (csrc/cpr_launch.c)
 NICE_WAS_ENV = "PYVMM_CPR_NICE_WAS"          # the main thread's nice, given back to it by C
 
 
@@ -73,13 +77,39 @@ def write_early(spec_fd: int, machine, state: dict, uart: bool = True,
     return True
 
 
-def exec_env(spec_fd: int) -> dict[str, str]:
-    """The variables that make the exec'd Python prebuild (spec_fd must be inheritable)."""
+def _library() -> str:
+    """libpyvmm_kvm.so: the KVM module's C, which the module links from its own directory."""
     from ..kvm import _kvm
-    env = {PREBUILD_ENV: str(spec_fd), "LD_PRELOAD": _kvm.__file__}
-    if os.environ.get("LD_PRELOAD"):
-        env[PRELOAD_WAS_ENV] = os.environ["LD_PRELOAD"]
-        env["LD_PRELOAD"] += ":" + os.environ["LD_PRELOAD"]
+    return os.path.join(os.path.dirname(_kvm.__file__), "libpyvmm_kvm.so")
+
+
+def launcher() -> tuple[str, str] | None:
+    """(pyvmm-cpr-exec, the libpython it is to load), or None when this Python has no
+    shared libpython (a static python, as Debian's: then LD_PRELOAD) or the launcher
+    was not built.  Only for exec'ing this very interpreter: the library is the one
+    its python binary loads."""
+    import sysconfig
+    path = os.path.join(os.path.dirname(_library()), "pyvmm-cpr-exec")
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if not (sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname):
+        return None
+    libpython = os.path.join(libdir, soname)
+    if not (os.access(path, os.X_OK) and os.path.isfile(libpython)):
+        return None
+    return path, libpython
+
+
+def exec_env(spec_fd: int, libpython: str | None) -> dict[str, str]:
+    """The variables that make the exec'd image prebuild (spec_fd must be inheritable):
+    for the launcher, the libpython it loads; else our library in LD_PRELOAD."""
+    env = {PREBUILD_ENV: str(spec_fd)}
+    if libpython:
+        env[LIBPYTHON_ENV] = libpython
+        return env
+    env["LD_PRELOAD"] = _library()
+    env[PRELOAD_WAS_ENV] = os.environ.get("LD_PRELOAD", "")
+    if env[PRELOAD_WAS_ENV]:
+        env["LD_PRELOAD"] += ":" + env[PRELOAD_WAS_ENV]
     return env
 
 

@@ -194,6 +194,7 @@ class Migration:
         self.mode = mode
         self.cpr_path = cpr_path
         self.exec_command = exec_command or resume_command()
+        self.exec_file = None   # what execve runs with exec_command as argv, if not argv[0]
         from .faults import check_mode
         check_mode(faults, mode)
         self.faults = Faults(faults)
@@ -386,7 +387,11 @@ class Migration:
             from . import prebuild
             self.prebuild_fd = prebuild.request(m.memory, len(m.vcpus))
             if self.prebuild_fd >= 0:
-                self.exec_env.update(prebuild.exec_env(self.prebuild_fd))
+                launch = prebuild.launcher()   # (argv stays the resume command)
+                if launch:
+                    self.exec_file = launch[0]
+                self.exec_env.update(prebuild.exec_env(self.prebuild_fd,
+                                                       launch[1] if launch else None))
 
     def _prepare_target(self) -> None:
         """Before the stop: the new VMM maps RAM and builds an empty VM (off the downtime)."""
@@ -553,9 +558,10 @@ class Migration:
             self.faults.check("exec")
             sys.stdout.flush()
             sys.stderr.flush()
-            os.execve(self.exec_command[0], self.exec_command, env)
+            os.execve(self.exec_file or self.exec_command[0], self.exec_command, env)
         except OSError as e:
-            raise VmmError(f"cannot exec {self.exec_command[0]}: {e.strerror}") from None
+            raise VmmError(f"cannot exec {self.exec_file or self.exec_command[0]}: "
+                           f"{e.strerror}") from None
         finally:  # only reached when exec failed: take the fds back
             for fd in passed:
                 if fd not in (state_fd, self.prebuild_fd):

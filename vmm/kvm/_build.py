@@ -180,6 +180,19 @@ for header in ("vcpu_run.h", "build_vm.h", "cpr_exec.h", "kvm_state.h", "migrate
 
 ffibuilder.cdef(CDEF)
 
+# The C itself is a plain shared library, libpyvmm_kvm.so beside the module (setup.py
+# builds it first, from these sources with these flags; the module links it with
+# $ORIGIN as its run path): it has no Python in it, so cpr-exec's launcher
+# (csrc/cpr_launch.c) can load it, start the prebuilder and run the guest before
+# libpython is even mapped.  Both share one copy of its state.
+LIBRARY = "pyvmm_kvm"
+LIBRARY_SOURCES = ["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c", "csrc/kvm_state.c",
+                   "csrc/migrate.c", "csrc/commit.c", "csrc/handoff.c"]
+LAUNCHER = "pyvmm-cpr-exec"
+LAUNCHER_SOURCES = ["csrc/cpr_launch.c"]
+CFLAGS = ["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
+          "-Wno-missing-field-initializers", "-std=gnu11"]
+
 ffibuilder.set_source(
     "vmm.kvm._kvm",
     r"""
@@ -194,14 +207,8 @@ ffibuilder.set_source(
 #include "migrate.h"
 #include "vcpu_run.h"
 """,
-    sources=["csrc/vcpu_run.c", "csrc/build_vm.c", "csrc/cpr_exec.c", "csrc/kvm_state.c",
-             "csrc/migrate.c", "csrc/commit.c", "csrc/handoff.c"],
     include_dirs=["csrc"],
-    libraries=["pthread"],
-    extra_compile_args=["-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter",
-                        "-Wno-missing-field-initializers", "-std=gnu11"],
+    libraries=[LIBRARY, "pthread"],
+    extra_link_args=["-Wl,-rpath,$ORIGIN"],
+    extra_compile_args=CFLAGS,
 )
-
-if __name__ == "__main__":
-    os.chdir(ROOT)
-    ffibuilder.compile(verbose=False)
