@@ -7,8 +7,9 @@ implicit blocks), each rep one pyvmm update then one QEMU update of the same
 configuration, and for both VMMs the same measure taken the same way:
 
 * the serial line goes to one FIFO that every VMM of the run (old and new, or
-  the image before and after the exec) has as its stdout; the benchmark reads it
-  with poll() and stamps each line on arrival (CLOCK_MONOTONIC);
+  the image before and after the exec) has as its stdout; a reader process
+  (bench/downtime/stamper.py) reads it with poll() and stamps each line on
+  arrival (CLOCK_MONOTONIC);
 * switch gap: the gap between two heartbeat lines that contains the VMM's own
   stop..resume interval; window gap: the largest gap within ±0.5 s of the stop;
   steady gaps: the median and largest gap in the second before the update
@@ -32,8 +33,8 @@ import datetime
 import json
 import os
 import re
-import select
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,8 +56,9 @@ _TRACE_RX = re.compile(r"^(\S+Z) vmstate_downtime_checkpoint (\S+)")
 
 class SerialFifo:
     """A FIFO that the VMMs of one run write the guest's serial line to (as their
-    stdout); a thread reads it with poll() and stamps each line on arrival.  The
-    benchmark holds a write end too, so no VMM exiting ends the stream."""
+    stdout); a reader process (bench/downtime/stamper.py) stamps each line on
+    arrival and a thread here collects them.  The benchmark holds a write end too,
+    so no VMM exiting ends the stream."""
 
     def __init__(self, path: Path):
         os.mkfifo(path, 0o600)
@@ -65,28 +67,18 @@ class SerialFifo:
         self.wfd = os.open(path, os.O_WRONLY)     # what each VMM gets as its stdout
         self.lines: list[tuple[float, str]] = []
         self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._reader = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("stamper.py"))],
+            stdin=self.rfd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._thread = threading.Thread(target=self._collect, daemon=True)
         self._thread.start()
 
-    def _read(self):
-        poller = select.poll()
-        poller.register(self.rfd, select.POLLIN)
-        buf = b""
-        while not self._closed:
-            if not poller.poll(100):
-                continue
-            try:
-                data = os.read(self.rfd, 65536)
-            except BlockingIOError:
-                continue
-            t = time.monotonic()
-            buf += data
-            *done, buf = buf.split(b"\n")
-            if done:
-                with self._cond:
-                    self.lines += [(t, x.decode(errors="replace").rstrip("\r")) for x in done]
-                    self._cond.notify_all()
+    def _collect(self):
+        for raw in self._reader.stdout:
+            t, _, line = raw.rstrip(b"\n").partition(b" ")
+            with self._cond:
+                self.lines.append((float(t), line.decode(errors="replace").rstrip("\r")))
+                self._cond.notify_all()
 
     def snapshot(self) -> list[tuple[float, str]]:
         with self._cond:
@@ -98,6 +90,9 @@ class SerialFifo:
         with self._cond:
             while not any(rx.search(line) for _, line in self.lines[start:]):
                 left = deadline - time.monotonic()
+                if self._reader.poll() is not None:
+                    raise BenchError("the serial line's reader (bench/downtime/stamper.py) "
+                                     f"exited: {self._reader.stderr.read().decode().strip()}")
                 if left <= 0:
                     tail = "\n".join(line for _, line in self.lines[-10:])
                     raise BenchError(f"no serial line matching {pattern!r} within {timeout}s;"
@@ -105,7 +100,8 @@ class SerialFifo:
                 self._cond.wait(min(left, 0.5))
 
     def close(self):
-        self._closed = True
+        self._reader.terminate()
+        self._reader.wait(5)
         self._thread.join(2)
         for fd in (self.rfd, self.wfd):
             with contextlib.suppress(OSError):
