@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import pytest
 
@@ -172,3 +173,39 @@ def test_the_exec_runs_at_the_vcpus_nice_and_python_gets_its_own_back(guests, vm
         # (the constructor moved the main thread off vCPU 0's CPU with a moment's
         # affinity: the mask it had is back)
         assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+
+
+@pytest.mark.parametrize("launcher", ["on", "off"])
+def test_the_exec_goes_through_the_launcher_or_ld_preload(guests, vmm_procs, tmp_path,
+                                                          launcher):
+    """By default a cpr-exec execs pyvmm-cpr-exec, which starts the prebuilder before it
+    loads libpython; with PYVMM_CPR_LAUNCHER=off (or a Python without a shared
+    libpython) it execs python with libpyvmm_kvm.so in LD_PRELOAD.  Either way the
+    guest runs again from the prebuilder, twice in a row, with the same argv."""
+    from vmm.cpr import prebuild
+    launch = prebuild.launcher()
+    if launcher == "on" and launch is None:
+        pytest.skip("this Python has no shared libpython: cpr-exec uses LD_PRELOAD here")
+    env = {prebuild.LAUNCHER_ENV: "off"} if launcher == "off" else None
+    qmp_path = tmp_path / "old.qmp"
+    p = vmm_procs(["run", "--kernel", str(ROOT / "guest/build/ticker.elf"),
+                   "--cmdline", "period_us=5000", "--qmp", str(qmp_path)], env=env)
+    p.wait_for(r"tick 3 ")
+    pid = p.proc.pid
+    for _ in range(2):
+        assert cpr_exec(qmp_path) is None
+        info = new_info(qmp_path)
+        assert info["status"] == "completed"
+        assert dict(info["x-steps"])[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
+        assert_ticks_go_on(p, 3)
+        exe = os.readlink(f"/proc/{pid}/exe")
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert argv[1:4] == [b"-I", b"-S", b"-c"]
+        if launcher == "on":
+            assert (exe, comm) == (launch[0], "pyvmm-cpr-exec")
+        else:
+            assert exe == os.path.realpath(sys.executable) and comm != "pyvmm-cpr-exec"
+

@@ -24,6 +24,7 @@ import os
 PREBUILD_ENV = "PYVMM_CPR_PREBUILD"          # the spec memfd's number (read by C)
 PRELOAD_WAS_ENV = "PYVMM_CPR_PRELOAD_WAS"    # LD_PRELOAD before ours, put back by C
 LIBPYTHON_ENV = "PYVMM_CPR_LIBPYTHON"        # what the launcher loads (csrc/cpr_launch.c)
+LAUNCHER_ENV = "PYVMM_CPR_LAUNCHER"          # "off": exec python with LD_PRELOAD instead
 NICE_WAS_ENV = "PYVMM_CPR_NICE_WAS"          # the main thread's nice, given back to it by C
 
 
@@ -85,10 +86,13 @@ def _library() -> str:
 
 def launcher() -> tuple[str, str] | None:
     """(pyvmm-cpr-exec, the libpython it is to load), or None when this Python has no
-    shared libpython (a static python, as Debian's: then LD_PRELOAD) or the launcher
-    was not built.  Only for exec'ing this very interpreter: the library is the one
-    its python binary loads."""
+    shared libpython (a static python, as Debian's: then LD_PRELOAD), the launcher
+    was not built, or PYVMM_CPR_LAUNCHER=off asks for LD_PRELOAD (to compare the
+    two).  Only for exec'ing this very interpreter: the library is the one its
+    python binary loads."""
     import sysconfig
+    if os.environ.get(LAUNCHER_ENV) == "off":
+        return None
     path = os.path.join(os.path.dirname(_library()), "pyvmm-cpr-exec")
     libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
     if not (sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname):
