@@ -272,3 +272,27 @@ def test_launcher_run_wrongly_says_why_in_one_line(libpython, want):
     assert r.returncode == 127 and r.stdout == ""
     assert r.stderr.startswith("pyvmm-cpr-exec: ") and want in r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_static_python_gets_ld_preload_even_with_a_libpython_installed():
+    """Debian's python3.11 has the interpreter linked in, though its sysconfig names
+    libpython3.11.so.1.0 (which may be installed: it is on this project's machines):
+    the launcher would run that library instead of the user's binary, so only a
+    libpython this very process has mapped counts."""
+    static = "/usr/bin/python3.11"
+    if not os.path.exists(static):
+        pytest.skip(f"no {static} here")
+    code = ("import sys; sys.path.insert(0, %r); "
+            "from vmm.cpr.prebuild import _loaded_libpython; "
+            "print(_loaded_libpython())" % str(ROOT))
+    r = subprocess.run([static, "-I", "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    loaded = r.stdout.strip()
+    if subprocess.run(["ldd", static], capture_output=True, text=True).stdout.count("libpython"):
+        pytest.skip(f"{static} links libpython dynamically here")
+    assert loaded == "None"
+    # ... and this pytest's own interpreter: the launcher's libpython is the one mapped.
+    mine = prebuild._loaded_libpython()
+    if mine is not None:
+        with open("/proc/self/maps") as f:
+            assert mine in f.read()

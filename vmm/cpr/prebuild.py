@@ -85,22 +85,34 @@ def _library() -> str:
 
 
 def launcher() -> tuple[str, str] | None:
-    """(pyvmm-cpr-exec, the libpython it is to load), or None when this Python has no
-    shared libpython (a static python, as Debian's: then LD_PRELOAD), the launcher
-    was not built, or PYVMM_CPR_LAUNCHER=off asks for LD_PRELOAD (to compare the
-    two).  Only for exec'ing this very interpreter: the library is the one its
-    python binary loads."""
-    import sysconfig
+    """(pyvmm-cpr-exec, the libpython it is to load), or None when this interpreter
+    does not run from a shared libpython (a static python, as Debian's: then
+    LD_PRELOAD), the launcher was not built, or PYVMM_CPR_LAUNCHER=off asks for
+    LD_PRELOAD (to compare the two).  Only for exec'ing this very interpreter."""
     if os.environ.get(LAUNCHER_ENV) == "off":
         return None
     path = os.path.join(os.path.dirname(_library()), "pyvmm-cpr-exec")
-    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if not (sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname):
-        return None
-    libpython = os.path.join(libdir, soname)
-    if not (os.access(path, os.X_OK) and os.path.isfile(libpython)):
+    libpython = _loaded_libpython()
+    if libpython is None or not os.access(path, os.X_OK):
         return None
     return path, libpython
+
+
+def _loaded_libpython() -> str | None:
+    """The libpython this process runs from, as mapped (/proc/self/maps), or None.
+    Not sysconfig's LIBDIR/INSTSONAME alone: Debian's python3.11 names
+    libpython3.11.so.1.0 there, which may be installed, yet its binary has the
+    interpreter linked in and never loads it."""
+    import sysconfig
+    soname = sysconfig.get_config_var("INSTSONAME")
+    if not soname or ".so" not in soname:
+        return None
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and os.path.basename(fields[5].rstrip("\n")) == soname:
+                return fields[5].rstrip("\n")
+    return None
 
 
 def exec_env(spec_fd: int, libpython: str | None) -> dict[str, str]:
