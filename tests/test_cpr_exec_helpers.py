@@ -33,6 +33,7 @@ CHILD = textwrap.dedent("""
                                                            "PYVMM_CPR_NICE_WAS",
                                                            "PYVMM_CPR_LIBPYTHON")),
            "exe": os.readlink("/proc/self/exe"), "prefix": sys.prefix,
+           "executable": sys.executable,
            "nice": os.getpriority(os.PRIO_PROCESS, 0),
            "ld_preload": os.environ.get("LD_PRELOAD"),
            "grandchild_env": subprocess.run(["env"], capture_output=True, text=True).stdout}}
@@ -91,9 +92,10 @@ def run_child(spec_fd, ram_fd, cpuid_path, env_extra=None, nice=None, how="prelo
                        capture_output=True, text=True, timeout=60, preexec_fn=renice)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    # What ran: the launcher, which found this venv from argv[0] as python would have.
+    # What ran: the launcher, which found this venv from argv[0] as python would have
+    # (and names the same sys.executable, which the next cpr-exec's command starts with).
     assert out["exe"] == (launch[0] if launch else os.path.realpath(sys.executable))
-    assert out["prefix"] == sys.prefix
+    assert (out["prefix"], out["executable"]) == (sys.prefix, sys.executable)
     return out
 
 
