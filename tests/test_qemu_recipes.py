@@ -160,9 +160,13 @@ def test_ctrl_c_on_pyvmm_cpr_says_the_update_goes_on(guests, vmm_procs, tmp_path
     old, old_qmp = start_ticker(vmm_procs, tmp_path)
     new, sock, new_qmp = start_incoming(vmm_procs, tmp_path)
     old.wait_for(r"tick 3 ")
+    # (Ctrl-C at a terminal: SIGINT at its default, as a shell gives a foreground job,
+    # even when this suite runs as a background job of a non-interactive shell, which
+    # starts it with SIGINT ignored, and Python then installs no KeyboardInterrupt)
     tool = subprocess.Popen(pyvmm_cmd("cpr", "--mode", "transfer", "--socket", str(old_qmp),
                                       "--uri", str(sock), "--fault", "target-slow-prepare"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(0.5)
     tool.send_signal(signal.SIGINT)
     out, err = tool.communicate(timeout=30)
