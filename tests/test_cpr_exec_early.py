@@ -52,6 +52,17 @@ def take_over(info) -> tuple[int, int]:
     raise AssertionError(f"no take-over step in {info['x-steps']}")
 
 
+def early_update(p, qmp_path) -> dict:
+    """One cpr-exec whose guest ran again from the prebuilder and ticks on; its
+    query-migrate."""
+    assert cpr_exec(qmp_path) is None
+    info = new_info(qmp_path)
+    assert info["status"] == "completed"
+    assert dict(info["x-steps"])[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
+    assert_ticks_go_on(p, 3)
+    return info
+
+
 def test_guest_runs_while_python_restores(guests, vmm_procs, tmp_path):
     """With Python held a second before it takes over, the guest's ticks go on: no gap
     between two ticks near the second that Python took, and the early start is where
@@ -140,11 +151,7 @@ def test_many_updates_in_a_row(guests, vmm_procs, tmp_path):
     p, qmp_path = start_scratch_ticker(vmm_procs, tmp_path, period=2000)
     p.wait_for(r"tick 3 ")
     for _ in range(10):
-        assert cpr_exec(qmp_path) is None
-        info = new_info(qmp_path)
-        assert info["status"] == "completed"
-        assert dict(info["x-steps"])[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
-        assert_ticks_go_on(p, 3)
+        early_update(p, qmp_path)
     values = scratch_values(p.text())
     assert values == list(range(values[0], values[0] + len(values))), values
     assert_ticks_continuous(p.text())
@@ -163,11 +170,7 @@ def test_the_exec_runs_at_the_vcpus_nice_and_python_gets_its_own_back(guests, vm
     pid = p.proc.pid
     for main_nice in (0, 4):
         os.setpriority(os.PRIO_PROCESS, pid, main_nice)   # (the main thread only)
-        assert cpr_exec(qmp_path) is None
-        info = new_info(qmp_path)
-        assert info["status"] == "completed"
-        assert dict(info["x-steps"])[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
-        assert_ticks_go_on(p, 3)
+        early_update(p, qmp_path)
         nices = thread_nices(pid)
         assert nices["main"] == [main_nice] and nices["vcpu0"] == [-5], nices
         # (the constructor moved the main thread off vCPU 0's CPU with a moment's
@@ -193,11 +196,7 @@ def test_the_exec_goes_through_the_launcher_or_ld_preload(guests, vmm_procs, tmp
     p.wait_for(r"tick 3 ")
     pid = p.proc.pid
     for _ in range(2):
-        assert cpr_exec(qmp_path) is None
-        info = new_info(qmp_path)
-        assert info["status"] == "completed"
-        assert dict(info["x-steps"])[EARLY_RUNNING] == dict(info["x-timeline"])["resume"]
-        assert_ticks_go_on(p, 3)
+        early_update(p, qmp_path)
         exe = os.readlink(f"/proc/{pid}/exe")
         with open(f"/proc/{pid}/comm") as f:
             comm = f.read().strip()
