@@ -264,7 +264,7 @@ def test_launcher_run_wrongly_says_why_in_one_line(libpython, want):
     launch = prebuild.launcher()
     if launch is None:
         pytest.skip("this Python has no shared libpython: no launcher to run")
-    if libpython and not os.path.exists(os.path.dirname(libpython)) and want != "cannot load":
+    if libpython and not os.path.exists(libpython) and want != "cannot load":
         pytest.skip(f"{libpython} is not here")
     env = {k: v for k, v in os.environ.items() if k != prebuild.LIBPYTHON_ENV}
     if libpython:

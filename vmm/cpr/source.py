@@ -535,6 +535,7 @@ class Migration:
                 self._take_back(e)
 
     def _exec(self, blob: bytes, fds: dict[str, int]) -> None:
+        program = self.exec_file or self.exec_command[0]
         state_fd = state_format.to_memfd(blob)
         passed = list(fds.values()) + [state_fd]
         env = dict(self.exec_env, **{EXEC_STATE_ENV: str(state_fd),
@@ -558,10 +559,9 @@ class Migration:
             self.faults.check("exec")
             sys.stdout.flush()
             sys.stderr.flush()
-            os.execve(self.exec_file or self.exec_command[0], self.exec_command, env)
+            os.execve(program, self.exec_command, env)
         except OSError as e:
-            raise VmmError(f"cannot exec {self.exec_file or self.exec_command[0]}: "
-                           f"{e.strerror}") from None
+            raise VmmError(f"cannot exec {program}: {e.strerror}") from None
         finally:  # only reached when exec failed: take the fds back
             for fd in passed:
                 if fd not in (state_fd, self.prebuild_fd):
